@@ -1,0 +1,41 @@
+# tunneld: `make demo` runs the walkthrough, `make test` the test suite, `make check` lint + types + tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: dev sshd test lint format type check demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+dev: $(STAMP)  ## create the virtualenv and install tunneld with its dev tools
+
+sshd:  ## make sure OpenSSH's sshd exists (installs openssh-server with apt-get when it can)
+	@scripts/ensure-sshd
+
+test: dev sshd  ## run the test suite against a real sshd on loopback
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: dev
+	$(BIN)/ruff check tunneld tests scripts
+	$(BIN)/ruff format --check tunneld tests scripts
+
+format: dev
+	$(BIN)/ruff format tunneld tests scripts
+	$(BIN)/ruff check --fix tunneld tests scripts
+
+type: dev
+	$(BIN)/mypy
+
+check: lint type test
+
+demo: dev sshd  ## start a throwaway sshd + MLflow stand-in and walk through start/status/restart/stop
+	$(BIN)/python scripts/demo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

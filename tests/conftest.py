@@ -1,0 +1,180 @@
+"""Fixtures: an isolated HOME, a real sshd on loopback, real targets, the real CLI in subprocesses."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.harness import EchoServer, SshServer, find_sshd, wait_for
+
+ENGINES = ["openssh"]
+UP_TIMEOUT_S = 30.0
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point HOME, XDG dirs and TUNNELD_HOME into tmp_path so no test touches the real user's files."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for var, sub in (("XDG_CONFIG_HOME", ".config"), ("XDG_STATE_HOME", ".local/state"), ("XDG_DATA_HOME", ".local/share")):
+        monkeypatch.setenv(var, str(home / sub))
+    monkeypatch.setenv("TUNNELD_HOME", str(tmp_path / "tunneld"))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    return home
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[SshServer]:
+    """A real OpenSSH sshd on a free loopback port, stopped afterwards."""
+    if find_sshd() is None:
+        pytest.fail("sshd is not installed: run `make test`, which installs openssh-server, or install it yourself")
+    server = SshServer(tmp_path / "sshd")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.thaw()
+        server.stop()
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    """A TCP echo server on a loopback port: the forward's target."""
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """Each behavioural test runs once per engine."""
+    return str(request.param)
+
+
+def tunneld_cmd(*args: str) -> list[str]:
+    """Return the argv of the real tunneld CLI in this interpreter."""
+    return [sys.executable, "-m", "tunneld", *args]
+
+
+def run_cli(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the tunneld CLI to completion and return its result."""
+    return subprocess.run(
+        tunneld_cmd(*args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env,
+        check=False,
+    )
+
+
+def state_dir() -> Path:
+    """Return the state directory the CLI under test uses."""
+    return Path(os.environ["TUNNELD_HOME"]) / "state"
+
+
+def read_state(host: str) -> dict[str, object]:
+    """Return the host's state file, or {} while there is none."""
+    try:
+        data = json.loads((state_dir() / f"{host}.state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_log(host: str) -> str:
+    """Return the host's log file."""
+    path = state_dir() / f"{host}.log"
+    return path.read_text() if path.exists() else ""
+
+
+class ForegroundTunnel:
+    """`tunneld run HOST` as a real subprocess; always stopped by its pid afterwards."""
+
+    def __init__(self, host: str, config: Path, engine: str, extra: Sequence[str] = ()) -> None:
+        self.host = host
+        self.stderr_path = config.parent / f"{host}.run.stderr"
+        with self.stderr_path.open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                tunneld_cmd("run", host, "-F", str(config), "--engine", engine, *extra),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+
+    def stderr(self) -> str:
+        """Return what the tunnel wrote to stderr so far."""
+        return self.stderr_path.read_text()
+
+    def wait_state(self, *states: str, timeout: float = UP_TIMEOUT_S) -> dict[str, object]:
+        """Wait until the state file shows one of `states`; fail with the log if the process ends first."""
+
+        def reached() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"tunneld run exited {self.proc.returncode}:\n{self.stderr()}")
+            return read_state(self.host).get("state") in states
+
+        try:
+            wait_for(reached, timeout, f"{self.host} to be {'/'.join(states)}")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\nstate: {read_state(self.host)}\nstderr:\n{self.stderr()}") from exc
+        return read_state(self.host)
+
+    def wait_exit(self, timeout: float = UP_TIMEOUT_S) -> int:
+        """Wait for the process to exit and return its code."""
+        return self.proc.wait(timeout)
+
+    def ssh_children(self) -> list[int]:
+        """Return the pids of the tunnel's ssh children."""
+        try:
+            return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def terminate(self) -> int:
+        """SIGTERM the tunnel and return its exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(15)
+
+    def kill(self) -> None:
+        """Make sure the tunnel and its children are gone."""
+        procs: list[psutil.Process] = []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(procs, timeout=5)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def foreground(tmp_path: Path) -> Iterator[list[ForegroundTunnel]]:
+    """Collects ForegroundTunnels and kills any still running at the end of the test."""
+    started: list[ForegroundTunnel] = []
+    yield started
+    for tunnel in started:
+        tunnel.kill()
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    """Write an ssh_config for the test and return its path."""
+    path = tmp_path / "ssh_config"
+    path.write_text(text)
+    return path
+
+
+def wait_seconds_until(predicate: object, timeout: float, what: str) -> float:
+    """Like wait_for, but return how long it took."""
+    began = time.monotonic()
+    wait_for(predicate, timeout, what)
+    return time.monotonic() - began

@@ -1,0 +1,313 @@
+"""Real servers for tests and the demo: an OpenSSH sshd on loopback, echo and HTTP targets."""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import http.server
+import os
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import psutil
+
+SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd", "/opt/homebrew/sbin/sshd")
+READY_TIMEOUT_S = 10.0
+
+
+def find_sshd() -> str | None:
+    """Return the path of an OpenSSH sshd binary, or None."""
+    found = shutil.which("sshd")
+    if found:
+        return found
+    for candidate in SSHD_CANDIDATES:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is free on `host` right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: object, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll `predicate()` until it is truthy; raise TimeoutError naming `what` after `timeout`."""
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.1f} s waiting for {what}")
+
+
+def keygen(path: Path, comment: str = "tunneld-test", passphrase: str = "") -> Path:
+    """Generate an ed25519 key pair at `path` (and `path`.pub)."""
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-C", comment, "-f", str(path)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
+    return path
+
+
+def read_banner(host: str, port: int, timeout: float = 1.0) -> bytes:
+    """Connect to host:port and return the first bytes the server sends (b'' on failure)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            return sock.recv(64)
+    except OSError:
+        return b""
+
+
+class SshServer:
+    """An OpenSSH sshd on a loopback port, with its own host key and one authorized client key."""
+
+    def __init__(self, workdir: Path, port: int | None = None, ipv6: bool = False) -> None:
+        sshd = find_sshd()
+        if sshd is None:
+            raise RuntimeError("sshd not found: install openssh-server (apt-get install openssh-server)")
+        self.sshd = sshd
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.ipv6 = ipv6
+        self.user = getpass.getuser()
+        self.host_key = keygen(self.dir / "ssh_host_ed25519_key", "host")
+        self.client_key = keygen(self.dir / "id_ed25519", "client")
+        self.authorized_keys = self.dir / "authorized_keys"
+        self.authorized_keys.write_text((self.dir / "id_ed25519.pub").read_text())
+        self.known_hosts = self.dir / "known_hosts"
+        self.write_known_hosts()
+        self.config = self.dir / "sshd_config"
+        self.extra_config: list[str] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.dir / "sshd.log"
+
+    def host_public_key(self) -> str:
+        """Return the 'type base64' part of the server's public host key."""
+        parts = (self.dir / "ssh_host_ed25519_key.pub").read_text().split()
+        return f"{parts[0]} {parts[1]}"
+
+    def write_known_hosts(self) -> None:
+        """Write a known_hosts file that trusts this server's current host key."""
+        self.known_hosts.write_text(f"[{self.host}]:{self.port} {self.host_public_key()}\n")
+
+    def regenerate_host_key(self) -> None:
+        """Replace the host key (the 'changed host key' case); takes effect at the next start."""
+        for suffix in ("", ".pub"):
+            (self.dir / f"ssh_host_ed25519_key{suffix}").unlink()
+        keygen(self.host_key, "host2")
+
+    def _write_config(self) -> None:
+        listen = [f"ListenAddress {self.host}:{self.port}"]
+        if self.ipv6:
+            listen.append(f"ListenAddress [::1]:{self.port}")
+        lines = [
+            *listen,
+            f"HostKey {self.host_key}",
+            f"PidFile {self.dir / 'sshd.pid'}",
+            f"AuthorizedKeysFile {self.authorized_keys}",
+            "StrictModes no",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PubkeyAuthentication yes",
+            "UsePAM no",
+            "AllowTcpForwarding yes",
+            "AllowStreamLocalForwarding yes",
+            "PermitRootLogin prohibit-password",
+            "PermitTTY no",
+            "LogLevel VERBOSE",
+            "MaxStartups 100:30:200",
+            "MaxSessions 100",
+            *self.extra_config,
+        ]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def start(self) -> None:
+        """Start sshd and return once it sends its SSH banner."""
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        self._write_config()
+        log = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [self.sshd, "-D", "-e", "-f", str(self.config)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        proc = self.proc
+
+        def banner_or_exit() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sshd exited with {proc.returncode}: {self.log.read_text()[-2000:]}")
+            return read_banner(self.host, self.port).startswith(b"SSH-2.0-")
+
+        wait_for(banner_or_exit, READY_TIMEOUT_S, f"sshd on port {self.port}")
+
+    def _tree(self) -> list[psutil.Process]:
+        if self.proc is None:
+            return []
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        """Kill sshd and every session process it forked (a server crash, not a clean shutdown)."""
+        procs = self._tree()
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(procs, timeout=5)
+        if self.proc is not None:
+            self.proc.wait(timeout=5)
+            self.proc = None
+
+    def freeze(self) -> None:
+        """SIGSTOP sshd and its sessions: the link hangs without closing."""
+        for proc in self._tree():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT everything `freeze` stopped."""
+        for proc in self._tree():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGCONT)
+
+    def client_config(
+        self,
+        alias: str,
+        forwards: Sequence[str],
+        extra: Sequence[str] = (),
+        strict: str = "yes",
+    ) -> str:
+        """Return an ssh_config Host block that reaches this server with the client key."""
+        lines = [
+            f"Host {alias}",
+            f"  HostName {self.host}",
+            f"  Port {self.port}",
+            f"  User {self.user}",
+            f"  IdentityFile {self.client_key}",
+            "  IdentitiesOnly yes",
+            f"  UserKnownHostsFile {self.known_hosts}",
+            "  GlobalKnownHostsFile /dev/null",
+            f"  StrictHostKeyChecking {strict}",
+            *(f"  {line}" for line in extra),
+            *(f"  {fwd}" for fwd in forwards),
+        ]
+        return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def running_sshd(workdir: Path, **kwargs: object) -> Iterator[SshServer]:
+    """Start an SshServer and stop it afterwards, whatever happens."""
+    server = SshServer(workdir, **kwargs)  # type: ignore[arg-type]
+    server.start()
+    try:
+        yield server
+    finally:
+        server.thaw()
+        server.stop()
+
+
+class _EchoHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            sock.sendall(data)
+
+
+class _ThreadingTCPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _ThreadingTCPServer6(_ThreadingTCPServer):
+    address_family = socket.AF_INET6
+
+
+class EchoServer:
+    """A threaded TCP echo server on a loopback port (the forward's target)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        cls = _ThreadingTCPServer6 if ":" in host else _ThreadingTCPServer
+        self.server = cls((host, port), _EchoHandler)
+        self.host = host
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _HealthHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        body = b"OK" if self.path == "/health" else b"tunneld demo stand-in for an MLflow server\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature of the base
+        return
+
+
+class HttpServer:
+    """An HTTP server that answers GET /health with 200 OK, as MLflow's tracking server does."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.server = http.server.ThreadingHTTPServer((host, port), _HealthHandler)
+        self.host = host
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def echo_roundtrip(address: tuple[str, int] | str, payload: bytes, timeout: float = 5.0) -> bytes:
+    """Send `payload` to an echo service at (host, port) or a unix socket path; return the echo."""
+    if isinstance(address, str):
+        family = socket.AF_UNIX
+    else:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.sendall(payload)
+        received = b""
+        while len(received) < len(payload):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received

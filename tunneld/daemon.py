@@ -1,0 +1,339 @@
+"""Run a host's supervisor in the foreground, detach it with a readiness handshake, stop it by signal."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import logging.handlers
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import psutil
+
+from tunneld.config import TunnelSpec, resolve_host
+from tunneld.engines import make_engine
+from tunneld.errors import (
+    AlreadyRunningError,
+    NotRunningError,
+    StartupError,
+    TunneldError,
+    error_from_dict,
+)
+from tunneld.paths import HostFiles, ensure_private_dir
+from tunneld.pidfile import PidFile, PidRecord, process_matches, read_json, write_json_atomic
+from tunneld.supervisor import DEGRADED, FAILED, STOPPED, UP, Supervisor, TunnelStatus, Wakeups
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+LOG_MAX_BYTES = 1_000_000
+LOG_BACKUPS = 3
+DEFAULT_START_TIMEOUT_S = 40.0
+DEFAULT_STOP_TIMEOUT_S = 10.0
+CHILD_KILL_WAIT_S = 3.0
+
+
+def configure_logging(files: HostFiles, verbose: bool = False) -> None:
+    """Log to the host's rotating log file and to stderr (unless stderr already is that file)."""
+    ensure_private_dir(files.directory)
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    formatter = logging.Formatter(LOG_FORMAT)
+    file_handler = logging.handlers.RotatingFileHandler(files.log, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
+    os.chmod(files.log, 0o600)
+    file_handler.setFormatter(formatter)
+    root.addHandler(file_handler)
+    if not _stderr_is(files.log):
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(formatter)
+        root.addHandler(stream)
+
+
+def _stderr_is(path: Path) -> bool:
+    try:
+        mine, theirs = os.fstat(sys.stderr.fileno()), os.stat(path)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+
+class Notifier:
+    """The child's end of the readiness handshake: progress lines, then `ready` or `failed`, then EOF."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._stream = os.fdopen(fd, "w", buffering=1) if fd is not None else None
+
+    def send(self, verb: str, payload: object) -> None:
+        """Write one message; the parent may be gone already, which is fine."""
+        if self._stream is None:
+            return
+        try:
+            self._stream.write(f"{verb} {json.dumps(payload)}\n")
+        except OSError:
+            self._stream = None
+
+    def close(self) -> None:
+        """End the handshake (the parent sees EOF)."""
+        if self._stream is not None:
+            with contextlib.suppress(OSError):
+                self._stream.close()
+            self._stream = None
+
+
+class StateReporter:
+    """Publishes supervisor snapshots: the state file always, the readiness handshake until it is settled."""
+
+    def __init__(self, files: HostFiles, notifier: Notifier) -> None:
+        self.files = files
+        self.notifier = notifier
+        self.pid = os.getpid()
+
+    def publish(self, status: TunnelStatus) -> None:
+        """Write the state file; settle the handshake on the first up or on failure."""
+        data = status.to_dict()
+        data["pid"] = self.pid
+        write_json_atomic(self.files.state, data)
+        if status.state in (UP, DEGRADED):
+            self.notifier.send("ready", data)
+            self.notifier.close()
+        elif status.state == FAILED:
+            self.notifier.send("failed", status.last_error)
+            self.notifier.close()
+
+    def progress(self, text: str) -> None:
+        """Forward a progress step to a waiting `tunneld start`."""
+        self.notifier.send("progress", text)
+
+
+def reap_orphans(files: HostFiles) -> None:
+    """Stop helper processes (ssh) that a previous, killed tunneld of this host left running."""
+    previous = read_json(files.state) or {}
+    children = previous.get("children")
+    for child in children if isinstance(children, list) else []:
+        pid, created = int(child.get("pid", 0)), float(child.get("create_time", 0.0))
+        if pid and process_matches(pid, created):
+            log.warning("%s: stopping %s (pid %d) left behind by a previous tunneld", files.host, child.get("name"), pid)
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                proc.terminate()
+                psutil.wait_procs([proc], timeout=CHILD_KILL_WAIT_S)
+                if proc.is_running():
+                    proc.kill()
+
+
+def run_tunnel(
+    host: str,
+    ssh_config: str | None,
+    engine_name: str,
+    fail_fast: bool = False,
+    notify_fd: int | None = None,
+    lock_fd: int | None = None,
+    verbose: bool = False,
+) -> int:
+    """Run the host's supervisor in this process until SIGTERM/SIGINT or a fatal error; return the exit code."""
+    files = HostFiles.of(host)
+    configure_logging(files, verbose)
+    notifier = Notifier(notify_fd)
+    reporter = StateReporter(files, notifier)
+    pidfile = PidFile(files)
+    try:
+        fd = lock_fd if lock_fd is not None else pidfile.lock()
+        spec = resolve_host(host, ssh_config)
+        engine = make_engine(engine_name)
+    except TunneldError as error:
+        notifier.send("failed", error.to_dict())
+        notifier.close()
+        raise
+    reap_orphans(files)
+    pidfile.write(PidRecord.of_current_process(host, engine.name))
+    wakeups = Wakeups()
+    _install_signal_handlers(wakeups)
+    log.info("%s: tunneld %d starting (%s engine, keepalive %ss x %s)", host, os.getpid(), engine.name,
+             spec.keepalive_interval_s, spec.keepalive_count_max)
+    try:
+        return Supervisor(spec, engine, reporter, wakeups, fail_fast=fail_fast).run()
+    finally:
+        notifier.close()
+        pidfile.remove(os.getpid())
+        os.close(fd)
+
+
+def _install_signal_handlers(wakeups: Wakeups) -> None:
+    """Handlers only set flags; the supervisor loop acts on them."""
+    signal.signal(signal.SIGTERM, lambda *_: wakeups.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: wakeups.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: wakeups.request_stop())
+    signal.signal(signal.SIGUSR1, lambda *_: wakeups.request_retry())
+
+
+@dataclass(frozen=True)
+class StartResult:
+    """A tunnel that came up in the background."""
+
+    pid: int
+    state: dict[str, object]
+    elapsed_s: float
+    already_running: bool = False
+
+
+def start_tunnel(
+    spec: TunnelSpec,
+    engine_name: str,
+    timeout: float = DEFAULT_START_TIMEOUT_S,
+    on_progress: Callable[[str], None] | None = None,
+    verbose: bool = False,
+) -> StartResult:
+    """Detach `tunneld run HOST` in a new session and return once it reports ready; raise its error otherwise."""
+    began = time.monotonic()
+    files = HostFiles.of(spec.alias)
+    pidfile = PidFile(files)
+    record = pidfile.read()
+    if record is not None and record.is_live():
+        raise AlreadyRunningError(spec.alias, record.pid)
+    lock_fd = _lock_or_wait_for_owner(pidfile, timeout)
+    if record is not None or pidfile.exists():
+        pidfile.remove(record.pid if record else 0)
+    read_fd, write_fd = os.pipe()
+    argv = [sys.executable, "-m", "tunneld", "run", spec.alias, "--engine", engine_name, "--fail-fast",
+            "--notify-fd", str(write_fd), "--lock-fd", str(lock_fd)]
+    if spec.ssh_config:
+        argv += ["-F", spec.ssh_config]
+    if verbose:
+        argv.append("--verbose")
+    with _open_private(files.log) as log_stream:
+        child = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_stream, stderr=log_stream,
+            pass_fds=(write_fd, lock_fd), start_new_session=True,
+        )
+    os.close(write_fd)
+    os.close(lock_fd)
+    try:
+        state = _await_ready(spec.alias, child, read_fd, timeout - (time.monotonic() - began), on_progress)
+    except BaseException:
+        _terminate(child)
+        raise
+    finally:
+        os.close(read_fd)
+    return StartResult(child.pid, state, time.monotonic() - began)
+
+
+def _lock_or_wait_for_owner(pidfile: PidFile, timeout: float) -> int:
+    """Take the host's lock; if a concurrent start holds it, report that tunnel as already running."""
+    try:
+        return pidfile.lock()
+    except AlreadyRunningError:
+        deadline = time.monotonic() + min(timeout, 5.0)
+        while time.monotonic() < deadline:
+            record = pidfile.read()
+            if record is not None and record.is_live():
+                raise AlreadyRunningError(pidfile.files.host, record.pid) from None
+            time.sleep(0.05)
+        raise
+
+
+@contextlib.contextmanager
+def _open_private(path: Path) -> Iterator[IO[bytes]]:
+    ensure_private_dir(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "ab") as stream:
+        yield stream
+
+
+def _await_ready(
+    host: str,
+    child: subprocess.Popen[bytes], read_fd: int, timeout: float, on_progress: Callable[[str], None] | None
+) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise StartupError(
+                f"{host} did not come up within {timeout:.0f} s",
+                f"see `tunneld logs {host}`; raise the limit with --timeout",
+            )
+        readable, _, _ = select.select([read_fd], [], [], remaining)
+        if not readable:
+            continue
+        chunk = os.read(read_fd, 65536)
+        if not chunk:
+            returncode = child.wait(timeout=5)
+            raise StartupError(
+                f"the tunnel process for {host} exited with status {returncode} before it was up",
+                f"see `tunneld logs {host}`",
+            )
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            verb, _, payload = line.decode().partition(" ")
+            data = json.loads(payload) if payload else None
+            if verb == "progress" and on_progress is not None:
+                on_progress(str(data))
+            elif verb == "ready" and isinstance(data, dict):
+                return data
+            elif verb == "failed":
+                child.wait(timeout=10)
+                raise error_from_dict(data if isinstance(data, dict) else {})
+
+
+def _terminate(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(DEFAULT_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+@dataclass(frozen=True)
+class StopResult:
+    """What `stop` did for one host."""
+
+    host: str
+    pid: int | None
+    killed: bool = False
+    stale: bool = False
+
+
+def stop_tunnel(host: str, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopResult:
+    """SIGTERM the host's tunnel, SIGKILL it after `timeout`; raise NotRunningError when none runs."""
+    files = HostFiles.of(host)
+    pidfile = PidFile(files)
+    record = pidfile.read()
+    if record is None or not record.is_live():
+        if not pidfile.exists():
+            raise NotRunningError(f"{host} is not running")
+        reap_orphans(files)
+        pidfile.remove(record.pid if record else 0)
+        _mark_stopped(files)
+        return StopResult(host, record.pid if record else None, stale=True)
+    proc = psutil.Process(record.pid)
+    proc.terminate()
+    _, alive = psutil.wait_procs([proc], timeout=timeout)
+    killed = bool(alive)
+    if killed:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+        psutil.wait_procs([proc], timeout=CHILD_KILL_WAIT_S)
+        reap_orphans(files)
+        _mark_stopped(files)
+    pidfile.remove(record.pid)
+    return StopResult(host, record.pid, killed=killed)
+
+
+def _mark_stopped(files: HostFiles) -> None:
+    data = read_json(files.state)
+    if data is not None and data.get("state") != STOPPED:
+        data.update(state=STOPPED, since=time.time(), forwards=[], children=[])
+        write_json_atomic(files.state, data)
+

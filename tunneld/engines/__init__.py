@@ -1,0 +1,118 @@
+"""The Engine/Link seam: an engine turns a TunnelSpec into a live Link; the supervisor drives it.
+
+Nothing above this package imports paramiko or knows an ssh argv.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tunneld.config import TunnelSpec, ssh_binary
+from tunneld.errors import ConfigError, TunneldError
+
+ENGINE_CHOICES = ("auto", "openssh")
+FORWARD_OK = "ok"
+FORWARD_DEGRADED = "degraded"
+
+ProgressCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ForwardStatus:
+    """What an engine knows about one forward right now."""
+
+    forward: str
+    listen: tuple[str, ...]
+    target: str
+    state: str = FORWARD_OK
+    detail: str | None = None
+    bytes_in: int | None = None
+    bytes_out: int | None = None
+    open_connections: int | None = None
+    total_connections: int | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """Return the status as JSON-ready data (the state file)."""
+        return {
+            "forward": self.forward,
+            "listen": list(self.listen),
+            "target": self.target,
+            "state": self.state,
+            "detail": self.detail,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "open_connections": self.open_connections,
+            "total_connections": self.total_connections,
+        }
+
+
+@dataclass(frozen=True)
+class LinkLost:
+    """Why a link ended: the error, which says whether retrying can help."""
+
+    error: TunneldError
+
+    @property
+    def retryable(self) -> bool:
+        return self.error.retryable
+
+
+@dataclass(frozen=True)
+class ChildProcess:
+    """A helper process a link runs (e.g. the ssh client), recorded so it is never orphaned."""
+
+    pid: int
+    create_time: float
+    name: str = field(default="ssh")
+
+
+class Link(Protocol):
+    """One live SSH connection with its forwards up."""
+
+    def wait(self, timeout: float) -> LinkLost | None:
+        """Block up to `timeout` seconds; return why the link ended, or None if it is still up."""
+
+    def close(self) -> None:
+        """Tear the link down and release every listener; safe to call twice."""
+
+    def stats(self) -> list[ForwardStatus]:
+        """Return the state of each forward."""
+
+    def children(self) -> list[ChildProcess]:
+        """Return helper processes the link runs (empty for in-process engines)."""
+
+
+class Engine(Protocol):
+    """Turns a TunnelSpec into a Link."""
+
+    name: str
+
+    def connect(self, spec: TunnelSpec, progress: ProgressCallback, cancel: threading.Event) -> Link:
+        """Bring the link up and return once every local forward listens; raise a TunneldError otherwise."""
+
+
+def select_engine_name(requested: str) -> str:
+    """Return the engine `requested` resolves to on this machine ('auto' picks openssh when ssh exists)."""
+    if requested not in ENGINE_CHOICES:
+        raise ConfigError(f"unknown engine {requested!r}", f"choose one of: {', '.join(ENGINE_CHOICES)}")
+    if requested in ("auto", "openssh"):
+        if ssh_binary() is None:
+            raise ConfigError(
+                "the openssh engine needs the OpenSSH client ('ssh'), which is not on PATH",
+                "install openssh-client",
+            )
+        return "openssh"
+    return requested
+
+
+def make_engine(requested: str) -> Engine:
+    """Return an engine instance for `requested` (imports the engine module only now)."""
+    name = select_engine_name(requested)
+    if name == "openssh":
+        from tunneld.engines.openssh import OpenSshEngine
+
+        return OpenSshEngine()
+    raise ConfigError(f"engine {name!r} is not available in this build")

@@ -1,0 +1,363 @@
+"""The OpenSSH engine: supervise an `ssh -N` child, know when it listens, read why it ended."""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import IO
+
+import psutil
+
+from tunneld.config import LOCAL, REMOTE, Forward, TunnelSpec, ssh_binary
+from tunneld.engines import (
+    FORWARD_DEGRADED,
+    FORWARD_OK,
+    ChildProcess,
+    ForwardStatus,
+    LinkLost,
+    ProgressCallback,
+)
+from tunneld.errors import AuthError, ConfigError, ConnectError, HostKeyError, TunneldError
+from tunneld.ports import Listeners, listeners_of, port_in_use_error
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.05
+STOP_GRACE_S = 2.0
+STDERR_LINES_KEPT = 60
+# Past ConnectTimeout (TCP + banner), key exchange and auth get this long before tunneld gives up.
+HANDSHAKE_MARGIN_S = 15.0
+# A channel that has not failed this long after it opened reached its target.
+CHANNEL_SETTLE_S = 2.0
+_PR_SET_PDEATHSIG = 1
+
+_MILESTONES = (
+    ("Connection established", "connected, checking host key"),
+    ("Authenticated to ", "authenticated"),
+)
+_QUIET_PREFIXES = ("Transferred: ", "Bytes per second: ")
+_REQUEST_RE = re.compile(r"Connection to port (\d+) forwarding to (.+) port (\d+) requested")
+_NEW_CHANNEL_RE = re.compile(r"channel (\d+): new direct-(?:tcpip|streamlocal)")
+_OPEN_FAILED_RE = re.compile(r"channel (\d+): open failed: (.+)$")
+_FREE_RE = re.compile(r"channel (\d+): free: direct-")
+_REMOTE_OK_RE = re.compile(r"remote forward success for: listen (\S+), connect")
+_BIND_PORT_RE = re.compile(r"(?:cannot listen to port: |bind \[?[^\]]*\]?:)(\d+)")
+_BIND_PATH_RE = re.compile(r"cannot bind to path:? (\S+?):? Address already in use")
+_OFFENDING_RE = re.compile(r"Offending \S+ key in (\S+):(\d+)")
+_CONNECT_FAILURES = (
+    "Could not resolve hostname",
+    "Connection refused",
+    "Connection timed out",
+    "No route to host",
+    "Network is unreachable",
+    "Connection closed by",
+    "Connection reset by",
+    "closed by remote host",
+    "kex_exchange_identification",
+    "banner exchange",
+    "not responding",
+    "Broken pipe",
+    "remote port forwarding failed",
+)
+
+
+def build_argv(spec: TunnelSpec) -> list[str]:
+    """Return the ssh command line that keeps `spec`'s forwards up under supervision."""
+    ssh = ssh_binary()
+    if ssh is None:
+        raise ConfigError("the OpenSSH client ('ssh') is not on PATH", "install openssh-client or use another engine")
+    argv = [ssh, "-N"]
+    if spec.ssh_config:
+        argv += ["-F", spec.ssh_config]
+    options = {
+        "ExitOnForwardFailure": "yes",
+        "BatchMode": "yes",
+        # An existing master would take our forwards and let this ssh exit 0 while the port works.
+        "ControlMaster": "no",
+        "ControlPath": "none",
+        "ForkAfterAuthentication": "no",
+        "StdinNull": "yes",
+        "RequestTTY": "no",
+        # DEBUG1 names the channel of each forwarded connection, so a refusing target can be told apart.
+        "LogLevel": "DEBUG1",
+    }
+    if not spec.keepalive_from_user:
+        options["ServerAliveInterval"] = str(spec.keepalive_interval_s)
+        options["ServerAliveCountMax"] = str(spec.keepalive_count_max)
+    if not spec.connect_timeout_from_user:
+        options["ConnectTimeout"] = str(spec.connect_timeout_s)
+    for key, value in options.items():
+        argv += ["-o", f"{key}={value}"]
+    argv += ["--", spec.alias]
+    return argv
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    """Ask Linux to SIGTERM the ssh child when tunneld dies, even by SIGKILL."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class StderrWatcher:
+    """Reads ssh's stderr: logs it, reports milestones, and tracks each forwarded channel's fate."""
+
+    def __init__(self, stream: IO[bytes], spec: TunnelSpec, progress: ProgressCallback) -> None:
+        self.spec = spec
+        self.progress = progress
+        self.lines: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
+        self.remote_ok = 0
+        self._lock = threading.Lock()
+        self._pending_port: int | None = None
+        self._channels: dict[int, tuple[int | None, float]] = {}
+        self._degraded: dict[int | None, str] = {}
+        self._thread = threading.Thread(target=self._read, args=(stream,), name="ssh-stderr", daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[bytes]) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                self._handle(line)
+        stream.close()
+
+    def _handle(self, line: str) -> None:
+        debug = line.startswith("debug")
+        text = line.split(": ", 1)[1] if debug and ": " in line else line
+        if (not debug or "open failed" in text) and not text.startswith(_QUIET_PREFIXES):
+            log.info("%s: ssh: %s", self.spec.alias, text)
+        else:
+            log.debug("%s: ssh: %s", self.spec.alias, text)
+        with self._lock:
+            self.lines.append(text)
+            self._track(text)
+        for needle, milestone in _MILESTONES:
+            if text.startswith(needle):
+                self.progress(milestone)
+
+    def _track(self, text: str) -> None:
+        if match := _REQUEST_RE.search(text):
+            self._pending_port = int(match[1])
+        elif match := _NEW_CHANNEL_RE.search(text):
+            self._channels[int(match[1])] = (self._pending_port, time.monotonic())
+            self._pending_port = None
+        elif match := _OPEN_FAILED_RE.search(text):
+            port, _ = self._channels.pop(int(match[1]), (None, 0.0))
+            self._degraded[port] = match[2]
+        elif match := _FREE_RE.search(text):
+            port_opened = self._channels.pop(int(match[1]), None)
+            if port_opened is not None:
+                self._degraded.pop(port_opened[0], None)
+        elif _REMOTE_OK_RE.search(text):
+            self.remote_ok += 1
+
+    def degraded(self) -> dict[int | None, str]:
+        """Return {listen port: why} for forwards whose target refused the last connection."""
+        now = time.monotonic()
+        with self._lock:
+            for port, opened in self._channels.values():
+                if now - opened >= CHANNEL_SETTLE_S:
+                    self._degraded.pop(port, None)
+            return dict(self._degraded)
+
+    def tail(self) -> list[str]:
+        """Return the last lines ssh wrote, without DEBUG chatter."""
+        with self._lock:
+            return list(self.lines)
+
+    def join(self, timeout: float) -> None:
+        """Wait for ssh's stderr to reach EOF (after the child exited)."""
+        self._thread.join(timeout)
+
+
+def classify_exit(spec: TunnelSpec, returncode: int, lines: list[str]) -> TunneldError:
+    """Turn how ssh ended (status and stderr) into a typed tunneld error."""
+    # Per-connection lines (a refusing target) say nothing about why the link itself ended.
+    lines = [line.removeprefix("ssh: ") for line in lines if not line.startswith(("channel ", *_QUIET_PREFIXES))]
+    text = "\n".join(lines)
+    where = f"{spec.user}@{spec.hostname}:{spec.port}"
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text:
+        offending = _OFFENDING_RE.search(text)
+        known = f" ({offending[1]} line {offending[2]})" if offending else ""
+        return HostKeyError(
+            f"the host key of {spec.hostname} has CHANGED since it was saved in known_hosts{known}",
+            "if the server was reinstalled and you trust its new key, remove the old one with "
+            f"`ssh-keygen -R {_known_hosts_name(spec)}` and connect once with `ssh {spec.alias}`; "
+            "otherwise someone may be intercepting the connection",
+        )
+    if "host key is known for" in text or "Host key verification failed" in text:
+        return HostKeyError(
+            f"the host key of {spec.hostname} is not in known_hosts and StrictHostKeyChecking forbids adding it",
+            f"connect once with `ssh {spec.alias}` to check and save the key, "
+            "or set `StrictHostKeyChecking accept-new` for this host",
+        )
+    if "Permission denied" in text or "Too many authentication failures" in text:
+        if "passphrase" in text or "read_passphrase" in text:
+            hint = "your key needs a passphrase and tunneld never prompts: load it with `ssh-add` first"
+        else:
+            hint = (
+                f"check that your public key is in ~/.ssh/authorized_keys on the server and that IdentityFile "
+                f"points at it; a key with a passphrase must be loaded with `ssh-add`. Try `ssh {spec.alias}` by hand"
+            )
+        return AuthError(f"{where} refused authentication: {_last_matching(lines, 'Permission denied')}", hint)
+    if "Address already in use" in text or "Could not request local forwarding" in text:
+        return _port_error(spec, text)
+    for needle in _CONNECT_FAILURES:
+        if needle in text:
+            return ConnectError(_last_matching(lines, needle), _connect_hint(spec, needle))
+    last = lines[-1] if lines else ""
+    return ConnectError(f"ssh exited with status {returncode}" + (f": {last}" if last else ""))
+
+
+def _known_hosts_name(spec: TunnelSpec) -> str:
+    name = spec.host_key_alias or spec.hostname
+    return name if spec.port == 22 else f"[{name}]:{spec.port}"
+
+
+def _last_matching(lines: list[str], needle: str) -> str:
+    return next((line for line in reversed(lines) if needle in line), needle)
+
+
+def _connect_hint(spec: TunnelSpec, needle: str) -> str:
+    if needle == "Could not resolve hostname":
+        return f"check HostName for {spec.alias} in your ssh_config and your network"
+    if needle == "remote port forwarding failed":
+        return "the server refused a RemoteForward: the port may be held by an older session there"
+    return f"is {spec.hostname} up and reachable on port {spec.port}? tunneld keeps retrying"
+
+
+def _port_error(spec: TunnelSpec, text: str) -> TunneldError:
+    path_match = _BIND_PATH_RE.search(text)
+    port_match = _BIND_PORT_RE.search(text)
+    for forward in spec.local_forwards:
+        if path_match and forward.listen.path == path_match[1]:
+            return port_in_use_error(str(forward.listen), path=forward.listen.path)
+        if port_match and forward.listen.port == int(port_match[1]):
+            return port_in_use_error(str(forward.listen), port=forward.listen.port)
+    return port_in_use_error("a LocalForward", port=int(port_match[1]) if port_match else None)
+
+
+class OpenSshLink:
+    """A running `ssh -N` child whose forwards listen."""
+
+    def __init__(self, spec: TunnelSpec, proc: subprocess.Popen[bytes], watcher: StderrWatcher) -> None:
+        self.spec = spec
+        self.proc = proc
+        self.watcher = watcher
+        self.create_time = psutil.Process(proc.pid).create_time()
+        self.listeners = Listeners({}, frozenset())
+
+    def forwards_ready(self) -> bool:
+        """Return True once ssh itself listens on every local forward and the server took every remote one."""
+        self.listeners = listeners_of(self.proc.pid)
+        for forward in self.spec.local_forwards:
+            if forward.listen.path is not None:
+                if forward.listen.path not in self.listeners.unix:
+                    return False
+            elif forward.listen.port not in self.listeners.tcp:
+                return False
+        remote = sum(1 for f in self.spec.forwards if f.kind == REMOTE)
+        return self.watcher.remote_ok >= remote
+
+    def wait(self, timeout: float) -> LinkLost | None:
+        """Return why ssh ended, or None if it is still running after `timeout` seconds."""
+        try:
+            returncode = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self.watcher.join(timeout=2.0)
+        return LinkLost(classify_exit(self.spec, returncode, self.watcher.tail()))
+
+    def close(self) -> None:
+        """Stop ssh: SIGTERM, then SIGKILL after a grace period."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.watcher.join(timeout=1.0)
+
+    def stats(self) -> list[ForwardStatus]:
+        """Return each forward with its real listen addresses and whether its target refuses."""
+        degraded = self.watcher.degraded()
+        statuses = []
+        for forward in self.spec.forwards:
+            listen = self._listen_addresses(forward)
+            reason = degraded.get(forward.listen.port) if forward.kind == LOCAL else None
+            if reason is None and forward.kind == LOCAL and None in degraded and len(self.spec.local_forwards) == 1:
+                reason = degraded[None]
+            state = FORWARD_DEGRADED if reason else FORWARD_OK
+            detail = f"{forward.target} {reason}" if reason else None
+            target = str(forward.target) if forward.target else "SOCKS"
+            statuses.append(ForwardStatus(str(forward), listen, target, state, detail))
+        return statuses
+
+    def _listen_addresses(self, forward: Forward) -> tuple[str, ...]:
+        if forward.kind == REMOTE:
+            return (f"remote {forward.listen}",)
+        if forward.listen.path is not None:
+            return (forward.listen.path,)
+        return self.listeners.tcp.get(forward.listen.port or 0, (str(forward.listen),))
+
+    def children(self) -> list[ChildProcess]:
+        """Return the ssh child, so a later tunneld can reap it if this one is killed."""
+        return [ChildProcess(self.proc.pid, self.create_time, "ssh")]
+
+
+class OpenSshEngine:
+    """Runs one `ssh -N` per link, with the user's own config and tunneld's supervision options."""
+
+    name = "openssh"
+
+    def connect(self, spec: TunnelSpec, progress: ProgressCallback, cancel: threading.Event) -> OpenSshLink:
+        """Start ssh and return once it listens on every forward; raise the typed reason if it ends first."""
+        argv = build_argv(spec)
+        log.debug("%s: running %s", spec.alias, " ".join(argv))
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+        )
+        assert proc.stderr is not None
+        link = OpenSshLink(spec, proc, StderrWatcher(proc.stderr, spec, progress))
+        deadline = time.monotonic() + spec.connect_timeout_s + HANDSHAKE_MARGIN_S
+        try:
+            _wait_until_ready(link, deadline, cancel)
+        except BaseException:
+            link.close()
+            raise
+        progress("listening")
+        return link
+
+
+def _wait_until_ready(link: OpenSshLink, deadline: float, cancel: threading.Event) -> None:
+    spec = link.spec
+    while True:
+        lost = link.wait(POLL_S)
+        if lost is not None:
+            raise lost.error
+        if link.forwards_ready():
+            return
+        if cancel.is_set():
+            raise ConnectError("stopped while connecting")
+        if time.monotonic() > deadline:
+            raise ConnectError(
+                f"no working link to {spec.hostname} within "
+                f"{spec.connect_timeout_s + HANDSHAKE_MARGIN_S:.0f} s (last from ssh: {_last_line(link)})",
+                "the server accepted TCP but the SSH handshake stalled; tunneld keeps retrying",
+            )
+
+
+def _last_line(link: OpenSshLink) -> str:
+    tail = link.watcher.tail()
+    return tail[-1] if tail else "nothing"

@@ -1,0 +1,111 @@
+"""The one exception tree: every failure tunneld reports is a TunneldError with a hint and an exit code."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: the server could not be reached at first try
+EXIT_CONFIG = 78  # sysexits EX_CONFIG: retrying cannot help; service managers do not restart on it
+
+
+class TunneldError(Exception):
+    """Base of every error tunneld reports: a message, an optional hint, an exit code."""
+
+    exit_code = EXIT_RUNTIME
+    retryable = False
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def to_dict(self) -> dict[str, object]:
+        """Return the error as JSON-ready data (state files, the readiness handshake)."""
+        return {
+            "kind": type(self).__name__,
+            "message": self.message,
+            "hint": self.hint,
+            "exit_code": self.exit_code,
+            "retryable": self.retryable,
+        }
+
+
+class FatalError(TunneldError):
+    """Something in the configuration, credentials or host keys is wrong; retrying cannot help."""
+
+    exit_code = EXIT_CONFIG
+
+
+class ConfigError(FatalError):
+    """The ssh_config or tunneld's own settings cannot be used as they are."""
+
+
+class NoForwardsError(ConfigError):
+    """The host is unknown to ssh_config or has no forwards to keep up."""
+
+
+class AuthError(FatalError):
+    """The server refused every credential offered."""
+
+
+class HostKeyError(FatalError):
+    """The server's host key is unknown or differs from the one in known_hosts."""
+
+
+class PortInUseError(FatalError):
+    """A local forward cannot listen because another process holds the port or socket."""
+
+    def __init__(self, message: str, hint: str | None = None, holder: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.holder = holder
+
+
+class ConnectError(TunneldError):
+    """The server could not be reached or the link broke; retrying may help."""
+
+    exit_code = EXIT_UNAVAILABLE
+    retryable = True
+
+
+class AlreadyRunningError(TunneldError):
+    """A tunnel for this host is already running."""
+
+    exit_code = EXIT_OK
+
+    def __init__(self, host: str, pid: int | None) -> None:
+        shown = f"pid {pid}" if pid else "starting"
+        super().__init__(f"{host} is already running ({shown})", f"stop it with: tunneld stop {host}")
+        self.pid = pid
+
+
+class NotRunningError(TunneldError):
+    """No tunnel is running for this host."""
+
+    exit_code = EXIT_NOT_RUNNING
+
+
+class StartupError(TunneldError):
+    """A detached tunnel did not report ready in time or died without saying why."""
+
+
+class AutostartError(TunneldError):
+    """Autostart could not be set up or removed on this platform."""
+
+
+def error_from_dict(data: dict[str, object]) -> TunneldError:
+    """Rebuild a TunneldError from `TunneldError.to_dict()` output (the other side of a pipe)."""
+    kinds: dict[str, type[TunneldError]] = {
+        cls.__name__: cls
+        for cls in (ConfigError, AuthError, HostKeyError, ConnectError, StartupError, FatalError)
+    }
+    message = str(data.get("message", "unknown error"))
+    hint = data.get("hint")
+    hint_text = str(hint) if hint else None
+    kind = str(data.get("kind", ""))
+    if kind == "PortInUseError":
+        return PortInUseError(message, hint_text)
+    cls = kinds.get(kind, TunneldError)
+    error = cls(message, hint_text)
+    return error

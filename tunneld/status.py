@@ -1,0 +1,97 @@
+"""What `tunneld status` and `wait` report for a host, read from its pid and state files only."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from tunneld.paths import HostFiles
+from tunneld.pidfile import PidFile, read_json
+from tunneld.supervisor import DEGRADED, RUNNING_STATES, UP
+
+STATUS_SCHEMA_VERSION = 1
+STALE = "dead (stale pid file)"
+DEAD = "dead"
+NOT_RUNNING = "not running"
+WAIT_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class HostReport:
+    """One row of `tunneld status` (and one object of `status --json`)."""
+
+    host: str
+    state: str
+    running: bool
+    pid: int | None = None
+    engine: str | None = None
+    started_at: float | None = None
+    since: float | None = None
+    uptime_s: float | None = None
+    reconnects: int = 0
+    attempts: int = 0
+    next_try_at: float | None = None
+    last_error: dict[str, object] | None = None
+    forwards: tuple[dict[str, object], ...] = ()
+
+    @property
+    def is_up(self) -> bool:
+        """Return True when the tunnel runs and every forward listens (degraded counts: the link is up)."""
+        return self.running and self.state in (UP, DEGRADED)
+
+    def to_dict(self) -> dict[str, object]:
+        """Return the documented JSON form (docs/usage.md, `status --json`)."""
+        data = asdict(self)
+        data["forwards"] = list(self.forwards)
+        return data
+
+
+def collect(host: str) -> HostReport:
+    """Return the host's report; a pid file whose process is gone or reused is reported as stale."""
+    files = HostFiles.of(host)
+    pidfile = PidFile(files)
+    record = pidfile.read()
+    state = read_json(files.state) or {}
+    live = record is not None and record.is_live()
+    if live and record is not None:
+        shown = str(state.get("state")) if state.get("pid") == record.pid else "starting"
+    elif pidfile.exists():
+        shown = STALE
+    elif state:
+        recorded = str(state.get("state"))
+        shown = DEAD if recorded in RUNNING_STATES else recorded
+    else:
+        shown = NOT_RUNNING
+    running = bool(live)
+    started = record.started_at if record and live else None
+    forwards = state.get("forwards") if running else None
+    last_error = state.get("last_error")
+    return HostReport(
+        host=host,
+        state=shown,
+        running=running,
+        pid=record.pid if record else None,
+        engine=str(state.get("engine")) if state.get("engine") else (record.engine if record else None),
+        started_at=started,
+        since=_number(state.get("since")),
+        uptime_s=time.time() - started if started else None,
+        reconnects=int(_number(state.get("reconnects")) or 0),
+        attempts=int(_number(state.get("attempts")) or 0),
+        next_try_at=_number(state.get("next_try_at")) if running else None,
+        last_error=last_error if isinstance(last_error, dict) else None,
+        forwards=tuple(f for f in forwards if isinstance(f, dict)) if isinstance(forwards, list) else (),
+    )
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def wait_until_up(host: str, timeout: float) -> tuple[bool, HostReport]:
+    """Poll the host's files until it is up or `timeout` passes; return (up, last report)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        report = collect(host)
+        if report.is_up or time.monotonic() >= deadline:
+            return report.is_up, report
+        time.sleep(WAIT_POLL_S)
