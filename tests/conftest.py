@@ -27,7 +27,11 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-    for var, sub in (("XDG_CONFIG_HOME", ".config"), ("XDG_STATE_HOME", ".local/state"), ("XDG_DATA_HOME", ".local/share")):
+    for var, sub in (
+        ("XDG_CONFIG_HOME", ".config"),
+        ("XDG_STATE_HOME", ".local/state"),
+        ("XDG_DATA_HOME", ".local/share"),
+    ):
         monkeypatch.setenv(var, str(home / sub))
     monkeypatch.setenv("TUNNELD_HOME", str(tmp_path / "tunneld"))
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
@@ -70,7 +74,12 @@ def tunneld_cmd(*args: str) -> list[str]:
 def run_cli(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the tunneld CLI to completion and return its result."""
     return subprocess.run(
-        tunneld_cmd(*args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env,
+        tunneld_cmd(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=env,
         check=False,
     )
 

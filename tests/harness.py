@@ -266,7 +266,7 @@ class EchoServer:
 
 
 class _HealthHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         body = b"OK" if self.path == "/health" else b"tunneld demo stand-in for an MLflow server\n"
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
@@ -296,10 +296,7 @@ class HttpServer:
 
 def echo_roundtrip(address: tuple[str, int] | str, payload: bytes, timeout: float = 5.0) -> bytes:
     """Send `payload` to an echo service at (host, port) or a unix socket path; return the echo."""
-    if isinstance(address, str):
-        family = socket.AF_UNIX
-    else:
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(address)

@@ -61,7 +61,7 @@ def test_tokens_are_expanded_like_ssh(tmp_path: Path) -> None:
     )
     spec = resolve_host("tok", str(write_config(tmp_path, config)))
     home, local = pwd.getpwuid(os.getuid()).pw_dir, socket.gethostname()  # ssh's ~ is the passwd home
-    digest = hashlib.sha1(f"{local}example.invalid2222remoteuser".encode()).hexdigest()  # noqa: S324
+    digest = hashlib.sha1(f"{local}example.invalid2222remoteuser".encode()).hexdigest()
     assert spec.identity_files == (
         f"{home}/keys/example.invalid_remoteuser_2222_tok_{getpass.getuser()}_{local}_%",
         f"{home}/keys/{digest}",
@@ -78,7 +78,8 @@ def test_percent_c_matches_what_ssh_itself_computes(tmp_path: Path) -> None:
 
 
 def test_user_keepalive_and_timeouts_are_kept(tmp_path: Path) -> None:
-    config = "Host k\n  LocalForward 5000 localhost:5000\n  ServerAliveInterval 7\n  ServerAliveCountMax 5\n  ConnectTimeout 4\n"
+    config = "Host k\n  LocalForward 5000 localhost:5000\n"
+    config += "  ServerAliveInterval 7\n  ServerAliveCountMax 5\n  ConnectTimeout 4\n"
     spec = resolve_host("k", str(write_config(tmp_path, config)))
     assert (spec.keepalive_interval_s, spec.keepalive_count_max, spec.keepalive_from_user) == (7, 5, True)
     assert (spec.connect_timeout_s, spec.connect_timeout_from_user) == (4, True)

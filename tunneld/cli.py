@@ -11,7 +11,14 @@ from typing import Any, TypeVar
 import click
 
 from tunneld import __version__
-from tunneld.errors import EXIT_OK, AlreadyRunningError, TunneldError
+from tunneld.errors import (
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_RUNTIME,
+    AlreadyRunningError,
+    NotRunningError,
+    TunneldError,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
@@ -135,7 +142,225 @@ def list_(ssh_config: str | None) -> None:
         click.echo(f"{spec.alias}  " + ", ".join(str(f) for f in spec.forwards))
 
 
+def _hosts_or_all(hosts: tuple[str, ...], all_: bool, every: Callable[[], list[str]], verb: str) -> list[str]:
+    if all_ and hosts:
+        raise click.UsageError(f"give host names or --all, not both: tunneld {verb} --all")
+    if not all_ and not hosts:
+        raise click.UsageError(f"name a host (e.g. tunneld {verb} mlflowserver) or use --all")
+    return every() if all_ else list(hosts)
+
+
+def _run_each(hosts: list[str], action: Callable[[str], int]) -> int:
+    """Run `action` per host; report each host's error and return the worst exit code."""
+    worst = EXIT_OK
+    for host in hosts:
+        try:
+            code = action(host)
+        except AlreadyRunningError as error:
+            click.echo(f"{error.message}")
+            code = EXIT_OK
+        except TunneldError as error:
+            click.echo(f"Error: {error.message}", err=True)
+            if error.hint:
+                click.echo(f"  hint: {error.hint}", err=True)
+            code = error.exit_code
+        worst = max(worst, code)
+    return worst
+
+
+@cli.command()
+@click.argument("hosts", nargs=-1, metavar="HOST...")
+@click.option("--all", "all_", is_flag=True, help="Start every host of the ssh_config that has forwards.")
+@ssh_config_option
+@engine_option
+@click.option("--timeout", type=float, default=40.0, show_default=True, help="Seconds to wait for the tunnel to be up.")
+@click.option("--foreground", is_flag=True, help="Do not detach: the same as `tunneld run HOST`.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every line ssh writes (DEBUG) in the host's log.")
+def start(
+    hosts: tuple[str, ...],
+    all_: bool,
+    ssh_config: str | None,
+    engine: str,
+    timeout: float,
+    foreground: bool,
+    verbose: bool,
+) -> None:
+    """Bring up HOST's forwards in the background; return once they work or with the reason they do not.
+
+    \b
+    Example:
+      $ tunneld start mlflowserver
+      mlflowserver  up  127.0.0.1:5000 -> localhost:5000  (pid 4242, 0.6 s)
+      stop it with: tunneld stop mlflowserver
+    """
+    from tunneld.config import list_hosts
+    from tunneld.daemon import run_tunnel
+
+    names = _hosts_or_all(hosts, all_, lambda: [s.alias for s in list_hosts(ssh_config)], "start")
+    if foreground:
+        if len(names) != 1:
+            raise click.UsageError("--foreground runs one host: tunneld start --foreground HOST")
+        sys.exit(run_tunnel(names[0], ssh_config, engine, verbose=verbose))
+    sys.exit(_run_each(names, lambda host: _start_host(host, ssh_config, engine, timeout, verbose)))
+
+
+def _start_host(host: str, ssh_config: str | None, engine: str, timeout: float, verbose: bool = False) -> int:
+    from tunneld.config import resolve_host
+    from tunneld.daemon import start_tunnel
+    from tunneld.render import forward_text
+
+    spec = resolve_host(host, ssh_config)
+    progress = (lambda text: click.echo(f"  {host}: {text}...", err=True)) if sys.stderr.isatty() else None
+    result = start_tunnel(spec, engine, timeout, progress, verbose)
+    forwards = result.state.get("forwards")
+    shown = ", ".join(forward_text(f) for f in forwards) if isinstance(forwards, list) else ""
+    click.echo(f"{host}  {result.state.get('state')}  {shown}  (pid {result.pid}, {result.elapsed_s:.1f} s)")
+    click.echo(f"stop it with: tunneld stop {host}")
+    return EXIT_OK
+
+
+def _stop_host(host: str, timeout: float) -> int:
+    from tunneld.daemon import stop_tunnel
+
+    try:
+        result = stop_tunnel(host, timeout)
+    except NotRunningError:
+        click.echo(f"{host}  not running")
+        return EXIT_OK
+    if result.stale:
+        click.echo(f"{host}  not running (removed the stale pid file of pid {result.pid})")
+    elif result.killed:
+        click.echo(f"{host}  stopped (pid {result.pid} ignored SIGTERM for {timeout:.0f} s; killed with SIGKILL)")
+    else:
+        click.echo(f"{host}  stopped")
+    return EXIT_OK
+
+
+def _stoppable_hosts() -> list[str]:
+    from tunneld.paths import known_hosts_with_files
+    from tunneld.status import STALE, collect
+
+    reports = [collect(h) for h in known_hosts_with_files()]
+    return [r.host for r in reports if r.running or r.state == STALE]
+
+
+@cli.command()
+@click.argument("hosts", nargs=-1, metavar="HOST...")
+@click.option("--all", "all_", is_flag=True, help="Stop every running tunnel.")
+@ssh_config_option
+@click.option(
+    "--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait after SIGTERM before SIGKILL."
+)
+def stop(hosts: tuple[str, ...], all_: bool, ssh_config: str | None, timeout: float) -> None:
+    """Stop HOST's tunnel: SIGTERM, then SIGKILL after --timeout. Stopping a stopped host is fine."""
+    names = _hosts_or_all(hosts, all_, _stoppable_hosts, "stop")
+    sys.exit(_run_each(names, lambda host: _stop_host(host, timeout)))
+
+
+@cli.command()
+@click.argument("host")
+@ssh_config_option
+@engine_option
+@click.option("--timeout", type=float, default=40.0, show_default=True, help="Seconds to wait for the tunnel to be up.")
+def restart(host: str, ssh_config: str | None, engine: str, timeout: float) -> None:
+    """Stop HOST's tunnel if it runs, then start it again (a broken config leaves the running one alone)."""
+    from tunneld.config import resolve_host
+
+    resolve_host(host, ssh_config)
+    _stop_host(host, timeout=10.0)
+    sys.exit(_start_host(host, ssh_config, engine, timeout))
+
+
+@cli.command()
+@click.argument("hosts", nargs=-1, metavar="[HOST]...")
+@ssh_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the documented JSON schema (docs/usage.md).")
+def status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool) -> None:
+    """Show each tunnel: state, pid, uptime, forwards, reconnects, last error.
+
+    Exit 0 when every named host is up, 3 when one is not (as `systemctl is-active`).
+    """
+    from tunneld.paths import known_hosts_with_files, validate_host
+    from tunneld.render import status_lines
+    from tunneld.status import STATUS_SCHEMA_VERSION, collect
+
+    names = [validate_host(h) for h in hosts] or known_hosts_with_files()
+    reports = [collect(h) for h in names]
+    if as_json:
+        click.echo(json.dumps({"version": STATUS_SCHEMA_VERSION, "hosts": [r.to_dict() for r in reports]}, indent=2))
+    elif reports:
+        click.echo("\n".join(status_lines(reports)))
+    else:
+        click.echo("no tunnels: start one with `tunneld start HOST` (`tunneld list` shows the candidates)")
+    if hosts and not all(r.is_up for r in reports):
+        sys.exit(EXIT_NOT_RUNNING)
+
+
+@cli.command()
+@click.argument("host")
+@ssh_config_option
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines as they are written (Ctrl-C ends).")
+@click.option("-n", "--lines", "count", type=int, default=50, show_default=True, help="How many recent lines.")
+def logs(host: str, ssh_config: str | None, follow: bool, count: int) -> None:
+    """Print HOST's log (what `tunneld run` wrote: connects, losses, retries, errors)."""
+    from tunneld.logfile import follow_lines, tail_lines
+    from tunneld.paths import HostFiles
+
+    files = HostFiles.of(host)
+    if not files.log.exists():
+        raise NotRunningError(f"no log for {host} yet", f"start it with: tunneld start {host}")
+    for line in tail_lines(files.log, count):
+        click.echo(line)
+    if follow:
+        for line in follow_lines(files.log):
+            click.echo(line)
+
+
+@cli.command()
+@click.argument("host")
+@ssh_config_option
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait.")
+def wait(host: str, ssh_config: str | None, timeout: float) -> None:
+    """Block until HOST's tunnel is up; exit 1 on timeout. For scripts: tunneld wait mlflowserver && python train.py"""
+    from tunneld.status import wait_until_up
+
+    up, report = wait_until_up(host, timeout)
+    if up:
+        click.echo(f"{host}  {report.state}")
+        return
+    error = report.last_error.get("message") if report.last_error else None
+    click.echo(
+        f"{host}  not up after {timeout:.0f} s (state: {report.state}"
+        + (f"; last error: {error}" if error else "")
+        + ")",
+        err=True,
+    )
+    sys.exit(EXIT_RUNTIME)
+
+
+@cli.command()
+@click.argument("host")
+@ssh_config_option
+@engine_option
+def check(host: str, ssh_config: str | None, engine: str) -> None:
+    """Diagnose HOST step by step: config, local ports, DNS, TCP, host key, auth, forwards, target.
+
+    Works whether or not the tunnel runs. Exit 0 only when every step passes.
+    """
+    from tunneld.check import FAIL, run_checks
+    from tunneld.paths import validate_host
+    from tunneld.render import step_line
+
+    validate_host(host)
+    failed = False
+    for step in run_checks(host, ssh_config, engine):
+        click.echo(step_line(step.name, step.verdict, step.detail))
+        if step.hint:
+            click.echo(f"{'':18}hint: {step.hint}")
+        failed = failed or step.verdict == FAIL
+    sys.exit(EXIT_RUNTIME if failed else EXIT_OK)
+
+
 def main() -> None:
     """Entry point of the `tunneld` console script."""
     cli()
-

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunneld.errors import ConfigError, NoForwardsError
+from tunneld.paths import validate_host
 
 SSH_G_TIMEOUT_S = 10.0
 DEFAULT_KEEPALIVE_INTERVAL_S = 3
@@ -275,7 +276,7 @@ def parse_forwards(pairs: Sequence[tuple[str, str]]) -> tuple[Forward, ...]:
 
 def resolve_host(alias: str, ssh_config: str | None = None) -> TunnelSpec:
     """Return the TunnelSpec of `alias` exactly as `ssh` would resolve it."""
-    pairs = run_ssh_g(alias, ssh_config)
+    pairs = run_ssh_g(validate_host(alias), ssh_config)
     values: dict[str, list[str]] = {}
     for key, value in pairs:
         values.setdefault(key, []).append(value)

@@ -40,6 +40,7 @@ LOG_BACKUPS = 3
 DEFAULT_START_TIMEOUT_S = 40.0
 DEFAULT_STOP_TIMEOUT_S = 10.0
 CHILD_KILL_WAIT_S = 3.0
+STOP_POLL_S = 0.02
 
 
 def configure_logging(files: HostFiles, verbose: bool = False) -> None:
@@ -121,7 +122,9 @@ def reap_orphans(files: HostFiles) -> None:
     for child in children if isinstance(children, list) else []:
         pid, created = int(child.get("pid", 0)), float(child.get("create_time", 0.0))
         if pid and process_matches(pid, created):
-            log.warning("%s: stopping %s (pid %d) left behind by a previous tunneld", files.host, child.get("name"), pid)
+            log.warning(
+                "%s: stopping %s (pid %d) left behind by a previous tunneld", files.host, child.get("name"), pid
+            )
             with contextlib.suppress(psutil.Error):
                 proc = psutil.Process(pid)
                 proc.terminate()
@@ -157,8 +160,14 @@ def run_tunnel(
     pidfile.write(PidRecord.of_current_process(host, engine.name))
     wakeups = Wakeups()
     _install_signal_handlers(wakeups)
-    log.info("%s: tunneld %d starting (%s engine, keepalive %ss x %s)", host, os.getpid(), engine.name,
-             spec.keepalive_interval_s, spec.keepalive_count_max)
+    log.info(
+        "%s: tunneld %d starting (%s engine, keepalive %ss x %s)",
+        host,
+        os.getpid(),
+        engine.name,
+        spec.keepalive_interval_s,
+        spec.keepalive_count_max,
+    )
     try:
         return Supervisor(spec, engine, reporter, wakeups, fail_fast=fail_fast).run()
     finally:
@@ -203,16 +212,32 @@ def start_tunnel(
     if record is not None or pidfile.exists():
         pidfile.remove(record.pid if record else 0)
     read_fd, write_fd = os.pipe()
-    argv = [sys.executable, "-m", "tunneld", "run", spec.alias, "--engine", engine_name, "--fail-fast",
-            "--notify-fd", str(write_fd), "--lock-fd", str(lock_fd)]
+    argv = [
+        sys.executable,
+        "-m",
+        "tunneld",
+        "run",
+        spec.alias,
+        "--engine",
+        engine_name,
+        "--fail-fast",
+        "--notify-fd",
+        str(write_fd),
+        "--lock-fd",
+        str(lock_fd),
+    ]
     if spec.ssh_config:
         argv += ["-F", spec.ssh_config]
     if verbose:
         argv.append("--verbose")
     with _open_private(files.log) as log_stream:
         child = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log_stream, stderr=log_stream,
-            pass_fds=(write_fd, lock_fd), start_new_session=True,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_stream,
+            stderr=log_stream,
+            pass_fds=(write_fd, lock_fd),
+            start_new_session=True,
         )
     os.close(write_fd)
     os.close(lock_fd)
@@ -249,8 +274,7 @@ def _open_private(path: Path) -> Iterator[IO[bytes]]:
 
 
 def _await_ready(
-    host: str,
-    child: subprocess.Popen[bytes], read_fd: int, timeout: float, on_progress: Callable[[str], None] | None
+    host: str, child: subprocess.Popen[bytes], read_fd: int, timeout: float, on_progress: Callable[[str], None] | None
 ) -> dict[str, object]:
     deadline = time.monotonic() + timeout
     buffer = b""
@@ -317,18 +341,26 @@ def stop_tunnel(host: str, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopResul
         pidfile.remove(record.pid if record else 0)
         _mark_stopped(files)
         return StopResult(host, record.pid if record else None, stale=True)
-    proc = psutil.Process(record.pid)
-    proc.terminate()
-    _, alive = psutil.wait_procs([proc], timeout=timeout)
-    killed = bool(alive)
+    os.kill(record.pid, signal.SIGTERM)
+    killed = not _wait_gone(record, timeout)
     if killed:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-        psutil.wait_procs([proc], timeout=CHILD_KILL_WAIT_S)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(record.pid, signal.SIGKILL)
+        _wait_gone(record, CHILD_KILL_WAIT_S)
         reap_orphans(files)
         _mark_stopped(files)
     pidfile.remove(record.pid)
     return StopResult(host, record.pid, killed=killed)
+
+
+def _wait_gone(record: PidRecord, timeout: float) -> bool:
+    """Poll until the recorded process is gone (a zombie counts as gone); return whether it went."""
+    deadline = time.monotonic() + timeout
+    while record.is_live():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(STOP_POLL_S)
+    return True
 
 
 def _mark_stopped(files: HostFiles) -> None:
@@ -336,4 +368,3 @@ def _mark_stopped(files: HostFiles) -> None:
     if data is not None and data.get("state") != STOPPED:
         data.update(state=STOPPED, since=time.time(), forwards=[], children=[])
         write_json_atomic(files.state, data)
-

@@ -97,8 +97,7 @@ class AutostartError(TunneldError):
 def error_from_dict(data: dict[str, object]) -> TunneldError:
     """Rebuild a TunneldError from `TunneldError.to_dict()` output (the other side of a pipe)."""
     kinds: dict[str, type[TunneldError]] = {
-        cls.__name__: cls
-        for cls in (ConfigError, AuthError, HostKeyError, ConnectError, StartupError, FatalError)
+        cls.__name__: cls for cls in (ConfigError, AuthError, HostKeyError, ConnectError, StartupError, FatalError)
     }
     message = str(data.get("message", "unknown error"))
     hint = data.get("hint")
@@ -106,6 +105,4 @@ def error_from_dict(data: dict[str, object]) -> TunneldError:
     kind = str(data.get("kind", ""))
     if kind == "PortInUseError":
         return PortInUseError(message, hint_text)
-    cls = kinds.get(kind, TunneldError)
-    error = cls(message, hint_text)
-    return error
+    return kinds.get(kind, TunneldError)(message, hint_text)

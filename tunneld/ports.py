@@ -7,8 +7,12 @@ import errno
 import socket
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    from psutil._ntuples import pconn, sconn
 
 from tunneld.errors import PortInUseError
 
@@ -60,7 +64,7 @@ def listeners_of(pid: int) -> Listeners:
     return Listeners(ordered, frozenset(unix))
 
 
-def _holder_from(conns: list[psutil._common.sconn]) -> Holder | None:  # noqa: SLF001 - psutil's public tuple type
+def _holder_from(conns: list[sconn]) -> Holder | None:
     for conn in conns:
         if conn.pid is None:
             return Holder(None, None)
@@ -75,10 +79,11 @@ def port_holder(port: int | None = None, path: str | None = None) -> Holder | No
     """Return the process listening on TCP `port` or unix socket `path`, if one can be found."""
     kind = "unix" if path is not None else "inet"
 
-    def matches(conn: psutil._common.sconn) -> bool:  # noqa: SLF001
+    def matches(conn: sconn | pconn) -> bool:
+        laddr: object = conn.laddr  # a str for unix sockets, whatever the stubs say
         if path is not None:
-            return conn.laddr == path
-        return bool(conn.laddr) and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN
+            return laddr == path
+        return isinstance(laddr, tuple) and len(laddr) == 2 and laddr[1] == port and conn.status == psutil.CONN_LISTEN
 
     try:
         return _holder_from([c for c in psutil.net_connections(kind=kind) if matches(c)])
@@ -113,7 +118,9 @@ def port_in_use_error(listen: str, port: int | None = None, path: str | None = N
     what = f"local socket {path}" if path is not None else f"local port {port}"
     where = f" by {holder}" if holder else ""
     message = f"{what} ({listen}) is already in use{where}"
-    if holder is not None and holder.name in _AIRPLAY_PROCESSES or (sys.platform == "darwin" and port in (5000, 7000)):
+    if (holder is not None and holder.name in _AIRPLAY_PROCESSES) or (
+        sys.platform == "darwin" and port in (5000, 7000)
+    ):
         hint = (
             "on macOS, turn off AirPlay Receiver (System Settings > General > AirDrop & Handoff) "
             f"or use another local port, e.g. LocalForward {(port or 5000) + 1} localhost:{port}"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from tunneld.config import TunnelSpec
+from tunneld.status import HostReport
 
 
 def spec_lines(spec: TunnelSpec, engine: str) -> list[str]:
@@ -55,3 +57,49 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
         cells = [str(cell).ljust(widths[i]) for i, cell in enumerate(row[:-1])]
         out.append("  ".join([*cells, str(row[-1])]).rstrip())
     return out
+
+
+STATUS_HEADER = ("HOST", "STATE", "PID", "UPTIME", "FORWARDS", "RECONNECTS", "LAST ERROR")
+LAST_ERROR_WIDTH = 70
+
+
+def forward_text(forward: dict[str, object]) -> str:
+    """Return `listen -> target` with the real listen address, and why a degraded forward is degraded."""
+    listen = forward.get("listen")
+    first = str(listen[0]) if isinstance(listen, list) and listen else "?"
+    text = f"{first} -> {forward.get('target')}"
+    if forward.get("state") == "degraded":
+        text += f" (degraded: {forward.get('detail')})"
+    return text
+
+
+def status_row(report: HostReport) -> list[str]:
+    """Return one row of the status table."""
+    forwards = ", ".join(forward_text(f) for f in report.forwards) or "-"
+    error = "-"
+    if report.last_error and report.state not in ("up", "degraded", "stopped"):
+        error = str(report.last_error.get("message", "-"))
+        if len(error) > LAST_ERROR_WIDTH:
+            error = error[: LAST_ERROR_WIDTH - 3] + "..."
+    state = report.state
+    if report.next_try_at and report.state == "backoff":
+        state += f" (retry in {max(0.0, report.next_try_at - time.time()):.0f}s)"
+    return [
+        report.host,
+        state,
+        str(report.pid) if report.running and report.pid else "-",
+        duration(report.uptime_s),
+        forwards,
+        str(report.reconnects),
+        error,
+    ]
+
+
+def status_lines(reports: Sequence[HostReport]) -> list[str]:
+    """Return the whole status table."""
+    return table(STATUS_HEADER, [status_row(r) for r in reports])
+
+
+def step_line(name: str, verdict: str, detail: str) -> str:
+    """Return one line of `tunneld check`."""
+    return f"[{verdict:^4}] {name:<10} {detail}"

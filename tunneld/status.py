@@ -33,6 +33,7 @@ class HostReport:
     next_try_at: float | None = None
     last_error: dict[str, object] | None = None
     forwards: tuple[dict[str, object], ...] = ()
+    children: tuple[int, ...] = ()
 
     @property
     def is_up(self) -> bool:
@@ -43,6 +44,7 @@ class HostReport:
         """Return the documented JSON form (docs/usage.md, `status --json`)."""
         data = asdict(self)
         data["forwards"] = list(self.forwards)
+        data["children"] = list(self.children)
         return data
 
 
@@ -80,7 +82,14 @@ def collect(host: str) -> HostReport:
         next_try_at=_number(state.get("next_try_at")) if running else None,
         last_error=last_error if isinstance(last_error, dict) else None,
         forwards=tuple(f for f in forwards if isinstance(f, dict)) if isinstance(forwards, list) else (),
+        children=_child_pids(state.get("children")) if running else (),
     )
+
+
+def _child_pids(children: object) -> tuple[int, ...]:
+    if not isinstance(children, list):
+        return ()
+    return tuple(int(c["pid"]) for c in children if isinstance(c, dict) and isinstance(c.get("pid"), int))
 
 
 def _number(value: object) -> float | None:

@@ -14,7 +14,7 @@ from typing import Protocol
 import psutil
 
 from tunneld.config import TunnelSpec
-from tunneld.engines import FORWARD_DEGRADED, ChildProcess, Engine, ForwardStatus, Link
+from tunneld.engines import FORWARD_DEGRADED, ChildProcess, Engine, ForwardStatus, Link, LinkEvents
 from tunneld.errors import EXIT_OK, TunneldError
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ RUNNING_STATES = (STARTING, CONNECTING, UP, DEGRADED, LOST, BACKOFF)
 
 PROBE_INTERVAL_S = 0.5
 PROBE_TIMEOUT_S = 1.0
-HOLD_TICK_S = 1.0
+SETTLE_TICK_S = 1.0
 HEARTBEAT_S = 5.0
 CLOCK_JUMP_S = 5.0
 NETWORK_CHECK_S = 2.0
@@ -196,7 +196,7 @@ class Supervisor:
             self._set(state=CONNECTING, next_try_at=None)
             self._progress(f"connecting to {self.spec.user}@{self.spec.hostname}:{self.spec.port}")
             try:
-                link = self.engine.connect(self.spec, self._progress, self.wakeups.stop)
+                link = self.engine.connect(self.spec, self._progress, LinkEvents(self.wakeups.stop, self.wakeups.wake))
             except TunneldError as error:
                 if self.wakeups.stop.is_set():
                     break
@@ -242,7 +242,9 @@ class Supervisor:
             log.info("%s: listening %s", self.spec.alias, forward.forward)
         last_beat = time.monotonic()
         while not self.wakeups.stop.is_set():
-            lost = link.wait(HOLD_TICK_S)
+            self.wakeups.wake.wait(SETTLE_TICK_S if link.settling() else HEARTBEAT_S)
+            self.wakeups.wake.clear()
+            lost = link.wait(0)
             if lost is not None:
                 return time.monotonic() - started, lost.error
             if self.wakeups.retry_now.is_set():
@@ -315,4 +317,3 @@ def _error_record(error: TunneldError) -> dict[str, object]:
     record = error.to_dict()
     record["at"] = time.time()
     return record
-

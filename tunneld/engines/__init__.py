@@ -69,11 +69,22 @@ class ChildProcess:
     name: str = field(default="ssh")
 
 
+@dataclass(frozen=True)
+class LinkEvents:
+    """How an engine hears `stop`, and tells the supervisor to look again (link ended, a forward changed)."""
+
+    stop: threading.Event
+    changed: threading.Event
+
+
 class Link(Protocol):
     """One live SSH connection with its forwards up."""
 
     def wait(self, timeout: float) -> LinkLost | None:
         """Block up to `timeout` seconds; return why the link ended, or None if it is still up."""
+
+    def settling(self) -> bool:
+        """Return True while a forward's state may still change with time alone (poll again soon)."""
 
     def close(self) -> None:
         """Tear the link down and release every listener; safe to call twice."""
@@ -90,8 +101,12 @@ class Engine(Protocol):
 
     name: str
 
-    def connect(self, spec: TunnelSpec, progress: ProgressCallback, cancel: threading.Event) -> Link:
-        """Bring the link up and return once every local forward listens; raise a TunneldError otherwise."""
+    def connect(self, spec: TunnelSpec, progress: ProgressCallback, events: LinkEvents) -> Link:
+        """Bring the link up and return once every local forward listens; raise a TunneldError otherwise.
+
+        Give up with a ConnectError when `events.stop` is set; set `events.changed` whenever the
+        link ends or a forward's state changes, so the supervisor need not poll.
+        """
 
 
 def select_engine_name(requested: str) -> str:

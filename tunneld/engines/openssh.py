@@ -21,6 +21,7 @@ from tunneld.engines import (
     FORWARD_OK,
     ChildProcess,
     ForwardStatus,
+    LinkEvents,
     LinkLost,
     ProgressCallback,
 )
@@ -108,9 +109,13 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
 class StderrWatcher:
     """Reads ssh's stderr: logs it, reports milestones, and tracks each forwarded channel's fate."""
 
-    def __init__(self, stream: IO[bytes], spec: TunnelSpec, progress: ProgressCallback) -> None:
+    def __init__(
+        self, stream: IO[bytes], spec: TunnelSpec, progress: ProgressCallback, changed: threading.Event
+    ) -> None:
         self.spec = spec
         self.progress = progress
+        self.changed = changed
+        self.eof = threading.Event()
         self.lines: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
         self.remote_ok = 0
         self._lock = threading.Lock()
@@ -126,6 +131,8 @@ class StderrWatcher:
             if line:
                 self._handle(line)
         stream.close()
+        self.eof.set()
+        self.changed.set()
 
     def _handle(self, line: str) -> None:
         debug = line.startswith("debug")
@@ -150,10 +157,11 @@ class StderrWatcher:
         elif match := _OPEN_FAILED_RE.search(text):
             port, _ = self._channels.pop(int(match[1]), (None, 0.0))
             self._degraded[port] = match[2]
+            self.changed.set()
         elif match := _FREE_RE.search(text):
             port_opened = self._channels.pop(int(match[1]), None)
-            if port_opened is not None:
-                self._degraded.pop(port_opened[0], None)
+            if port_opened is not None and self._degraded.pop(port_opened[0], None) is not None:
+                self.changed.set()
         elif _REMOTE_OK_RE.search(text):
             self.remote_ok += 1
 
@@ -165,6 +173,11 @@ class StderrWatcher:
                 if now - opened >= CHANNEL_SETTLE_S:
                     self._degraded.pop(port, None)
             return dict(self._degraded)
+
+    def settling(self) -> bool:
+        """Return True while a channel is open but not yet known to have reached its target."""
+        with self._lock:
+            return bool(self._channels) and bool(self._degraded)
 
     def tail(self) -> list[str]:
         """Return the last lines ssh wrote, without DEBUG chatter."""
@@ -268,7 +281,8 @@ class OpenSshLink:
     def wait(self, timeout: float) -> LinkLost | None:
         """Return why ssh ended, or None if it is still running after `timeout` seconds."""
         try:
-            returncode = self.proc.wait(timeout)
+            # ssh closes stderr as it exits: once EOF is seen, waiting for the status is short.
+            returncode = self.proc.wait(max(timeout, STOP_GRACE_S) if self.watcher.eof.is_set() else timeout)
         except subprocess.TimeoutExpired:
             return None
         self.watcher.join(timeout=2.0)
@@ -307,6 +321,10 @@ class OpenSshLink:
             return (forward.listen.path,)
         return self.listeners.tcp.get(forward.listen.port or 0, (str(forward.listen),))
 
+    def settling(self) -> bool:
+        """Return True while a degraded forward may clear once an open connection settles."""
+        return self.watcher.settling()
+
     def children(self) -> list[ChildProcess]:
         """Return the ssh child, so a later tunneld can reap it if this one is killed."""
         return [ChildProcess(self.proc.pid, self.create_time, "ssh")]
@@ -317,7 +335,7 @@ class OpenSshEngine:
 
     name = "openssh"
 
-    def connect(self, spec: TunnelSpec, progress: ProgressCallback, cancel: threading.Event) -> OpenSshLink:
+    def connect(self, spec: TunnelSpec, progress: ProgressCallback, events: LinkEvents) -> OpenSshLink:
         """Start ssh and return once it listens on every forward; raise the typed reason if it ends first."""
         argv = build_argv(spec)
         log.debug("%s: running %s", spec.alias, " ".join(argv))
@@ -329,10 +347,10 @@ class OpenSshEngine:
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
         )
         assert proc.stderr is not None
-        link = OpenSshLink(spec, proc, StderrWatcher(proc.stderr, spec, progress))
+        link = OpenSshLink(spec, proc, StderrWatcher(proc.stderr, spec, progress, events.changed))
         deadline = time.monotonic() + spec.connect_timeout_s + HANDSHAKE_MARGIN_S
         try:
-            _wait_until_ready(link, deadline, cancel)
+            _wait_until_ready(link, deadline, events.stop)
         except BaseException:
             link.close()
             raise
