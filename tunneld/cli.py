@@ -42,15 +42,16 @@ class TunneldGroup(click.Group):
             ctx.exit(error.exit_code)
 
 
-def ssh_config_option(func: F) -> F:
-    """Add -F/--ssh-config FILE, as `ssh -F`."""
-    return click.option(
-        "-F",
-        "--ssh-config",
-        type=click.Path(dir_okay=False),
-        default=None,
-        help="Read this ssh_config file instead of ~/.ssh/config (as ssh -F).",
-    )(func)
+def _ssh_config_option(help_text: str) -> Callable[[F], F]:
+    def decorate(func: F) -> F:
+        return click.option("-F", "--ssh-config", type=click.Path(dir_okay=False), default=None, help=help_text)(func)
+
+    return decorate
+
+
+ssh_config_option = _ssh_config_option("Read this ssh_config file instead of ~/.ssh/config (as ssh -F).")
+# Verbs that read only tunneld's own files take -F too, so one alias works everywhere.
+ssh_config_unused = _ssh_config_option("Accepted like every verb; this one reads only tunneld's own files.")
 
 
 def engine_option(func: F) -> F:
@@ -247,7 +248,7 @@ def _stoppable_hosts() -> list[str]:
 @cli.command()
 @click.argument("hosts", nargs=-1, metavar="HOST...")
 @click.option("--all", "all_", is_flag=True, help="Stop every running tunnel.")
-@ssh_config_option
+@ssh_config_unused
 @click.option(
     "--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait after SIGTERM before SIGKILL."
 )
@@ -273,7 +274,7 @@ def restart(host: str, ssh_config: str | None, engine: str, timeout: float) -> N
 
 @cli.command()
 @click.argument("hosts", nargs=-1, metavar="[HOST]...")
-@ssh_config_option
+@ssh_config_unused
 @click.option("--json", "as_json", is_flag=True, help="Print the documented JSON schema (docs/usage.md).")
 def status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool) -> None:
     """Show each tunnel: state, pid, uptime, forwards, reconnects, last error.
@@ -298,7 +299,7 @@ def status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool) -> Non
 
 @cli.command()
 @click.argument("host")
-@ssh_config_option
+@ssh_config_unused
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines as they are written (Ctrl-C ends).")
 @click.option("-n", "--lines", "count", type=int, default=50, show_default=True, help="How many recent lines.")
 def logs(host: str, ssh_config: str | None, follow: bool, count: int) -> None:
@@ -318,7 +319,7 @@ def logs(host: str, ssh_config: str | None, follow: bool, count: int) -> None:
 
 @cli.command()
 @click.argument("host")
-@ssh_config_option
+@ssh_config_unused
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait.")
 def wait(host: str, ssh_config: str | None, timeout: float) -> None:
     """Block until HOST's tunnel is up; exit 1 on timeout. For scripts: tunneld wait mlflowserver && python train.py"""

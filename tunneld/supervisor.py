@@ -239,7 +239,7 @@ class Supervisor:
         started = time.monotonic()
         self._publish_up(link, reconnects=reconnects, attempts=0)
         for forward in self.status.forwards:
-            log.info("%s: listening %s", self.spec.alias, forward.forward)
+            log.info("%s: forward %s is up on %s", self.spec.alias, forward.forward, ", ".join(forward.listen))
         last_beat = time.monotonic()
         while not self.wakeups.stop.is_set():
             self.wakeups.wake.wait(SETTLE_TICK_S if link.settling() else HEARTBEAT_S)

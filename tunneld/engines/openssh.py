@@ -136,7 +136,7 @@ class StderrWatcher:
 
     def _handle(self, line: str) -> None:
         debug = line.startswith("debug")
-        text = line.split(": ", 1)[1] if debug and ": " in line else line
+        text = line.split(": ", 1)[1] if debug and ": " in line else line.removeprefix("ssh: ")
         if (not debug or "open failed" in text) and not text.startswith(_QUIET_PREFIXES):
             log.info("%s: ssh: %s", self.spec.alias, text)
         else:
