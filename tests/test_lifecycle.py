@@ -21,7 +21,7 @@ from tunneld.errors import EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_RUNTIME, EXIT_UNA
 HOST = "mlflowserver"
 STATUS_KEYS = {
     "host", "state", "running", "pid", "engine", "started_at", "since", "uptime_s", "reconnects", "attempts",
-    "next_try_at", "last_error", "forwards", "children",
+    "next_try_at", "last_error", "forwards", "children", "autostart",
 }  # fmt: skip
 FORWARD_KEYS = {
     "forward", "listen", "target", "state", "detail", "bytes_in", "bytes_out", "open_connections",
@@ -86,7 +86,7 @@ def test_start_status_stop_round_trip(config: Path, engine: str) -> None:
     status = run_cli("status", HOST)
     assert status.returncode == 0
     header, row = status.stdout.splitlines()
-    assert header.split() == ["HOST", "STATE", "PID", "UPTIME", "FORWARDS", "RECONNECTS", "LAST", "ERROR"]
+    assert header.split() == ["HOST", "STATE", "PID", "UPTIME", "FORWARDS", "RECONNECTS", "AUTOSTART", "LAST", "ERROR"]
     assert row.split()[:3] == [HOST, "up", str(pid_of(HOST))]
 
     stopped = run_cli("stop", HOST)

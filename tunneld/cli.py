@@ -44,12 +44,21 @@ class TunneldGroup(click.Group):
 
 def _ssh_config_option(help_text: str) -> Callable[[F], F]:
     def decorate(func: F) -> F:
-        return click.option("-F", "--ssh-config", type=click.Path(dir_okay=False), default=None, help=help_text)(func)
+        return click.option(
+            "-F",
+            "--ssh-config",
+            type=click.Path(dir_okay=False),
+            default=None,
+            envvar="TUNNELD_SSH_CONFIG",
+            help=help_text,
+        )(func)
 
     return decorate
 
 
-ssh_config_option = _ssh_config_option("Read this ssh_config file instead of ~/.ssh/config (as ssh -F).")
+ssh_config_option = _ssh_config_option(
+    "Read this ssh_config file instead of ~/.ssh/config (as ssh -F; also $TUNNELD_SSH_CONFIG)."
+)
 # Verbs that read only tunneld's own files take -F too, so one alias works everywhere.
 ssh_config_unused = _ssh_config_option("Accepted like every verb; this one reads only tunneld's own files.")
 
@@ -90,6 +99,12 @@ def cli() -> None:
 @click.option("--notify-fd", type=int, default=None, hidden=True)
 @click.option("--lock-fd", type=int, default=None, hidden=True)
 @click.option("-v", "--verbose", is_flag=True, help="Log every line ssh writes (DEBUG).")
+@click.option(
+    "--managed-by",
+    type=click.Choice(["launchd"]),
+    default=None,
+    help="Under launchd a fatal error exits 0, since KeepAlive would restart exit 78 forever.",
+)
 def run(
     host: str,
     ssh_config: str | None,
@@ -98,6 +113,7 @@ def run(
     notify_fd: int | None,
     lock_fd: int | None,
     verbose: bool,
+    managed_by: str | None,
 ) -> None:
     """Keep HOST's forwards up in the foreground until Ctrl-C or SIGTERM.
 
@@ -107,7 +123,7 @@ def run(
     """
     from tunneld.daemon import run_tunnel
 
-    sys.exit(run_tunnel(host, ssh_config, engine, fail_fast, notify_fd, lock_fd, verbose))
+    sys.exit(run_tunnel(host, ssh_config, engine, fail_fast, notify_fd, lock_fd, verbose, managed_by))
 
 
 @cli.command()
@@ -176,6 +192,12 @@ def _run_each(hosts: list[str], action: Callable[[str], int]) -> int:
 @engine_option
 @click.option("--timeout", type=float, default=40.0, show_default=True, help="Seconds to wait for the tunnel to be up.")
 @click.option("--foreground", is_flag=True, help="Do not detach: the same as `tunneld run HOST`.")
+@click.option(
+    "--keep-trying",
+    is_flag=True,
+    help="If the server cannot be reached yet, keep retrying in the background instead of exiting 69 "
+    "(autostart at login uses this).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every line ssh writes (DEBUG) in the host's log.")
 def start(
     hosts: tuple[str, ...],
@@ -184,6 +206,7 @@ def start(
     engine: str,
     timeout: float,
     foreground: bool,
+    keep_trying: bool,
     verbose: bool,
 ) -> None:
     """Bring up HOST's forwards in the background; return once they work or with the reason they do not.
@@ -202,17 +225,25 @@ def start(
         if len(names) != 1:
             raise click.UsageError("--foreground runs one host: tunneld start --foreground HOST")
         sys.exit(run_tunnel(names[0], ssh_config, engine, verbose=verbose))
-    sys.exit(_run_each(names, lambda host: _start_host(host, ssh_config, engine, timeout, verbose)))
+    sys.exit(_run_each(names, lambda host: _start_host(host, ssh_config, engine, timeout, verbose, keep_trying)))
 
 
-def _start_host(host: str, ssh_config: str | None, engine: str, timeout: float, verbose: bool = False) -> int:
+def _start_host(
+    host: str, ssh_config: str | None, engine: str, timeout: float, verbose: bool = False, keep_trying: bool = False
+) -> int:
     from tunneld.config import resolve_host
     from tunneld.daemon import start_tunnel
     from tunneld.render import forward_text
 
     spec = resolve_host(host, ssh_config)
     progress = (lambda text: click.echo(f"  {host}: {text}...", err=True)) if sys.stderr.isatty() else None
-    result = start_tunnel(spec, engine, timeout, progress, verbose)
+    result = start_tunnel(spec, engine, timeout, progress, verbose, keep_trying)
+    if result.pending:
+        click.echo(
+            f"{host}  {result.state.get('state', 'starting')}: not up yet, still trying in the background "
+            f"(pid {result.pid}); see: tunneld status {host}"
+        )
+        return EXIT_OK
     forwards = result.state.get("forwards")
     shown = ", ".join(forward_text(f) for f in forwards) if isinstance(forwards, list) else ""
     click.echo(f"{host}  {result.state.get('state')}  {shown}  (pid {result.pid}, {result.elapsed_s:.1f} s)")
@@ -281,11 +312,12 @@ def status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool) -> Non
 
     Exit 0 when every named host is up, 3 when one is not (as `systemctl is-active`).
     """
+    from tunneld.autostart import enabled_hosts
     from tunneld.paths import known_hosts_with_files, validate_host
     from tunneld.render import status_lines
     from tunneld.status import STATUS_SCHEMA_VERSION, collect
 
-    names = [validate_host(h) for h in hosts] or known_hosts_with_files()
+    names = [validate_host(h) for h in hosts] or sorted({*known_hosts_with_files(), *enabled_hosts()})
     reports = [collect(h) for h in names]
     if as_json:
         click.echo(json.dumps({"version": STATUS_SCHEMA_VERSION, "hosts": [r.to_dict() for r in reports]}, indent=2))
@@ -360,6 +392,84 @@ def check(host: str, ssh_config: str | None, engine: str) -> None:
             click.echo(f"{'':18}hint: {step.hint}")
         failed = failed or step.verdict == FAIL
     sys.exit(EXIT_RUNTIME if failed else EXIT_OK)
+
+
+@cli.group(context_settings=CONTEXT)
+def autostart() -> None:
+    """Start tunnels at login: systemd user units, launchd agents, or XDG autostart entries."""
+
+
+def via_option(func: F) -> F:
+    """Add --via systemd|launchd|xdg."""
+    from tunneld.autostart import VIA_CHOICES
+
+    return click.option(
+        "--via",
+        type=click.Choice(VIA_CHOICES),
+        default=None,
+        help="Mechanism (default: launchd on macOS, systemd when a user manager runs, else xdg).",
+    )(func)
+
+
+@autostart.command("enable")
+@click.argument("host")
+@ssh_config_option
+@via_option
+@click.option("--now", is_flag=True, help="Also start the tunnel now through the service manager.")
+def autostart_enable(host: str, ssh_config: str | None, via: str | None, now: bool) -> None:
+    """Start HOST's tunnel at every login (enabling twice is harmless)."""
+    from tunneld.autostart import Launch, Runner, default_via, enable
+    from tunneld.config import resolve_host
+
+    resolve_host(host, ssh_config)  # the same config step `check` runs: refuse a host that cannot work
+    manifest = enable(host, via or default_via(), Launch.current(ssh_config), Runner(), now)
+    click.echo(f"{host}  autostart enabled via {manifest.via}" + (" and started" if now else ""))
+    for name in manifest.files:
+        click.echo(f"  wrote {name}")
+    click.echo(f"undo with: tunneld autostart disable {host}")
+
+
+@autostart.command("disable")
+@click.argument("host")
+@ssh_config_unused
+@click.option("--now", is_flag=True, help="Also stop the running tunnel.")
+def autostart_disable(host: str, ssh_config: str | None, now: bool) -> None:
+    """Stop starting HOST at login; remove exactly the files enable wrote."""
+    from tunneld.autostart import Runner, disable
+
+    manifest = disable(host, Runner(), now)
+    if manifest is None:
+        click.echo(f"{host}  autostart was not enabled")
+        return
+    click.echo(f"{host}  autostart disabled ({manifest.via})" + (" and stopped" if now else ""))
+    for name in manifest.files:
+        click.echo(f"  removed {name}")
+
+
+@autostart.command("status")
+@click.argument("hosts", nargs=-1, metavar="[HOST]...")
+@ssh_config_unused
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def autostart_status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool) -> None:
+    """Show which hosts start at login, how, and whether the tunneld they run still exists."""
+    from tunneld.autostart import autostart_report
+
+    reports = [autostart_report(h) for h in (hosts or None) or _enabled()]
+    if as_json:
+        click.echo(json.dumps({"version": 1, "hosts": [r.to_dict() for r in reports]}, indent=2))
+        return
+    if not reports:
+        click.echo("no host starts at login: tunneld autostart enable HOST")
+    for report in reports:
+        click.echo(f"{report.host}  {report.via or 'not enabled'}  {' '.join(report.launch)}".rstrip())
+        for warning in report.warnings:
+            click.echo(f"  warning: {warning}", err=True)
+
+
+def _enabled() -> list[str]:
+    from tunneld.autostart import enabled_hosts
+
+    return enabled_hosts()
 
 
 def main() -> None:

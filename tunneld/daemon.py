@@ -22,7 +22,10 @@ import psutil
 from tunneld.config import TunnelSpec, resolve_host
 from tunneld.engines import make_engine
 from tunneld.errors import (
+    EXIT_CONFIG,
+    EXIT_OK,
     AlreadyRunningError,
+    FatalError,
     NotRunningError,
     StartupError,
     TunneldError,
@@ -141,8 +144,34 @@ def run_tunnel(
     notify_fd: int | None = None,
     lock_fd: int | None = None,
     verbose: bool = False,
+    managed_by: str | None = None,
 ) -> int:
-    """Run the host's supervisor in this process until SIGTERM/SIGINT or a fatal error; return the exit code."""
+    """Run the host's supervisor in this process until SIGTERM/SIGINT or a fatal error; return the exit code.
+
+    Under launchd (`managed_by="launchd"`) a fatal error exits 0: KeepAlive restarts any other
+    status and cannot exempt 78, so this is how "no restart loop" is kept there.
+    """
+    try:
+        code = _run_supervised(host, ssh_config, engine_name, fail_fast, notify_fd, lock_fd, verbose)
+    except FatalError:
+        if managed_by != "launchd":
+            raise
+        code = EXIT_CONFIG
+    if managed_by == "launchd" and code == EXIT_CONFIG:
+        log.error("%s: exiting 0 so that launchd does not restart a tunnel that cannot work", host)
+        return EXIT_OK
+    return code
+
+
+def _run_supervised(
+    host: str,
+    ssh_config: str | None,
+    engine_name: str,
+    fail_fast: bool,
+    notify_fd: int | None,
+    lock_fd: int | None,
+    verbose: bool,
+) -> int:
     files = HostFiles.of(host)
     configure_logging(files, verbose)
     notifier = Notifier(notify_fd)
@@ -155,6 +184,9 @@ def run_tunnel(
     except TunneldError as error:
         notifier.send("failed", error.to_dict())
         notifier.close()
+        if not isinstance(error, AlreadyRunningError):  # the CLI reports it; status shows it from here
+            failed = {"host": host, "state": FAILED, "since": time.time(), "last_error": error.to_dict()}
+            write_json_atomic(files.state, {**failed, "pid": os.getpid(), "forwards": [], "children": []})
         raise
     reap_orphans(files)
     pidfile.write(PidRecord.of_current_process(host, engine.name))
@@ -191,7 +223,7 @@ class StartResult:
     pid: int
     state: dict[str, object]
     elapsed_s: float
-    already_running: bool = False
+    pending: bool = False  # --keep-trying: not up yet, still trying in the background
 
 
 def start_tunnel(
@@ -200,8 +232,13 @@ def start_tunnel(
     timeout: float = DEFAULT_START_TIMEOUT_S,
     on_progress: Callable[[str], None] | None = None,
     verbose: bool = False,
+    keep_trying: bool = False,
 ) -> StartResult:
-    """Detach `tunneld run HOST` in a new session and return once it reports ready; raise its error otherwise."""
+    """Detach `tunneld run HOST` in a new session and return once it reports ready; raise its error otherwise.
+
+    With `keep_trying` (autostart at login, when the network may not be up yet) a transient
+    failure is retried in the background, and a timeout leaves the tunnel running.
+    """
     began = time.monotonic()
     files = HostFiles.of(spec.alias)
     pidfile = PidFile(files)
@@ -220,7 +257,7 @@ def start_tunnel(
         spec.alias,
         "--engine",
         engine_name,
-        "--fail-fast",
+        *([] if keep_trying else ["--fail-fast"]),
         "--notify-fd",
         str(write_fd),
         "--lock-fd",
@@ -243,6 +280,11 @@ def start_tunnel(
     os.close(lock_fd)
     try:
         state = _await_ready(spec.alias, child, read_fd, timeout - (time.monotonic() - began), on_progress)
+    except StartupError:
+        if keep_trying and child.poll() is None:
+            return StartResult(child.pid, read_json(files.state) or {}, time.monotonic() - began, pending=True)
+        _terminate(child)
+        raise
     except BaseException:
         _terminate(child)
         raise

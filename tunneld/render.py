@@ -59,7 +59,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return out
 
 
-STATUS_HEADER = ("HOST", "STATE", "PID", "UPTIME", "FORWARDS", "RECONNECTS", "LAST ERROR")
+STATUS_HEADER = ("HOST", "STATE", "PID", "UPTIME", "FORWARDS", "RECONNECTS", "AUTOSTART", "LAST ERROR")
 LAST_ERROR_WIDTH = 70
 
 
@@ -91,6 +91,7 @@ def status_row(report: HostReport) -> list[str]:
         duration(report.uptime_s),
         forwards,
         str(report.reconnects),
+        report.autostart or "-",
         error,
     ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+from tunneld.autostart import read_manifest
 from tunneld.paths import HostFiles
 from tunneld.pidfile import PidFile, read_json
 from tunneld.supervisor import DEGRADED, RUNNING_STATES, UP
@@ -34,6 +35,7 @@ class HostReport:
     last_error: dict[str, object] | None = None
     forwards: tuple[dict[str, object], ...] = ()
     children: tuple[int, ...] = ()
+    autostart: str | None = None
 
     @property
     def is_up(self) -> bool:
@@ -83,6 +85,7 @@ def collect(host: str) -> HostReport:
         last_error=last_error if isinstance(last_error, dict) else None,
         forwards=tuple(f for f in forwards if isinstance(f, dict)) if isinstance(forwards, list) else (),
         children=_child_pids(state.get("children")) if running else (),
+        autostart=manifest.via if (manifest := read_manifest(host)) else None,
     )
 
 

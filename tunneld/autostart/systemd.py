@@ -1,0 +1,91 @@
+"""systemd user units: one template `tunneld@.service`, enabled per host as `tunneld@HOST.service`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tunneld.autostart import Launch, Runner
+from tunneld.errors import AutostartError
+
+TEMPLATE = "tunneld@.service"
+RESTART_DELAY_S = 5
+START_LIMIT_INTERVAL_S = 300
+START_LIMIT_BURST = 5
+
+
+def unit_dir() -> Path:
+    """Return the user's systemd unit directory (~/.config/systemd/user)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "systemd" / "user"
+
+
+def _quote(arg: str) -> str:
+    """Quote one ExecStart word for systemd (and escape its % specifiers)."""
+    arg = arg.replace("%", "%%")
+    if any(c.isspace() for c in arg) or '"' in arg or "\\" in arg:
+        return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return arg
+
+
+def render_template(launch: Launch) -> str:
+    """Return the template unit: the service manager owns restarts, exit 78 (fatal) is never restarted."""
+    exec_start = " ".join(_quote(a) for a in launch.argv) + " run %i"
+    return f"""\
+# Written by `tunneld autostart enable`; removed by `tunneld autostart disable` once no host uses it.
+[Unit]
+Description=tunneld: keep the SSH forwards of %i up
+StartLimitIntervalSec={START_LIMIT_INTERVAL_S}
+StartLimitBurst={START_LIMIT_BURST}
+
+[Service]
+Type=simple
+ExecStart={exec_start}
+Restart=on-failure
+RestartSec={RESTART_DELAY_S}
+# 78: configuration, authentication or host key is wrong; restarting cannot help.
+RestartPreventExitStatus=78
+KillMode=mixed
+TimeoutStopSec=15
+
+[Install]
+WantedBy=default.target
+"""
+
+
+def render_dropin(launch: Launch) -> str:
+    """Return the per-host drop-in carrying -F FILE (and TUNNELD_HOME) for that instance."""
+    lines = [f'Environment="{key}={value}"' for key, value in launch.environment]
+    return "# Written by `tunneld autostart enable`.\n[Service]\n" + "\n".join(lines) + "\n"
+
+
+def instance(host: str) -> str:
+    """Return the unit name of `host`'s instance."""
+    if "+" in host:
+        raise AutostartError(
+            f"systemd unit names cannot contain '+' ({host!r})", "use a Host alias without '+', or --via xdg"
+        )
+    return f"tunneld@{host}.service"
+
+
+class SystemdUser:
+    """Autostart through the systemd user manager (`systemctl --user`)."""
+
+    name = "systemd"
+
+    def render(self, host: str, launch: Launch) -> dict[Path, str]:
+        files = {unit_dir() / TEMPLATE: render_template(launch)}
+        if launch.environment:
+            files[unit_dir() / f"{instance(host)}.d" / "tunneld.conf"] = render_dropin(launch)
+        return files
+
+    def shared_files(self) -> tuple[Path, ...]:
+        return (unit_dir() / TEMPLATE,)
+
+    def activate(self, host: str, launch: Launch, runner: Runner, now: bool) -> None:
+        runner.check(["systemctl", "--user", "daemon-reload"])
+        runner.check(["systemctl", "--user", "enable", *(["--now"] if now else []), instance(host)])
+
+    def deactivate(self, host: str, launch: Launch, runner: Runner, now: bool) -> None:
+        runner.check(["systemctl", "--user", "disable", *(["--now"] if now else []), instance(host)])
+        runner.check(["systemctl", "--user", "daemon-reload"])

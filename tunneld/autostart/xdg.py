@@ -1,0 +1,67 @@
+"""XDG autostart: a `.desktop` entry that runs `tunneld start HOST --keep-trying` at desktop login."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tunneld.autostart import Launch, Runner
+
+
+def autostart_dir() -> Path:
+    """Return the XDG autostart directory (~/.config/autostart)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "autostart"
+
+
+def desktop_path(host: str) -> Path:
+    """Return where `host`'s entry lives."""
+    return autostart_dir() / f"tunneld-{host}.desktop"
+
+
+def _quote(arg: str) -> str:
+    """Quote one Exec argument as the Desktop Entry Specification asks."""
+    arg = arg.replace("%", "%%")
+    if any(c in arg for c in " \t\n\"'\\><~|&;$*?#()`"):
+        return '"' + "".join("\\" + c if c in '"`$\\' else c for c in arg) + '"'
+    return arg
+
+
+def start_argv(host: str, launch: Launch) -> list[str]:
+    """Return the command the entry runs: start, and keep retrying if the network is not up yet."""
+    env = [f"{key}={value}" for key, value in launch.environment]
+    return [*(["env", *env] if env else []), *launch.argv, "start", host, "--keep-trying"]
+
+
+def render_desktop(host: str, launch: Launch) -> str:
+    """Return the `.desktop` entry for `host`."""
+    return f"""\
+[Desktop Entry]
+Type=Application
+Name=tunneld: {host}
+Comment=Keep the SSH forwards of {host} up (written by tunneld autostart enable)
+Exec={" ".join(_quote(a) for a in start_argv(host, launch))}
+Terminal=false
+NoDisplay=true
+X-GNOME-Autostart-enabled=true
+"""
+
+
+class XdgAutostart:
+    """Autostart through the desktop session (no service manager: tunneld supervises itself)."""
+
+    name = "xdg"
+
+    def render(self, host: str, launch: Launch) -> dict[Path, str]:
+        return {desktop_path(host): render_desktop(host, launch)}
+
+    def shared_files(self) -> tuple[Path, ...]:
+        return ()
+
+    def activate(self, host: str, launch: Launch, runner: Runner, now: bool) -> None:
+        if now:
+            runner.check(start_argv(host, launch))
+
+    def deactivate(self, host: str, launch: Launch, runner: Runner, now: bool) -> None:
+        if now:
+            runner.check([*launch.argv, "stop", host])
