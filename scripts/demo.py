@@ -37,7 +37,7 @@ def fetch(port: int) -> str:
     url = f"http://127.0.0.1:{port}/health"
     print(f"$ curl {url}", flush=True)
     with urllib.request.urlopen(url, timeout=10) as response:
-        body = response.read().decode()
+        body = str(response.read().decode())
     print(body, flush=True)
     return body
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests.harness import EchoServer, SshServer, find_sshd, wait_for
 
-ENGINES = ["openssh"]
+ENGINES = ["openssh", "paramiko"]
 UP_TIMEOUT_S = 30.0
 
 

@@ -220,7 +220,7 @@ def test_refusing_target_marks_the_forward_degraded(
         sock.settimeout(5)
         assert sock.recv(1) == b""  # ssh closes our side when the target refuses
     state = tunnel.wait_state("degraded", timeout=10)
-    assert "Connection refused" in str(state["forwards"][0]["detail"])  # type: ignore[index]
+    assert "connect failed" in str(state["forwards"][0]["detail"])  # type: ignore[index]
     target = EchoServer(port=dead_port)  # the service comes back: the next connection clears it
     try:
         assert echo_roundtrip(("127.0.0.1", port), b"back") == b"back"

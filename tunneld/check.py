@@ -123,7 +123,8 @@ def _connect_steps(spec: TunnelSpec, engine_name: str) -> Iterator[Step]:
     """Bring a throwaway link up (the host is not running) and read each step off how far it got."""
     try:
         events = LinkEvents(stop=threading.Event(), changed=threading.Event())
-        link: Link = make_engine(engine_name).connect(spec, lambda _text: None, events)
+        engine = make_engine(engine_name, spec.alias)
+        link: Link = engine.connect(spec, lambda _text: None, events)
     except HostKeyError as error:
         yield Step("host key", FAIL, error.message, error.hint)
         yield Step("auth", SKIP, "the host key must be accepted first")
@@ -147,6 +148,7 @@ def _connect_steps(spec: TunnelSpec, engine_name: str) -> Iterator[Step]:
         yield from _target_steps(spec)
     finally:
         link.close()
+        engine.close()
 
 
 def _target_steps(spec: TunnelSpec) -> Iterator[Step]:

@@ -72,7 +72,8 @@ def engine_option(func: F) -> F:
         type=click.Choice(ENGINE_CHOICES),
         default="auto",
         show_default=True,
-        help="How to run the SSH connection: openssh supervises an `ssh -N` child; auto picks openssh when ssh exists.",
+        help="openssh supervises an `ssh -N` child; paramiko runs SSH in-process (counts bytes, holds connections "
+        "during reconnects); auto: the host's setting in tunneld.toml, else openssh when ssh exists.",
     )(func)
 
 
@@ -138,7 +139,7 @@ def show(host: str, ssh_config: str | None, engine: str, as_json: bool) -> None:
     from tunneld.render import spec_lines
 
     spec = resolve_host(host, ssh_config)
-    engine_name = select_engine_name(engine)
+    engine_name = select_engine_name(engine, host)
     if as_json:
         click.echo(json.dumps({**spec.to_dict(), "engine": engine_name}, indent=2))
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import getpass
 import glob
@@ -127,12 +128,25 @@ class TunnelSpec:
             return parse_jump(self.proxy_jump.split(",")[0], default_port=22)
         return (self.hostname, self.port)
 
+    def option(self, key: str, default: str = "") -> str:
+        """Return the first value `ssh -G` printed for `key` (lower case)."""
+        return next((value for name, value in self.options if name == key), default)
+
     def to_dict(self) -> dict[str, object]:
         """Return the spec as JSON-ready data (`tunneld show --json`)."""
         data = asdict(self)
         data.pop("options")
         data["forwards"] = [f.to_dict() for f in self.forwards]
         return data
+
+
+def resolve_hop(hop: str, ssh_config: str | None) -> TunnelSpec:
+    """Resolve one ProxyJump hop (`[user@]host[:port]`, an alias or not) through ssh_config."""
+    hop = hop.removeprefix("ssh://")
+    user, _, rest = hop.rpartition("@")
+    host, port = parse_jump(rest, default_port=0)
+    spec = resolve_host(host, ssh_config, require_forwards=False)
+    return dataclasses.replace(spec, user=user or spec.user, port=port or spec.port)
 
 
 def parse_jump(hop: str, default_port: int) -> tuple[str, int]:
@@ -274,9 +288,15 @@ def parse_forwards(pairs: Sequence[tuple[str, str]]) -> tuple[Forward, ...]:
     return tuple(forwards)
 
 
-def resolve_host(alias: str, ssh_config: str | None = None) -> TunnelSpec:
-    """Return the TunnelSpec of `alias` exactly as `ssh` would resolve it."""
-    pairs = run_ssh_g(validate_host(alias), ssh_config)
+def resolve_host(alias: str, ssh_config: str | None = None, require_forwards: bool = True) -> TunnelSpec:
+    """Return the TunnelSpec of `alias` exactly as `ssh` would resolve it (a jump host needs no forwards)."""
+    name = validate_host(alias) if require_forwards else alias
+    if ssh_binary() is not None:
+        pairs, resolver = run_ssh_g(name, ssh_config), "ssh -G"
+    else:
+        from tunneld.configfallback import RESOLVER, paramiko_pairs
+
+        pairs, resolver = paramiko_pairs(name, ssh_config, local_home()), RESOLVER
     values: dict[str, list[str]] = {}
     for key, value in pairs:
         values.setdefault(key, []).append(value)
@@ -291,11 +311,11 @@ def resolve_host(alias: str, ssh_config: str | None = None) -> TunnelSpec:
     hostname, port, user = one("hostname", alias), int(one("port", "22")), one("user", getpass.getuser())
     tokens = token_table(alias, hostname, port, user)
     forwards = parse_forwards(pairs)
-    if not forwards:
+    if not forwards and require_forwards:
         raise no_forwards_error(alias, ssh_config)
     interval = int(one("serveraliveinterval", "0"))
     timeout = optional("connecttimeout")
-    agent = optional("identityagent")
+    agent = values.get("identityagent", [None])[0]  # "none" (no agent) differs from unset (SSH_AUTH_SOCK)
     return TunnelSpec(
         alias=alias,
         hostname=hostname,
@@ -305,12 +325,15 @@ def resolve_host(alias: str, ssh_config: str | None = None) -> TunnelSpec:
         identity_files=tuple(expand_tokens(v, tokens) for v in values.get("identityfile", []) if v != "none"),
         certificate_files=tuple(expand_tokens(v, tokens) for v in values.get("certificatefile", []) if v != "none"),
         identities_only=one("identitiesonly", "no") == "yes",
-        identity_agent=expand_tokens(agent, tokens) if agent else None,
+        identity_agent=expand_tokens(agent, tokens) if agent and agent.lower() != "none" else agent,
         proxy_jump=optional("proxyjump"),
         proxy_command=optional("proxycommand"),
         host_key_alias=optional("hostkeyalias"),
         strict_host_key_checking=normalize_strict(one("stricthostkeychecking", "ask")),
-        user_known_hosts_files=tuple(one("userknownhostsfile").split()),
+        # ssh -G prints these already expanded; paramiko's parser does not expand them.
+        user_known_hosts_files=tuple(
+            v if resolver == "ssh -G" else expand_tokens(v, tokens) for v in one("userknownhostsfile").split()
+        ),
         global_known_hosts_files=tuple(one("globalknownhostsfile").split()),
         keepalive_interval_s=interval or DEFAULT_KEEPALIVE_INTERVAL_S,
         keepalive_count_max=int(one("serveralivecountmax", str(DEFAULT_KEEPALIVE_COUNT_MAX))),
@@ -318,6 +341,7 @@ def resolve_host(alias: str, ssh_config: str | None = None) -> TunnelSpec:
         connect_timeout_s=int(timeout) if timeout else DEFAULT_CONNECT_TIMEOUT_S,
         connect_timeout_from_user=timeout is not None,
         ssh_config=ssh_config,
+        resolver=resolver,
         options=tuple(pairs),
     )
 

@@ -51,6 +51,8 @@ def configure_logging(files: HostFiles, verbose: bool = False) -> None:
     ensure_private_dir(files.directory)
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # paramiko logs every refused channel and reset socket at ERROR; tunneld reports those itself.
+    logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     formatter = logging.Formatter(LOG_FORMAT)
     file_handler = logging.handlers.RotatingFileHandler(files.log, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
     os.chmod(files.log, 0o600)
@@ -180,7 +182,7 @@ def _run_supervised(
     try:
         fd = lock_fd if lock_fd is not None else pidfile.lock()
         spec = resolve_host(host, ssh_config)
-        engine = make_engine(engine_name)
+        engine = make_engine(engine_name, host)
     except TunneldError as error:
         notifier.send("failed", error.to_dict())
         notifier.close()

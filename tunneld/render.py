@@ -26,8 +26,18 @@ def spec_lines(spec: TunnelSpec, engine: str) -> list[str]:
         f"host keys   StrictHostKeyChecking {spec.strict_host_key_checking}; "
         f"known_hosts {' '.join(spec.user_known_hosts_files) or 'none'}",
         f"resolved by {spec.resolver}" + (f" -F {spec.ssh_config}" if spec.ssh_config else ""),
-        "forwards:",
     ]
+    if spec.resolver != "ssh -G":
+        from tunneld.configfallback import LIMITS
+
+        lines.append(f"warning     {LIMITS}")
+    if engine == "paramiko":
+        from tunneld.engines.forwarding import unsupported_forwards
+
+        missing = unsupported_forwards(spec)
+        if missing:
+            lines.append(f"warning     the paramiko engine cannot serve: {', '.join(map(str, missing))} (use openssh)")
+    lines.append("forwards:")
     lines += [f"  {forward}" for forward in spec.forwards]
     return lines
 

@@ -189,7 +189,13 @@ class Supervisor:
         self.reporter.publish(self.status)
 
     def run(self) -> int:
-        """Run until stopped (exit 0) or a fatal error (its exit code)."""
+        """Run until stopped (exit 0) or a fatal error (its exit code); release the engine either way."""
+        try:
+            return self._run()
+        finally:
+            self.engine.close()
+
+    def _run(self) -> int:
         self._set(state=STARTING)
         first_try = True
         while not self.wakeups.stop.is_set():

@@ -13,7 +13,7 @@ from typing import Protocol
 from tunneld.config import TunnelSpec, ssh_binary
 from tunneld.errors import ConfigError, TunneldError
 
-ENGINE_CHOICES = ("auto", "openssh")
+ENGINE_CHOICES = ("auto", "openssh", "paramiko")
 FORWARD_OK = "ok"
 FORWARD_DEGRADED = "degraded"
 
@@ -101,6 +101,9 @@ class Engine(Protocol):
 
     name: str
 
+    def close(self) -> None:
+        """Release what the engine keeps across links (the paramiko engine's listeners)."""
+
     def connect(self, spec: TunnelSpec, progress: ProgressCallback, events: LinkEvents) -> Link:
         """Bring the link up and return once every local forward listens; raise a TunneldError otherwise.
 
@@ -109,25 +112,45 @@ class Engine(Protocol):
         """
 
 
-def select_engine_name(requested: str) -> str:
-    """Return the engine `requested` resolves to on this machine ('auto' picks openssh when ssh exists)."""
+def paramiko_available() -> bool:
+    """Return True when the paramiko engine can be imported (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("paramiko") is not None
+
+
+def select_engine_name(requested: str, host: str | None = None) -> str:
+    """Return the engine `requested` resolves to: --engine, else the host's settings, else auto.
+
+    auto is openssh where an `ssh` binary exists and paramiko where it does not.
+    """
+    from tunneld.settings import host_settings
+
     if requested not in ENGINE_CHOICES:
         raise ConfigError(f"unknown engine {requested!r}", f"choose one of: {', '.join(ENGINE_CHOICES)}")
-    if requested in ("auto", "openssh"):
-        if ssh_binary() is None:
-            raise ConfigError(
-                "the openssh engine needs the OpenSSH client ('ssh'), which is not on PATH",
-                "install openssh-client",
-            )
-        return "openssh"
+    if requested == "auto" and host is not None:
+        requested = host_settings(host).engine
+    if requested == "auto":
+        requested = "openssh" if ssh_binary() is not None else "paramiko"
+    if requested == "openssh" and ssh_binary() is None:
+        raise ConfigError(
+            "the openssh engine needs the OpenSSH client ('ssh'), which is not on PATH",
+            "install openssh-client, or use --engine paramiko",
+        )
+    if requested == "paramiko" and not paramiko_available():
+        raise ConfigError("the paramiko engine needs paramiko", "install it: python -m pip install paramiko")
     return requested
 
 
-def make_engine(requested: str) -> Engine:
-    """Return an engine instance for `requested` (imports the engine module only now)."""
-    name = select_engine_name(requested)
-    if name == "openssh":
-        from tunneld.engines.openssh import OpenSshEngine
+def make_engine(requested: str, host: str | None = None) -> Engine:
+    """Return an engine instance (its module is imported only now, so `status` never loads paramiko)."""
+    name = select_engine_name(requested, host)
+    if name == "paramiko":
+        from tunneld.engines.paramiko import ParamikoEngine
+        from tunneld.settings import host_settings
 
-        return OpenSshEngine()
-    raise ConfigError(f"engine {name!r} is not available in this build")
+        hold = host_settings(host).hold_connections_s if host else 10.0
+        return ParamikoEngine(hold_s=hold)
+    from tunneld.engines.openssh import OpenSshEngine
+
+    return OpenSshEngine()

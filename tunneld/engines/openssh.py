@@ -229,8 +229,9 @@ def classify_exit(spec: TunnelSpec, returncode: int, lines: list[str]) -> Tunnel
 
 
 def _known_hosts_name(spec: TunnelSpec) -> str:
-    name = spec.host_key_alias or spec.hostname
-    return name if spec.port == 22 else f"[{name}]:{spec.port}"
+    if spec.host_key_alias:
+        return spec.host_key_alias
+    return spec.hostname if spec.port == 22 else f"[{spec.hostname}]:{spec.port}"
 
 
 def _last_matching(lines: list[str], needle: str) -> str:
@@ -334,6 +335,9 @@ class OpenSshEngine:
     """Runs one `ssh -N` per link, with the user's own config and tunneld's supervision options."""
 
     name = "openssh"
+
+    def close(self) -> None:
+        """Nothing outlives a link here: each ssh child owns its listeners."""
 
     def connect(self, spec: TunnelSpec, progress: ProgressCallback, events: LinkEvents) -> OpenSshLink:
         """Start ssh and return once it listens on every forward; raise the typed reason if it ends first."""

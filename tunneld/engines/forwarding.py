@@ -1,0 +1,411 @@
+"""Local listeners and one selector loop that pumps every forwarded connection (no thread per connection).
+
+The listeners outlive links: while the link is down, accepted connections wait (up to a hold
+limit) and are served as soon as a new link attaches its channel opener.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+import os
+import queue
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tunneld.config import LOCAL, Forward, TunnelSpec
+from tunneld.engines import FORWARD_DEGRADED, FORWARD_OK, ForwardStatus
+from tunneld.errors import ConfigError, TunneldError
+from tunneld.ports import format_address, port_in_use_error
+
+log = logging.getLogger(__name__)
+
+BUFFER_BYTES = 256 * 1024
+OPEN_WORKERS = 8
+PENDING_POLL_S = 0.002
+IDLE_TICK_S = 0.5
+DEFAULT_HOLD_S = 10.0
+
+
+class Channel(Protocol):
+    """What the pump needs of an SSH channel (paramiko's Channel has all of it)."""
+
+    closed: bool
+
+    def fileno(self) -> int: ...
+    def recv(self, nbytes: int) -> bytes: ...
+    def send(self, data: bytes) -> int: ...
+    def shutdown_write(self) -> None: ...
+    def close(self) -> None: ...
+    def settimeout(self, timeout: float | None) -> None: ...
+
+
+# Opens a channel to `forward`'s target for a client at `peer`; raises TunneldError when the target refuses.
+Opener = Callable[[Forward, tuple[str, int]], Channel]
+
+
+@dataclass
+class Counters:
+    """Per-forward traffic: bytes each way, connections open and in total, and whether the target refuses."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    open: int = 0
+    total: int = 0
+    refused: str | None = None
+
+
+@dataclass(eq=False)
+class Pair:
+    """One forwarded connection: the local socket, its channel, and what is still to be written each way."""
+
+    local: socket.socket
+    channel: Channel
+    counters: Counters
+    to_channel: bytearray = field(default_factory=bytearray)
+    to_local: bytearray = field(default_factory=bytearray)
+    local_eof: bool = False
+    channel_eof: bool = False
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A bound listening socket of one forward."""
+
+    sock: socket.socket
+    forward: Forward
+    address: str
+
+
+class Forwarder:
+    """Owns a spec's local listeners and pumps connections through whichever link is attached."""
+
+    def __init__(self, spec: TunnelSpec, hold_s: float = DEFAULT_HOLD_S) -> None:
+        self.spec = spec
+        self.hold_s = hold_s
+        self.listeners: list[Listener] = []
+        self.counters = {f: Counters() for f in spec.local_forwards}
+        self._opener: Opener | None = None
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[tuple[socket.socket, Forward, tuple[str, int], float]] = collections.deque()
+        self._opened: queue.SimpleQueue[tuple[socket.socket, Forward, Channel]] = queue.SimpleQueue()
+        self._pairs: dict[int, Pair] = {}
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._pool = ThreadPoolExecutor(max_workers=OPEN_WORKERS, thread_name_prefix="open-channel")
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.on_change: Callable[[], None] = lambda: None
+
+    def bind(self) -> None:
+        """Bind every local forward where OpenSSH would; raise PortInUseError naming the holder."""
+        gateway = dict(self.spec.options).get("gatewayports", "no") in ("yes", "true")
+        try:
+            for forward in self.spec.local_forwards:
+                bound = 0
+                for family, address, optional in _bind_addresses(forward, gateway):
+                    try:
+                        self.listeners.append(_listen(forward, family, address))
+                        bound += 1
+                    except ConfigError:
+                        if not (optional and bound):
+                            raise
+        except BaseException:
+            self.close()
+            raise
+        for listener in self.listeners:
+            self._selector.register(listener.sock, selectors.EVENT_READ, listener)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._loop, name="forwarder", daemon=True)
+        self._thread.start()
+
+    def attach(self, opener: Opener | None) -> None:
+        """Serve connections through `opener` (a live link); None while the link is down (connections wait)."""
+        with self._lock:
+            self._opener = opener
+            waiting = list(self._waiting) if opener else []
+            if opener:
+                self._waiting.clear()
+        for sock, forward, peer, _ in waiting:
+            self._pool.submit(self._open, opener, sock, forward, peer)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Close listeners and every connection; stop the loop."""
+        self._closed.set()
+        self._wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for listener in self.listeners:
+            listener.sock.close()
+            if listener.forward.listen.path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(listener.forward.listen.path)
+        for pair in list(self._pairs.values()):
+            self._drop(pair)
+        for sock, *_ in self._waiting:
+            sock.close()
+        self._waiting.clear()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def stats(self) -> list[ForwardStatus]:
+        """Return listen addresses, bytes and connections per forward, and which targets refuse."""
+        out = []
+        for forward in self.spec.local_forwards:
+            c = self.counters[forward]
+            listen = tuple(lst.address for lst in self.listeners if lst.forward is forward)
+            out.append(
+                ForwardStatus(
+                    str(forward), listen, str(forward.target), FORWARD_DEGRADED if c.refused else FORWARD_OK,
+                    f"{forward.target} {c.refused}" if c.refused else None, c.bytes_in, c.bytes_out, c.open, c.total,
+                )
+            )  # fmt: skip
+        return out
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def _loop(self) -> None:
+        while not self._closed.is_set():
+            pending = any(p.to_channel for p in self._pairs.values())
+            events = self._selector.select(PENDING_POLL_S if pending else IDLE_TICK_S)
+            for key, mask in events:
+                if key.data is None:
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(4096)
+                elif isinstance(key.data, Listener):
+                    self._accept(key.data)
+                else:
+                    self._service(key.data, key.fileobj, mask)
+            self._register_opened()
+            for pair in [p for p in self._pairs.values() if p.to_channel]:
+                self._flush_to_channel(pair)
+            self._expire_waiting()
+
+    def _accept(self, listener: Listener) -> None:
+        while True:
+            try:
+                sock, peer = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("%s: accept on %s failed: %s", self.spec.alias, listener.address, exc)
+                return
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer_addr = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("127.0.0.1", 0)
+            self.counters[listener.forward].total += 1
+            with self._lock:
+                opener = self._opener
+                if opener is None:
+                    self._waiting.append((sock, listener.forward, peer_addr, time.monotonic() + self.hold_s))
+                    continue
+            self._pool.submit(self._open, opener, sock, listener.forward, peer_addr)
+
+    def _open(self, opener: Opener, sock: socket.socket, forward: Forward, peer: tuple[str, int]) -> None:
+        """Runs in the small opener pool: one round trip per new connection, never on the pump thread."""
+        counters = self.counters[forward]
+        try:
+            channel = opener(forward, peer)
+        except TunneldError as error:
+            sock.close()
+            if counters.refused != error.message:
+                counters.refused = error.message
+                log.warning("%s: degraded: %s: %s", self.spec.alias, forward, error.message)
+                self.on_change()
+            return
+        except Exception as exc:
+            log.debug("%s: could not open a channel for %s (%s): waiting for the next link", self.spec.alias, forward,
+                      exc)  # fmt: skip
+            with self._lock:
+                self._waiting.append((sock, forward, peer, time.monotonic() + self.hold_s))
+            return
+        if counters.refused is not None:
+            counters.refused = None
+            self.on_change()
+        self._opened.put((sock, forward, channel))
+        self._wake()
+
+    def _register_opened(self) -> None:
+        while True:
+            try:
+                sock, forward, channel = self._opened.get_nowait()
+            except queue.Empty:
+                return
+            sock.setblocking(False)
+            channel.settimeout(0.0)
+            pair = Pair(sock, channel, self.counters[forward])
+            pair.counters.open += 1
+            self._pairs[sock.fileno()] = pair
+            self._selector.register(sock, selectors.EVENT_READ, pair)
+            self._selector.register(channel.fileno(), selectors.EVENT_READ, pair)
+
+    def _interest(self, pair: Pair) -> None:
+        """Read a side only while its output is drained (backpressure); write the local side when pending."""
+        local = 0 if pair.to_channel or pair.local_eof else selectors.EVENT_READ
+        if pair.to_local:
+            local |= selectors.EVENT_WRITE
+        self._modify(pair.local, local, pair)
+        self._modify(pair.channel.fileno(), 0 if pair.to_local or pair.channel_eof else selectors.EVENT_READ, pair)
+
+    def _modify(self, fileobj: socket.socket | int, events: int, pair: Pair) -> None:
+        try:
+            key = self._selector.get_key(fileobj)
+        except KeyError:
+            if events:
+                self._selector.register(fileobj, events, pair)
+            return
+        if not events:
+            self._selector.unregister(fileobj)
+        elif key.events != events:
+            self._selector.modify(fileobj, events, pair)
+
+    def _service(self, pair: Pair, fileobj: object, mask: int) -> None:
+        try:
+            if fileobj is pair.local:
+                if mask & selectors.EVENT_WRITE:
+                    self._flush_to_local(pair)
+                if mask & selectors.EVENT_READ:
+                    data = pair.local.recv(BUFFER_BYTES)
+                    if data:
+                        pair.to_channel += data
+                        pair.counters.bytes_out += len(data)
+                        self._flush_to_channel(pair)
+                    else:
+                        pair.local_eof = True
+                        if not pair.to_channel:
+                            pair.channel.shutdown_write()
+            else:
+                data = pair.channel.recv(BUFFER_BYTES)
+                if data:
+                    pair.to_local += data
+                    pair.counters.bytes_in += len(data)
+                    self._flush_to_local(pair)
+                else:
+                    pair.channel_eof = True
+                    if not pair.to_local:
+                        pair.local.shutdown(socket.SHUT_WR)
+        except (TimeoutError, BlockingIOError):
+            pass
+        except OSError:
+            self._drop(pair)
+            return
+        self._settle(pair)
+
+    def _flush_to_channel(self, pair: Pair) -> None:
+        try:
+            while pair.to_channel:
+                sent = pair.channel.send(bytes(pair.to_channel[:BUFFER_BYTES]))
+                if sent <= 0:
+                    break
+                del pair.to_channel[:sent]
+        except TimeoutError:
+            pass  # the channel's window is full; retried on the next turn of the loop
+        except OSError:
+            self._drop(pair)
+            return
+        if not pair.to_channel and pair.local_eof and not pair.channel.closed:
+            with contextlib.suppress(OSError, EOFError):
+                pair.channel.shutdown_write()
+        self._settle(pair)
+
+    def _flush_to_local(self, pair: Pair) -> None:
+        try:
+            while pair.to_local:
+                sent = pair.local.send(pair.to_local)
+                del pair.to_local[:sent]
+        except BlockingIOError:
+            pass
+        if not pair.to_local and pair.channel_eof:
+            with contextlib.suppress(OSError):
+                pair.local.shutdown(socket.SHUT_WR)
+
+    def _settle(self, pair: Pair) -> None:
+        if pair.local.fileno() not in self._pairs:
+            return
+        both_done = pair.local_eof and pair.channel_eof and not pair.to_local and not pair.to_channel
+        if both_done or (pair.channel.closed and not pair.to_local):
+            self._drop(pair)
+        else:
+            self._interest(pair)
+
+    def _drop(self, pair: Pair) -> None:
+        fd = pair.local.fileno()
+        if self._pairs.pop(fd, None) is None:
+            return
+        pair.counters.open -= 1
+        for fileobj in (pair.local, pair.channel.fileno()):
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._selector.unregister(fileobj)
+        pair.local.close()
+        with contextlib.suppress(Exception):
+            pair.channel.close()
+
+    def _expire_waiting(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            while self._waiting and self._waiting[0][3] <= now:
+                sock, forward, _, _ = self._waiting.popleft()
+                log.info("%s: closed a connection to %s that waited %.0f s for the link", self.spec.alias, forward,
+                         self.hold_s)  # fmt: skip
+                sock.close()
+
+
+def unsupported_forwards(spec: TunnelSpec) -> list[Forward]:
+    """Return the forwards an in-process forwarder cannot serve: only LocalForward to host:port is implemented."""
+    return [f for f in spec.forwards if f.kind != LOCAL or f.target is None or f.target.path is not None]
+
+
+def _bind_addresses(forward: Forward, gateway_ports: bool) -> list[tuple[int, str, bool]]:
+    """Where OpenSSH would listen: loopback by default, all interfaces for '*' (or GatewayPorts).
+
+    The third item says the address may be skipped (IPv6 on a machine without it) once another bound.
+    """
+    listen = forward.listen
+    if listen.path is not None:
+        return [(socket.AF_UNIX, listen.path, False)]
+    host = listen.host
+    if host in (None, "", "localhost") and not (host is None and gateway_ports):
+        return [(socket.AF_INET, "127.0.0.1", False), (socket.AF_INET6, "::1", True)]
+    if host in (None, "", "*"):
+        return [(socket.AF_INET, "0.0.0.0", False), (socket.AF_INET6, "::", True)]
+    return [(socket.AF_INET6 if ":" in host else socket.AF_INET, host, False)]
+
+
+def _listen(forward: Forward, family: int, address: str) -> Listener:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address, forward.listen.port or 0))
+            shown = format_address(address, forward.listen.port or 0)
+        else:
+            sock.bind(address)
+            os.chmod(address, 0o600)
+            shown = address
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise port_in_use_error(str(forward.listen), port=forward.listen.port, path=forward.listen.path) from exc
+        if exc.errno == errno.EADDRNOTAVAIL and family == socket.AF_INET6:
+            raise ConfigError(f"cannot listen on {address}: {exc.strerror}", "this machine has no IPv6") from exc
+        raise ConfigError(f"cannot listen on {forward.listen}: {exc.strerror}") from exc
+    return Listener(sock, forward, shown)

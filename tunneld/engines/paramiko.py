@@ -1,0 +1,232 @@
+"""The paramiko engine: the SSH connection in-process (ProxyJump chain, host keys, auth, keepalive).
+
+Its listeners live in a Forwarder that outlives each link, so connections made during an
+outage wait for the next link instead of being refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import paramiko
+
+from tunneld.config import Forward, TunnelSpec, expand_tokens, resolve_hop, token_table
+from tunneld.engines import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback
+from tunneld.engines.forwarding import DEFAULT_HOLD_S, Channel, Forwarder, unsupported_forwards
+from tunneld.engines.sshkeys import authenticate, preferred_key_types, verify_host_key
+from tunneld.errors import ConfigError, ConnectError, TunneldError
+
+log = logging.getLogger(__name__)
+
+OPEN_TIMEOUT_S = 15.0
+WATCH_S = 0.25
+WINDOW_BYTES = 8 * 1024 * 1024
+# AES-GCM first: authenticated encryption in one pass through `cryptography` (fastest here).
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
+
+
+def check_supported(spec: TunnelSpec) -> None:
+    """Refuse forwards this engine does not implement, pointing at the engine that does."""
+    for forward in unsupported_forwards(spec):
+        raise ConfigError(
+            f"the paramiko engine supports LocalForward to host:port only, not {forward}",
+            "use --engine openssh for RemoteForward, DynamicForward and unix-socket targets",
+        )
+
+
+def _tcp(host: str, port: int, timeout: float) -> socket.socket:
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except socket.gaierror as exc:
+        raise ConnectError(
+            f"Could not resolve hostname {host}: {exc.strerror}", "check HostName and your network"
+        ) from exc
+    except OSError as exc:
+        raise ConnectError(f"connect to host {host} port {port}: {exc.strerror or exc}") from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(None)
+    return sock
+
+
+Carrier = socket.socket | paramiko.Channel | paramiko.ProxyCommand
+
+
+def _handshake(spec: TunnelSpec, sock: Carrier, progress: ProgressCallback) -> paramiko.Transport:
+    """SSH over `sock` (a socket, a channel of the previous hop, or a ProxyCommand): verify, authenticate."""
+    transport = paramiko.Transport(sock, default_window_size=WINDOW_BYTES)
+    try:
+        options = transport.get_security_options()
+        offered = tuple(options.ciphers)
+        options.ciphers = tuple(c for c in PREFERRED_CIPHERS if c in offered) + tuple(
+            c for c in offered if c not in PREFERRED_CIPHERS
+        )
+        options.key_types = preferred_key_types(spec, tuple(options.key_types))
+        try:
+            transport.start_client(timeout=spec.connect_timeout_s)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise ConnectError(f"{spec.hostname}:{spec.port}: SSH handshake failed: {exc}") from exc
+        progress("connected, checking host key")
+        verify_host_key(spec, transport.get_remote_server_key())
+        authenticate(transport, spec)
+        progress("authenticated")
+    except BaseException:
+        transport.close()
+        raise
+    return transport
+
+
+def open_chain(
+    spec: TunnelSpec, progress: ProgressCallback
+) -> tuple[list[paramiko.Transport], paramiko.ProxyCommand | None]:
+    """Connect through ProxyCommand or every ProxyJump hop (each verified and authenticated) to the host."""
+    transports: list[paramiko.Transport] = []
+    proxy = None
+    try:
+        if spec.proxy_command:
+            command = expand_tokens(spec.proxy_command, token_table(spec.alias, spec.hostname, spec.port, spec.user))
+            proxy = paramiko.ProxyCommand(command)
+            transports.append(_handshake(spec, proxy, progress))
+            return transports, proxy
+        hops = [resolve_hop(h, spec.ssh_config) for h in spec.proxy_jump.split(",")] if spec.proxy_jump else []
+        chain = [*hops, spec]
+        sock: Carrier = _tcp(chain[0].hostname, chain[0].port, chain[0].connect_timeout_s)
+        for index, hop in enumerate(chain):
+            if index > 0:
+                try:
+                    sock = transports[-1].open_channel("direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0),
+                                                       timeout=hop.connect_timeout_s)  # fmt: skip
+                except (paramiko.SSHException, OSError) as exc:
+                    raise ConnectError(f"jump host could not reach {hop.hostname}:{hop.port}: {exc}") from exc
+            transports.append(_handshake(hop, sock, progress))
+    except BaseException:
+        for transport in reversed(transports):
+            transport.close()
+        if proxy is not None:
+            proxy.close()
+        raise
+    return transports, proxy
+
+
+class ParamikoLink:
+    """A live transport chain; keepalive requests that expect a reply tell when it is dead."""
+
+    def __init__(
+        self, spec: TunnelSpec, transports: list[paramiko.Transport], proxy: paramiko.ProxyCommand | None,
+        forwarder: Forwarder, events: LinkEvents,
+    ) -> None:  # fmt: skip
+        self.spec = spec
+        self.transports = transports
+        self.transport = transports[-1]
+        self.proxy = proxy
+        self.forwarder = forwarder
+        self.events = events
+        self._lost = threading.Event()
+        self._error: TunneldError | None = None
+        self._closing = threading.Event()
+        self._last_reply = time.monotonic()
+        self._budget_s = spec.keepalive_interval_s * (spec.keepalive_count_max + 1)
+        for target in (self._ping, self._watch):
+            threading.Thread(target=target, name=f"link-{target.__name__}", daemon=True).start()
+
+    def open_channel(self, forward: Forward, peer: tuple[str, int]) -> Channel:
+        """Open a direct-tcpip channel to the forward's target; a refusing target is a ConnectError."""
+        target = forward.target
+        assert target is not None and target.host is not None and target.port is not None  # check_supported
+        try:
+            return self.transport.open_channel("direct-tcpip", (target.host, target.port), peer, timeout=OPEN_TIMEOUT_S)
+        except paramiko.ChannelException as exc:
+            # paramiko keeps only the reason code ("Connect failed"), not the server's text.
+            raise ConnectError(f"open failed: {str(exc.text).lower()} (the server could not reach the target)") from exc
+
+    def _ping(self) -> None:
+        """Send keepalive@openssh.com with want_reply; any reply (even a refusal) proves the peer is alive."""
+        while not self._closing.wait(self.spec.keepalive_interval_s):
+            self.transport.global_request("keepalive@openssh.com", wait=True)
+            if self.transport.is_active():
+                self._last_reply = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._closing.wait(WATCH_S):
+            if not all(t.is_active() for t in self.transports):
+                self._lose(ConnectError(f"Connection to {self.spec.hostname} closed by remote host"))
+            elif time.monotonic() - self._last_reply > self._budget_s:
+                self._lose(ConnectError(f"Timeout, server {self.spec.hostname} not responding."))
+            else:
+                continue
+            return
+
+    def _lose(self, error: TunneldError) -> None:
+        self._error = error
+        self.forwarder.attach(None)  # new connections wait for the next link
+        self._lost.set()
+        self.events.changed.set()
+
+    def wait(self, timeout: float) -> LinkLost | None:
+        if self._lost.wait(timeout) and self._error is not None:
+            return LinkLost(self._error)
+        return None
+
+    def close(self) -> None:
+        self._closing.set()
+        self.forwarder.attach(None)
+        for transport in reversed(self.transports):
+            transport.close()
+        if self.proxy is not None:
+            self.proxy.close()
+
+    def stats(self) -> list[ForwardStatus]:
+        return self.forwarder.stats()
+
+    def settling(self) -> bool:
+        return False
+
+    def children(self) -> list[ChildProcess]:
+        if self.proxy is None:
+            return []
+        import psutil
+
+        pid = self.proxy.process.pid
+        try:
+            return [ChildProcess(pid, psutil.Process(pid).create_time(), "ProxyCommand")]
+        except psutil.Error:
+            return []
+
+
+class ParamikoEngine:
+    """Runs the SSH connection in this process; keeps the local listeners bound across reconnects."""
+
+    name = "paramiko"
+
+    def __init__(self, hold_s: float = DEFAULT_HOLD_S) -> None:
+        self.hold_s = hold_s
+        self.forwarder: Forwarder | None = None
+
+    def connect(self, spec: TunnelSpec, progress: ProgressCallback, events: LinkEvents) -> ParamikoLink:
+        """Connect, verify, authenticate; bind the listeners on the first link; serve connections through it."""
+        check_supported(spec)
+        if events.stop.is_set():
+            raise ConnectError("stopped while connecting")
+        transports, proxy = open_chain(spec, progress)
+        if self.forwarder is None:
+            forwarder = Forwarder(spec, self.hold_s)
+            forwarder.on_change = events.changed.set
+            try:
+                forwarder.bind()
+            except BaseException:
+                for transport in reversed(transports):
+                    transport.close()
+                raise
+            self.forwarder = forwarder
+        progress("listening")
+        link = ParamikoLink(spec, transports, proxy, self.forwarder, events)
+        self.forwarder.attach(link.open_channel)
+        return link
+
+    def close(self) -> None:
+        """Release the listeners (the supervisor is stopping)."""
+        if self.forwarder is not None:
+            self.forwarder.close()
+            self.forwarder = None
