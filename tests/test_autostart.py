@@ -14,17 +14,9 @@ import pytest
 
 from tests.conftest import read_state, run_cli, write_config
 from tests.harness import SshServer, free_port, wait_for
-from tunneld.autostart import (
-    CommandResult,
-    Launch,
-    Runner,
-    autostart_report,
-    disable,
-    enable,
-    enabled_hosts,
-    read_manifest,
-)
+from tunneld.autostart import enabled_hosts, read_manifest
 from tunneld.autostart.launchd import plist_path, render_plist
+from tunneld.autostart.manage import CommandResult, Launch, Runner, autostart_report, disable, enable
 from tunneld.autostart.systemd import render_dropin, render_template, unit_dir
 from tunneld.autostart.xdg import desktop_path, render_desktop
 from tunneld.errors import EXIT_CONFIG

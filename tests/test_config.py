@@ -145,3 +145,16 @@ def test_hostile_host_names_are_refused(bad: str) -> None:
     done = run_cli("run", "--", bad) if bad.startswith("-") else run_cli("run", bad)
     assert done.returncode == EXIT_CONFIG, done.stderr
     assert "Error: the host name" in done.stderr
+
+
+def test_openssh_argv_adds_only_what_the_user_did_not_set(tmp_path: Path) -> None:
+    from tunneld.engines.openssh import build_argv, cpu_has_aes
+
+    plain = build_argv(resolve_host("p", str(write_config(tmp_path, "Host p\n  LocalForward 5000 localhost:5000\n"))))
+    for option in ("ExitOnForwardFailure=yes", "BatchMode=yes", "ControlMaster=no", "ControlPath=none",
+                   "ServerAliveInterval=3", "ServerAliveCountMax=3", "ConnectTimeout=10"):  # fmt: skip
+        assert option in plain
+    assert ("Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com" in plain) == cpu_has_aes()
+    own = "Host o\n  LocalForward 5000 localhost:5000\n  Ciphers aes256-ctr\n  ServerAliveInterval 9\n  ConnectTimeout 2\n"
+    theirs = build_argv(resolve_host("o", str(write_config(tmp_path, own))))
+    assert not any(a.startswith(("Ciphers=", "ServerAlive", "ConnectTimeout=")) for a in theirs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -21,7 +20,6 @@ from tunneld.errors import (
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-log = logging.getLogger(__name__)
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -35,7 +33,9 @@ class TunneldGroup(click.Group):
             click.echo(error.message)
             ctx.exit(EXIT_OK)
         except TunneldError as error:
-            log.debug("%s", error.message, exc_info=True)
+            import logging
+
+            logging.getLogger(__name__).debug("%s", error.message, exc_info=True)  # the log, under `run`
             click.echo(f"Error: {error.message}", err=True)
             if error.hint:
                 click.echo(f"  hint: {error.hint}", err=True)
@@ -65,11 +65,11 @@ ssh_config_unused = _ssh_config_option("Accepted like every verb; this one reads
 
 def engine_option(func: F) -> F:
     """Add --engine auto|openssh."""
-    from tunneld.engines import ENGINE_CHOICES
+    from tunneld.settings import ENGINES
 
     return click.option(
         "--engine",
-        type=click.Choice(ENGINE_CHOICES),
+        type=click.Choice(ENGINES),
         default="auto",
         show_default=True,
         help="openssh supervises an `ssh -N` child; paramiko runs SSH in-process (counts bytes, holds connections "
@@ -419,7 +419,7 @@ def via_option(func: F) -> F:
 @click.option("--now", is_flag=True, help="Also start the tunnel now through the service manager.")
 def autostart_enable(host: str, ssh_config: str | None, via: str | None, now: bool) -> None:
     """Start HOST's tunnel at every login (enabling twice is harmless)."""
-    from tunneld.autostart import Launch, Runner, default_via, enable
+    from tunneld.autostart.manage import Launch, Runner, default_via, enable
     from tunneld.config import resolve_host
 
     resolve_host(host, ssh_config)  # the same config step `check` runs: refuse a host that cannot work
@@ -436,7 +436,7 @@ def autostart_enable(host: str, ssh_config: str | None, via: str | None, now: bo
 @click.option("--now", is_flag=True, help="Also stop the running tunnel.")
 def autostart_disable(host: str, ssh_config: str | None, now: bool) -> None:
     """Stop starting HOST at login; remove exactly the files enable wrote."""
-    from tunneld.autostart import Runner, disable
+    from tunneld.autostart.manage import Runner, disable
 
     manifest = disable(host, Runner(), now)
     if manifest is None:
@@ -453,7 +453,7 @@ def autostart_disable(host: str, ssh_config: str | None, now: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def autostart_status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool) -> None:
     """Show which hosts start at login, how, and whether the tunneld they run still exists."""
-    from tunneld.autostart import autostart_report
+    from tunneld.autostart.manage import autostart_report
 
     reports = [autostart_report(h) for h in (hosts or None) or _enabled()]
     if as_json:

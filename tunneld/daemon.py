@@ -33,7 +33,8 @@ from tunneld.errors import (
 )
 from tunneld.paths import HostFiles, ensure_private_dir
 from tunneld.pidfile import PidFile, PidRecord, process_matches, read_json, write_json_atomic
-from tunneld.supervisor import DEGRADED, FAILED, STOPPED, UP, Supervisor, TunnelStatus, Wakeups
+from tunneld.states import DEGRADED, FAILED, STOPPED, UP
+from tunneld.supervisor import Supervisor, TunnelStatus, Wakeups
 
 log = logging.getLogger(__name__)
 

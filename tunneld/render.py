@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from tunneld.config import TunnelSpec
 from tunneld.status import HostReport
+
+if TYPE_CHECKING:
+    from tunneld.config import TunnelSpec
 
 
 def spec_lines(spec: TunnelSpec, engine: str) -> list[str]:
@@ -59,6 +62,16 @@ def duration(seconds: float | None) -> str:
     return f"{days}d{hours:02d}h"
 
 
+def size(count: int) -> str:
+    """Return a byte count as 512 B, 1.5 KiB, 3.2 MiB, 1.1 GiB."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """Return left-aligned columns separated by two spaces (the last column is not padded)."""
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
@@ -78,6 +91,9 @@ def forward_text(forward: dict[str, object]) -> str:
     listen = forward.get("listen")
     first = str(listen[0]) if isinstance(listen, list) and listen else "?"
     text = f"{first} -> {forward.get('target')}"
+    total, bytes_in, bytes_out = forward.get("total_connections"), forward.get("bytes_in"), forward.get("bytes_out")
+    if isinstance(total, int) and isinstance(bytes_in, int) and isinstance(bytes_out, int):
+        text += f" [{forward.get('open_connections')}/{total} conns, in {size(bytes_in)}, out {size(bytes_out)}]"
     if forward.get("state") == "degraded":
         text += f" (degraded: {forward.get('detail')})"
     return text

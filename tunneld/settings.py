@@ -9,11 +9,6 @@ from pathlib import Path
 from tunneld.errors import ConfigError
 from tunneld.paths import config_dir
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
 ENGINES = ("auto", "openssh", "paramiko")
 SETTINGS_FILE = "tunneld.toml"
 
@@ -52,6 +47,11 @@ def host_settings(host: str, path: Path | None = None) -> HostSettings:
     path = path or settings_path()
     if not path.is_file():
         return HostSettings()
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:

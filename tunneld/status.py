@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from tunneld.autostart import read_manifest
 from tunneld.paths import HostFiles
 from tunneld.pidfile import PidFile, read_json
-from tunneld.supervisor import DEGRADED, RUNNING_STATES, UP
+from tunneld.states import DEGRADED, RUNNING_STATES, UP
 
 STATUS_SCHEMA_VERSION = 1
 STALE = "dead (stale pid file)"

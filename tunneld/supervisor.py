@@ -16,18 +16,10 @@ import psutil
 from tunneld.config import TunnelSpec
 from tunneld.engines import FORWARD_DEGRADED, ChildProcess, Engine, ForwardStatus, Link, LinkEvents
 from tunneld.errors import EXIT_OK, TunneldError
+from tunneld.states import BACKOFF, CONNECTING, DEGRADED, FAILED, LOST, STARTING, STOPPED, UP
 
 log = logging.getLogger(__name__)
 
-STARTING = "starting"
-CONNECTING = "connecting"
-UP = "up"
-DEGRADED = "degraded"
-LOST = "lost"
-BACKOFF = "backoff"
-FAILED = "failed"
-STOPPED = "stopped"
-RUNNING_STATES = (STARTING, CONNECTING, UP, DEGRADED, LOST, BACKOFF)
 
 PROBE_INTERVAL_S = 0.5
 PROBE_TIMEOUT_S = 1.0

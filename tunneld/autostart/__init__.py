@@ -1,4 +1,5 @@
-"""Start a host's tunnel at login: pick the platform's mechanism, enable, disable, report.
+"""Start a host's tunnel at login. This module only reads what `enable` recorded (cheap, for `status`);
+`manage` renders, enables and disables.
 
 Each mechanism renders its files, then asks the service manager to act through a Runner
 (the one place that runs `systemctl` or `launchctl`, and the seam tests replace). What enable
@@ -7,75 +8,14 @@ created is written to a manifest, so disable removes exactly that.
 
 from __future__ import annotations
 
-import os
-import shlex
-import shutil
-import subprocess
-import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
 
-from tunneld.errors import AutostartError
 from tunneld.paths import config_dir, validate_host
-from tunneld.pidfile import read_json, write_json_atomic
+from tunneld.pidfile import read_json
 
 VIA_CHOICES = ("systemd", "launchd", "xdg")
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    """What a service-manager command returned."""
-
-    argv: tuple[str, ...]
-    returncode: int
-    output: str = ""
-
-
-class Runner:
-    """Runs service-manager commands (`systemctl --user`, `launchctl`); tests record them instead."""
-
-    def run(self, argv: Sequence[str]) -> CommandResult:
-        """Run `argv` and return its status and combined output."""
-        try:
-            done = subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=False)
-        except FileNotFoundError as exc:
-            raise AutostartError(f"{argv[0]} is not installed", "pick another mechanism with --via") from exc
-        return CommandResult(tuple(argv), done.returncode, (done.stdout + done.stderr).strip())
-
-    def check(self, argv: Sequence[str]) -> CommandResult:
-        """Run `argv`; raise AutostartError when it fails."""
-        result = self.run(argv)
-        if result.returncode != 0:
-            raise AutostartError(
-                f"`{shlex.join(argv)}` failed (exit {result.returncode}): {result.output or 'no output'}",
-                "run the command by hand to see more",
-            )
-        return result
-
-
-@dataclass(frozen=True)
-class Launch:
-    """How the service manager starts tunneld: the absolute command line and the environment to keep."""
-
-    argv: tuple[str, ...]
-    environment: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def current(cls, ssh_config: str | None) -> Launch:
-        """Return this very tunneld (absolute interpreter path, so venvs and pipx keep working)."""
-        env = []
-        if ssh_config:
-            env.append(("TUNNELD_SSH_CONFIG", os.path.abspath(ssh_config)))
-        if os.environ.get("TUNNELD_HOME"):
-            env.append(("TUNNELD_HOME", os.path.abspath(os.environ["TUNNELD_HOME"])))
-        return cls((os.path.abspath(sys.executable), "-m", "tunneld"), tuple(env))
-
-    def exists(self) -> bool:
-        """Return True while the baked interpreter still exists."""
-        return os.access(self.argv[0], os.X_OK)
 
 
 @dataclass(frozen=True)
@@ -91,24 +31,6 @@ class Manifest:
     def to_dict(self) -> dict[str, object]:
         """Return the manifest as JSON-ready data."""
         return asdict(self)
-
-
-class Mechanism(Protocol):
-    """One way to start tunneld at login."""
-
-    name: str
-
-    def render(self, host: str, launch: Launch) -> dict[Path, str]:
-        """Return the files to write for `host`: {path: content}."""
-
-    def activate(self, host: str, launch: Launch, runner: Runner, now: bool) -> None:
-        """Tell the service manager (after the files are written); start the tunnel too when `now`."""
-
-    def deactivate(self, host: str, launch: Launch, runner: Runner, now: bool) -> None:
-        """Undo `activate` (before the files are removed); stop the running tunnel only when `now`."""
-
-    def shared_files(self) -> tuple[Path, ...]:
-        """Files several hosts share (removed only when no host uses them)."""
 
 
 def manifest_path(host: str) -> Path:
@@ -135,116 +57,3 @@ def enabled_hosts() -> list[str]:
     """Return every host with an autostart manifest."""
     directory = config_dir() / "autostart"
     return sorted(p.stem for p in directory.glob("*.json")) if directory.is_dir() else []
-
-
-def default_via() -> str:
-    """Pick the mechanism for this platform: launchd on macOS, systemd where a user manager runs, else XDG."""
-    if sys.platform == "darwin":
-        return "launchd"
-    if sys.platform.startswith("win"):
-        raise AutostartError(
-            "autostart is not supported on Windows yet",
-            "create a Task Scheduler task at logon that runs: tunneld start HOST --keep-trying",
-        )
-    runtime = os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
-    if shutil.which("systemctl") and Path(runtime, "systemd").is_dir():
-        return "systemd"
-    return "xdg"
-
-
-def mechanism(via: str) -> Mechanism:
-    """Return the mechanism called `via`."""
-    if via == "systemd":
-        from tunneld.autostart.systemd import SystemdUser
-
-        return SystemdUser()
-    if via == "launchd":
-        from tunneld.autostart.launchd import LaunchAgent
-
-        return LaunchAgent()
-    if via == "xdg":
-        from tunneld.autostart.xdg import XdgAutostart
-
-        return XdgAutostart()
-    raise AutostartError(f"unknown autostart mechanism {via!r}", f"choose one of: {', '.join(VIA_CHOICES)}")
-
-
-def enable(host: str, via: str, launch: Launch, runner: Runner, now: bool = False) -> Manifest:
-    """Write the host's autostart files, tell the service manager, record what was created."""
-    chosen = mechanism(via)
-    previous = read_manifest(host)
-    if previous is not None and previous.via != via:
-        raise AutostartError(
-            f"{host} is already enabled for autostart via {previous.via}",
-            f"disable it first: tunneld autostart disable {host}",
-        )
-    files = chosen.render(host, launch)
-    for path, content in files.items():
-        _write(path, content)
-    chosen.activate(host, launch, runner, now)
-    owned = tuple(str(p) for p in files if p not in chosen.shared_files())
-    manifest = Manifest(host, via, owned, launch.argv)
-    write_json_atomic(manifest_path(host), manifest.to_dict())
-    return manifest
-
-
-def disable(host: str, runner: Runner, now: bool = False) -> Manifest | None:
-    """Undo `enable` for `host`; return what was removed (None when it was not enabled)."""
-    manifest = read_manifest(host)
-    if manifest is None:
-        return None
-    chosen = mechanism(manifest.via)
-    chosen.deactivate(host, Launch(manifest.launch), runner, now)
-    for name in manifest.files:
-        Path(name).unlink(missing_ok=True)
-    manifest_path(host).unlink(missing_ok=True)
-    for name in manifest.files:
-        parent = Path(name).parent
-        if parent.name.endswith(".d") and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()  # a per-host drop-in directory that enable created
-    remaining = [m for m in map(read_manifest, enabled_hosts()) if m is not None and m.via == manifest.via]
-    if not remaining:
-        for shared in chosen.shared_files():
-            shared.unlink(missing_ok=True)
-    return manifest
-
-
-def _write(path: Path, content: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(content)
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
-
-
-@dataclass(frozen=True)
-class AutostartReport:
-    """What `autostart status` shows for one host."""
-
-    host: str
-    via: str | None
-    files: tuple[str, ...] = ()
-    launch: tuple[str, ...] = ()
-    warnings: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, object]:
-        """Return the report as JSON-ready data."""
-        return asdict(self)
-
-
-def autostart_report(host: str) -> AutostartReport:
-    """Return `host`'s autostart setup, with warnings for files or a tunneld that are gone."""
-    manifest = read_manifest(host)
-    if manifest is None:
-        return AutostartReport(host, None)
-    warnings = [
-        f"{name} is missing; re-run: tunneld autostart enable {host}"
-        for name in manifest.files
-        if not Path(name).exists()
-    ]
-    if manifest.launch and not Launch(manifest.launch).exists():
-        warnings.append(
-            f"the tunneld baked into it no longer exists ({manifest.launch[0]}): "
-            f"re-run `tunneld autostart enable {host}` from the tunneld you use now"
-        )
-    return AutostartReport(host, manifest.via, manifest.files, manifest.launch, tuple(warnings))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tunneld.autostart import Launch, Runner
+from tunneld.autostart.manage import Launch, Runner
 
 
 def autostart_dir() -> Path:

@@ -12,8 +12,9 @@ from typing import Protocol
 
 from tunneld.config import TunnelSpec, ssh_binary
 from tunneld.errors import ConfigError, TunneldError
+from tunneld.settings import ENGINES
 
-ENGINE_CHOICES = ("auto", "openssh", "paramiko")
+ENGINE_CHOICES = ENGINES
 FORWARD_OK = "ok"
 FORWARD_DEGRADED = "degraded"
 

@@ -1,0 +1,11 @@
+"""The tunnel states of DESIGN.md, shared by the supervisor that sets them and `status` that shows them."""
+
+STARTING = "starting"
+CONNECTING = "connecting"
+UP = "up"
+DEGRADED = "degraded"
+LOST = "lost"
+BACKOFF = "backoff"
+FAILED = "failed"
+STOPPED = "stopped"
+RUNNING_STATES = (STARTING, CONNECTING, UP, DEGRADED, LOST, BACKOFF)
