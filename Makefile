@@ -22,17 +22,22 @@ test: dev sshd  ## run the test suite against a real sshd on loopback
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: dev
-	$(BIN)/ruff check tunneld tests scripts
-	$(BIN)/ruff format --check tunneld tests scripts
+	$(BIN)/ruff check tunneld tests scripts bench
+	$(BIN)/ruff format --check tunneld tests scripts bench
 
 format: dev
-	$(BIN)/ruff format tunneld tests scripts
-	$(BIN)/ruff check --fix tunneld tests scripts
+	$(BIN)/ruff format tunneld tests scripts bench
+	$(BIN)/ruff check --fix tunneld tests scripts bench
 
 type: dev
 	$(BIN)/mypy
 
 check: lint type test
+
+bench: dev sshd  ## tunneld against ssh -N -L and sshtunnel on loopback; writes docs/benchmarks.md (~10 min)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/report.py
 
 demo: dev sshd  ## start a throwaway sshd + MLflow stand-in and walk through start/status/restart/stop
 	$(BIN)/python scripts/demo.py

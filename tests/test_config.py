@@ -155,6 +155,7 @@ def test_openssh_argv_adds_only_what_the_user_did_not_set(tmp_path: Path) -> Non
                    "ServerAliveInterval=3", "ServerAliveCountMax=3", "ConnectTimeout=10"):  # fmt: skip
         assert option in plain
     assert ("Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com" in plain) == cpu_has_aes()
-    own = "Host o\n  LocalForward 5000 localhost:5000\n  Ciphers aes256-ctr\n  ServerAliveInterval 9\n  ConnectTimeout 2\n"
+    own = "Host o\n  LocalForward 5000 localhost:5000\n"
+    own += "  Ciphers aes256-ctr\n  ServerAliveInterval 9\n  ConnectTimeout 2\n"
     theirs = build_argv(resolve_host("o", str(write_config(tmp_path, own))))
     assert not any(a.startswith(("Ciphers=", "ServerAlive", "ConnectTimeout=")) for a in theirs)

@@ -6,7 +6,6 @@ import dataclasses
 import fnmatch
 import getpass
 import glob
-import hashlib
 import os
 import pwd
 import re
@@ -182,6 +181,10 @@ def expand_tokens(value: str, tokens: dict[str, str]) -> str:
         char = value[i]
         if char == "%" and i + 1 < len(value):
             key = value[i + 1]
+            if key == "C":
+                out.append(connection_hash(tokens))
+                i += 2
+                continue
             if key not in tokens:
                 raise ConfigError(f"unknown token %{key} in {value!r}", "see TOKENS in `man ssh_config`")
             out.append(tokens[key])
@@ -206,7 +209,6 @@ def token_table(alias: str, hostname: str, port: int, user: str) -> dict[str, st
     local_user = getpass.getuser()
     return {
         "%": "%",
-        "C": hashlib.sha1(f"{local_host}{hostname}{port}{user}".encode()).hexdigest(),  # noqa: S324 - ssh's own hash
         "d": local_home(),
         "h": hostname,
         "i": str(os.getuid()),
@@ -217,6 +219,14 @@ def token_table(alias: str, hostname: str, port: int, user: str) -> dict[str, st
         "r": user,
         "u": local_user,
     }
+
+
+def connection_hash(tokens: dict[str, str]) -> str:
+    """Return ssh's %C: SHA-1 of %l%h%p%r (hashlib is imported here: loading OpenSSL costs ~4 MiB of RSS)."""
+    import hashlib
+
+    material = tokens["l"] + tokens["h"] + tokens["p"] + tokens["r"]
+    return hashlib.sha1(material.encode()).hexdigest()  # noqa: S324 - ssh's own hash, not security
 
 
 def run_ssh_g(alias: str, ssh_config: str | None) -> list[tuple[str, str]]:

@@ -28,8 +28,8 @@ from tunneld.ports import format_address, port_in_use_error
 
 log = logging.getLogger(__name__)
 
-BUFFER_BYTES = 256 * 1024
-OPEN_WORKERS = 8
+BUFFER_BYTES = 128 * 1024
+OPEN_WORKERS = 4
 PENDING_POLL_S = 0.002
 IDLE_TICK_S = 0.5
 DEFAULT_HOLD_S = 10.0

@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT_S = 15.0
 WATCH_S = 0.25
-WINDOW_BYTES = 8 * 1024 * 1024
 # AES-GCM first: authenticated encryption in one pass through `cryptography` (fastest here).
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
 
@@ -56,7 +55,7 @@ Carrier = socket.socket | paramiko.Channel | paramiko.ProxyCommand
 
 def _handshake(spec: TunnelSpec, sock: Carrier, progress: ProgressCallback) -> paramiko.Transport:
     """SSH over `sock` (a socket, a channel of the previous hop, or a ProxyCommand): verify, authenticate."""
-    transport = paramiko.Transport(sock, default_window_size=WINDOW_BYTES)
+    transport = paramiko.Transport(sock)  # paramiko's 2 MiB channel window bounds memory per connection
     try:
         options = transport.get_security_options()
         offered = tuple(options.ciphers)
@@ -127,7 +126,9 @@ class ParamikoLink:
         self._error: TunneldError | None = None
         self._closing = threading.Event()
         self._last_reply = time.monotonic()
-        self._budget_s = spec.keepalive_interval_s * (spec.keepalive_count_max + 1)
+        # Lost once count_max pings in a row went unanswered (plus half an interval for the reply's flight):
+        # 3 s x 3 -> 10.5 s; OpenSSH's own check lands between 9 and 12 s.
+        self._budget_s = spec.keepalive_interval_s * (spec.keepalive_count_max + 0.5)
         for target in (self._ping, self._watch):
             threading.Thread(target=target, name=f"link-{target.__name__}", daemon=True).start()
 
