@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import EchoServer, SshServer, find_sshd, wait_for
+from tests.harness import EchoServer, SshServer, find_sshd, running_sshd, wait_for
 
 ENGINES = ["openssh", "paramiko"]
 UP_TIMEOUT_S = 30.0
@@ -43,13 +43,8 @@ def sshd(tmp_path: Path) -> Iterator[SshServer]:
     """A real OpenSSH sshd on a free loopback port, stopped afterwards."""
     if find_sshd() is None:
         pytest.fail("sshd is not installed: run `make test`, which installs openssh-server, or install it yourself")
-    server = SshServer(tmp_path / "sshd")
-    server.start()
-    try:
+    with running_sshd(tmp_path / "sshd") as server:
         yield server
-    finally:
-        server.thaw()
-        server.stop()
 
 
 @pytest.fixture

@@ -248,21 +248,28 @@ class _ThreadingTCPServer6(_ThreadingTCPServer):
     address_family = socket.AF_INET6
 
 
-class EchoServer:
-    """A threaded TCP echo server on a loopback port (the forward's target)."""
+class _ServedInThread:
+    """A socketserver serving from a daemon thread until close()."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        cls = _ThreadingTCPServer6 if ":" in host else _ThreadingTCPServer
-        self.server = cls((host, port), _EchoHandler)
+    def __init__(self, server: socketserver.TCPServer, host: str) -> None:
+        self.server = server
         self.host = host
-        self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.port = int(server.server_address[1])
+        self.thread = threading.Thread(target=server.serve_forever, daemon=True)
         self.thread.start()
 
     def close(self) -> None:
         """Stop serving and release the port."""
         self.server.shutdown()
         self.server.server_close()
+
+
+class EchoServer(_ServedInThread):
+    """A threaded TCP echo server on a loopback port (the forward's target)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        cls = _ThreadingTCPServer6 if ":" in host else _ThreadingTCPServer
+        super().__init__(cls((host, port), _EchoHandler), host)
 
 
 class _HealthHandler(http.server.BaseHTTPRequestHandler):
@@ -278,20 +285,11 @@ class _HealthHandler(http.server.BaseHTTPRequestHandler):
         return
 
 
-class HttpServer:
+class HttpServer(_ServedInThread):
     """An HTTP server that answers GET /health with 200 OK, as MLflow's tracking server does."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.server = http.server.ThreadingHTTPServer((host, port), _HealthHandler)
-        self.host = host
-        self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        """Stop serving and release the port."""
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(http.server.ThreadingHTTPServer((host, port), _HealthHandler), host)
 
 
 def echo_roundtrip(address: tuple[str, int] | str, payload: bytes, timeout: float = 5.0) -> bytes:

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,8 +87,16 @@ def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         proc.wait(5)
 
 
+@pytest.mark.parametrize("how", ["SSH_AUTH_SOCK", "IdentityAgent"])
 def test_agent_authentication(
-    tmp_path: Path, sshd: SshServer, echo: EchoServer, agent: Path, engine: str, foreground: list[ForegroundTunnel]
+    tmp_path: Path,
+    sshd: SshServer,
+    echo: EchoServer,
+    agent: Path,
+    engine: str,
+    foreground: list[ForegroundTunnel],
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
 ) -> None:
     hidden = tmp_path / "elsewhere"
     hidden.mkdir()
@@ -96,6 +105,9 @@ def test_agent_authentication(
     port = free_port()
     config = sshd.client_config("agent", [f"LocalForward {port} 127.0.0.1:{echo.port}"])
     config = config.replace("  IdentitiesOnly yes\n", "")  # the key file is gone: only the agent has it
+    if how == "IdentityAgent":
+        config += f"  IdentityAgent {agent}\n"
+        monkeypatch.delenv("SSH_AUTH_SOCK")
     start(foreground, "agent", write_config(tmp_path, config), engine).wait_state(*UP)
     assert echo_roundtrip(("127.0.0.1", port), b"agent") == b"agent"
 
@@ -158,6 +170,16 @@ def test_two_hop_proxyjump(
     finally:
         for hop in hops:
             hop.stop()
+
+
+def test_proxycommand(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, engine: str, foreground: list[ForegroundTunnel]
+) -> None:
+    port = free_port()
+    relay = f"ProxyCommand {sys.executable} {Path(__file__).parent / 'relay.py'} %h %p"
+    config = sshd.client_config("proxied", [f"LocalForward {port} 127.0.0.1:{echo.port}"], [relay])
+    start(foreground, "proxied", write_config(tmp_path, config), engine).wait_state(*UP)
+    assert echo_roundtrip(("127.0.0.1", port), b"via ProxyCommand") == b"via ProxyCommand"
 
 
 async def _many_roundtrips(port: int, count: int, size: int) -> list[bool]:
