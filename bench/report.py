@@ -84,10 +84,14 @@ def markdown(results: dict[str, object]) -> str:
         out.append(f"- hang detection, tunneld ({engine}), default keepalive 3 s x 3: {shown} from SIGSTOP of sshd "
                    "to state `lost`")  # fmt: skip
     out.append("- `ssh -N -L` and sshtunnel do not reconnect at all: after a server restart they stay broken.")
-    rss: dict[str, dict[str, float | None]] = results.get("peak_rss_mib", {})  # type: ignore[assignment]
-    for name, roles in rss.items():
-        parts = ", ".join(f"{role} {v:.1f} MiB" for role, v in roles.items() if v is not None)
-        out.append(f"- peak RSS (VmHWM), {name}: {parts}")
+    for key, when in (
+        ("peak_rss_mib_before_concurrency", "during bulk, round trips and new connections (first round)"),
+        ("peak_rss_mib", "over the whole run, including 1000 connections at once"),
+    ):
+        rss: dict[str, dict[str, float | None]] = results.get(key, {})  # type: ignore[assignment]
+        for name, roles in rss.items():
+            parts = ", ".join(f"{role} {v:.1f} MiB" for role, v in roles.items() if v is not None)
+            out.append(f"- peak RSS (VmHWM) {when}, {name}: {parts}")
     cli: dict[str, float] = results.get("cli_s", {})  # type: ignore[assignment]
     if cli:
         shown = ", ".join(f"{k}: {v * 1000:.0f} ms" for k, v in cli.items())

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,7 @@ class Bench:
         self.started: list[Forwarder] = []
         self.results: dict[str, object] = {}
         self.round_rows: list[dict[str, dict[str, object]]] = []
+        self.rss_before_concurrency: dict[str, dict[str, float | None]] = {}
         self.skipped: list[str] = []
 
     # -- helpers ----------------------------------------------------------------------------
@@ -168,6 +170,8 @@ class Bench:
         cpu = fwd.cpu_seconds() - cpu0
         rtt = workload.summary(workload.round_trips(fwd.port, a.round_trips))
         new = workload.summary(workload.new_connections(fwd.port, a.new_connections))
+        # The high-water mark so far covers bulk, round trips and new connections, not yet 1000 at once.
+        self.rss_before_concurrency.setdefault(fwd.name, {r: _peak_rss_mib(p) for r, p in fwd.processes.items()})
         wall, failures = workload.concurrent(fwd.port, a.concurrent, a.concurrent_kib * 1024)
         gib = 2 * size / (1 << 30)
         return {
@@ -252,6 +256,9 @@ class Bench:
                 forwarders.append(fwd)
                 self.started.append(fwd)
             self.rounds(forwarders)
+            self.results["peak_rss_mib_before_concurrency"] = {
+                name: roles for name, roles in self.rss_before_concurrency.items() if roles
+            }
             self.results["peak_rss_mib"] = {
                 f.name: {role: _peak_rss_mib(pid) for role, pid in f.processes.items()}
                 for f in forwarders
@@ -338,7 +345,13 @@ def machine_info() -> dict[str, str]:
     }
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through Bench.run's finally: everything is stopped
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)  # background jobs start with SIGINT ignored
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--bulk-mib", type=int, default=256)
