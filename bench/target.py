@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import socket
 import socketserver
+import sys
+from pathlib import Path
 
-CHUNK = 1 << 20
-ZEROS = bytes(CHUNK)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.workload import drain, send_zeros
 
 
 class Handler(socketserver.BaseRequestHandler):
@@ -38,23 +41,12 @@ class Handler(socketserver.BaseRequestHandler):
 
     @staticmethod
     def sink(sock: socket.socket, size: int) -> None:
-        buffer = bytearray(CHUNK)
-        view = memoryview(buffer)
-        left = size
-        while left > 0:
-            got = sock.recv_into(view, min(CHUNK, left))
-            if not got:
-                return
-            left -= got
+        drain(sock, size)
         sock.sendall(b"K")
 
     @staticmethod
     def source(sock: socket.socket, size: int) -> None:
-        left = size
-        while left > 0:
-            part = ZEROS if left >= CHUNK else ZEROS[:left]
-            sock.sendall(part)
-            left -= len(part)
+        send_zeros(sock, size)
         sock.shutdown(socket.SHUT_WR)
 
     @staticmethod

@@ -29,12 +29,17 @@ FORWARD_KEYS = {
 }  # fmt: skip
 
 
+def is_daemon(cmdline: list[str]) -> bool:
+    """A supervisor: `tunneld run HOST`, or `python -m tunneld.detached HOST` as `start` runs it."""
+    return "tunneld.detached" in cmdline or "run" in cmdline
+
+
 def tunnel_processes(config: Path) -> list[psutil.Process]:
     """Every process (tunneld run or ssh) started for this test's ssh_config."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if str(config) in cmdline and ("run" in cmdline or "-N" in cmdline):
+        if str(config) in cmdline and (is_daemon(cmdline) or "-N" in cmdline):
             found.append(proc)
     return found
 
@@ -123,7 +128,7 @@ def test_concurrent_starts_leave_exactly_one_daemon(config: Path) -> None:
     outputs = [p.communicate(timeout=60)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
     assert sum("already running" in out for out in outputs) == 2, outputs
-    daemons = [p for p in tunnel_processes(config) if "run" in p.cmdline()]
+    daemons = [p for p in tunnel_processes(config) if is_daemon(p.cmdline())]
     assert len(daemons) == 1
     run_cli("stop", HOST)
 

@@ -14,9 +14,9 @@ from tunneld.errors import (
     EXIT_NOT_RUNNING,
     EXIT_OK,
     EXIT_RUNTIME,
-    AlreadyRunningError,
     NotRunningError,
     TunneldError,
+    report_error,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,17 +29,15 @@ class TunneldGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except AlreadyRunningError as error:
-            click.echo(error.message)
-            ctx.exit(EXIT_OK)
         except TunneldError as error:
             import logging
 
             logging.getLogger(__name__).debug("%s", error.message, exc_info=True)  # the log, under `run`
-            click.echo(f"Error: {error.message}", err=True)
-            if error.hint:
-                click.echo(f"  hint: {error.hint}", err=True)
-            ctx.exit(error.exit_code)
+            ctx.exit(report_error(error, _echo))
+
+
+def _echo(text: str, to_stderr: bool) -> None:
+    click.echo(text, err=to_stderr)
 
 
 def _ssh_config_option(help_text: str) -> Callable[[F], F]:
@@ -174,14 +172,8 @@ def _run_each(hosts: list[str], action: Callable[[str], int]) -> int:
     for host in hosts:
         try:
             code = action(host)
-        except AlreadyRunningError as error:
-            click.echo(f"{error.message}")
-            code = EXIT_OK
         except TunneldError as error:
-            click.echo(f"Error: {error.message}", err=True)
-            if error.hint:
-                click.echo(f"  hint: {error.hint}", err=True)
-            code = error.exit_code
+            code = report_error(error, _echo)
         worst = max(worst, code)
     return worst
 

@@ -255,8 +255,7 @@ def start_tunnel(
     argv = [
         sys.executable,
         "-m",
-        "tunneld",
-        "run",
+        "tunneld.detached",
         spec.alias,
         "--engine",
         engine_name,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -92,6 +94,18 @@ class StartupError(TunneldError):
 
 class AutostartError(TunneldError):
     """Autostart could not be set up or removed on this platform."""
+
+
+def report_error(error: TunneldError, echo: Callable[[str, bool], None]) -> int:
+    """Tell the user about `error` (`Error: ...` and `  hint: ...` on stderr; `already running` on stdout)
+    and return the exit code: the one place the CLI and the detached daemon turn errors into words."""
+    if isinstance(error, AlreadyRunningError):
+        echo(error.message, False)
+        return error.exit_code
+    echo(f"Error: {error.message}", True)
+    if error.hint:
+        echo(f"  hint: {error.hint}", True)
+    return error.exit_code
 
 
 def error_from_dict(data: dict[str, object]) -> TunneldError:
