@@ -287,7 +287,9 @@ class Supervisor:
         deadline = time.monotonic() + delay
         hop = self.spec.first_hop()
         saw_down = False
-        next_probe = time.monotonic() + PROBE_INTERVAL_S
+        # Probe at once: a server that comes back between the failed attempt and the first probe
+        # must still count as "down, then up", or the whole backoff step would be waited out.
+        next_probe = time.monotonic()
         while not self.wakeups.stop.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
