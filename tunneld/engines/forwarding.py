@@ -29,6 +29,7 @@ from tunneld.ports import format_address, port_in_use_error
 log = logging.getLogger(__name__)
 
 BUFFER_BYTES = 128 * 1024
+PACKET_BYTES = 32 * 1024
 OPEN_WORKERS = 4
 PENDING_POLL_S = 0.002
 IDLE_TICK_S = 0.5
@@ -309,7 +310,9 @@ class Forwarder:
     def _flush_to_channel(self, pair: Pair) -> None:
         try:
             while pair.to_channel:
-                sent = pair.channel.send(bytes(pair.to_channel[:BUFFER_BYTES]))
+                # One SSH packet's worth per call: a channel takes at most its max packet size anyway,
+                # and slicing more would copy the whole buffer for every 32 KiB sent.
+                sent = pair.channel.send(bytes(pair.to_channel[:PACKET_BYTES]))
                 if sent <= 0:
                     break
                 del pair.to_channel[:sent]
