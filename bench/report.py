@@ -53,7 +53,9 @@ def markdown(results: dict[str, object]) -> str:
         "Measured by `make bench` (`bench/run.py`): every forwarder in turn, in a rotating order, over "
         f"{len(rounds)} round(s), against a real OpenSSH sshd and a target service on loopback. Cells are "
         "median (min-max) over rounds; ratios are medians of per-round ratios to the peer measured in the "
-        "same round. MB = 10^6 bytes.",
+        "same round. MB = 10^6 bytes. The endpoints send with sendfile and receive with splice, so they cost "
+        "the forwarders almost no CPU. This machine (2 shared virtual cores) varies by up to +-30% between "
+        "runs: compare forwarders within one run, not across runs.",
         "",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()),
         "",
