@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -175,10 +174,3 @@ def write_config(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "ssh_config"
     path.write_text(text)
     return path
-
-
-def wait_seconds_until(predicate: object, timeout: float, what: str) -> float:
-    """Like wait_for, but return how long it took."""
-    began = time.monotonic()
-    wait_for(predicate, timeout, what)
-    return time.monotonic() - began

@@ -118,15 +118,6 @@ class PidFile:
             raise AlreadyRunningError(self.files.host, record.pid if record else None) from None
         return fd
 
-    def is_locked(self) -> bool:
-        """Return True when some process holds the host's lock (a tunnel is starting or running)."""
-        try:
-            fd = self.lock()
-        except AlreadyRunningError:
-            return True
-        os.close(fd)
-        return False
-
     def write(self, record: PidRecord) -> None:
         """Record `record` as the owner."""
         write_json_atomic(self.files.pid, asdict(record))
