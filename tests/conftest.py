@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from tests.harness import EchoServer, SshServer, find_sshd, running_sshd, wait_for
+from tunneld.errors import EXIT_CONFIG
 
 ENGINES = ["openssh", "paramiko"]
 UP_TIMEOUT_S = 30.0
@@ -167,6 +168,25 @@ def foreground(tmp_path: Path) -> Iterator[list[ForegroundTunnel]]:
     yield started
     for tunnel in started:
         tunnel.kill()
+
+
+def start(foreground: list[ForegroundTunnel], host: str, config: Path, engine: str) -> ForegroundTunnel:
+    """Start `tunneld run HOST` and register it with the `foreground` fixture, which kills it afterwards."""
+    tunnel = ForegroundTunnel(host, config, engine)
+    foreground.append(tunnel)
+    return tunnel
+
+
+def expect_fatal(tunnel: ForegroundTunnel, *needles: str) -> str:
+    """Assert the tunnel exits 78 after one attempt (no retry storm) with every needle on stderr."""
+    code = tunnel.wait_exit(timeout=40)
+    stderr = tunnel.stderr()
+    assert code == EXIT_CONFIG, stderr
+    for needle in needles:
+        assert needle in stderr, stderr
+    state = read_state(tunnel.host)
+    assert state["state"] == "failed" and state["attempts"] == 1, state
+    return stderr
 
 
 def write_config(tmp_path: Path, text: str) -> Path:

@@ -14,24 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ForegroundTunnel, read_log, read_state, run_cli, tunneld_cmd, write_config
+from tests.conftest import (
+    ForegroundTunnel,
+    expect_fatal,
+    read_log,
+    read_state,
+    run_cli,
+    start,
+    tunneld_cmd,
+    write_config,
+)
 from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port, keygen, wait_for
 from tunneld.errors import EXIT_CONFIG
 
 UP = ("up", "degraded")
-
-
-def start(foreground: list[ForegroundTunnel], host: str, config: Path, engine: str) -> ForegroundTunnel:
-    tunnel = ForegroundTunnel(host, config, engine)
-    foreground.append(tunnel)
-    return tunnel
-
-
-def expect_fatal(tunnel: ForegroundTunnel, *needles: str) -> str:
-    assert tunnel.wait_exit(40) == EXIT_CONFIG, tunnel.stderr()
-    for needle in needles:
-        assert needle in tunnel.stderr(), tunnel.stderr()
-    return tunnel.stderr()
 
 
 def test_hashed_known_hosts_with_a_port_entry(

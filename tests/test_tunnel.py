@@ -11,17 +11,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ForegroundTunnel, read_log, read_state, write_config
+from tests.conftest import ForegroundTunnel, expect_fatal, read_log, read_state, start, write_config
 from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port, wait_for
-from tunneld.errors import EXIT_CONFIG
 
 UP = ("up", "degraded")
-
-
-def start(foreground: list[ForegroundTunnel], host: str, config: Path, engine: str) -> ForegroundTunnel:
-    tunnel = ForegroundTunnel(host, config, engine)
-    foreground.append(tunnel)
-    return tunnel
 
 
 def test_forward_carries_data_end_to_end(
@@ -148,23 +141,12 @@ def test_frozen_server_is_detected_by_keepalive(
     assert echo_roundtrip(("127.0.0.1", port), b"thawed") == b"thawed"
 
 
-def _expect_fatal(tunnel: ForegroundTunnel, *needles: str) -> str:
-    code = tunnel.wait_exit(timeout=40)
-    stderr = tunnel.stderr()
-    assert code == EXIT_CONFIG, stderr
-    for needle in needles:
-        assert needle in stderr, stderr
-    state = read_state(tunnel.host)
-    assert state["state"] == "failed" and state["attempts"] == 1  # one try, no retry storm
-    return stderr
-
-
 def test_refused_key_exits_78_once(
     tmp_path: Path, sshd: SshServer, engine: str, foreground: list[ForegroundTunnel]
 ) -> None:
     sshd.authorized_keys.write_text("")
     config = write_config(tmp_path, sshd.client_config("refused", [f"LocalForward {free_port()} 127.0.0.1:9"]))
-    _expect_fatal(start(foreground, "refused", config, engine), "refused authentication", "hint: ", "authorized_keys")
+    expect_fatal(start(foreground, "refused", config, engine), "refused authentication", "hint: ", "authorized_keys")
     assert sshd.log.read_text().count("closed by authenticating user") == 1  # one handshake only
 
 
@@ -175,7 +157,7 @@ def test_changed_host_key_exits_78(
     sshd.regenerate_host_key()  # known_hosts still holds the old key
     sshd.start()
     config = write_config(tmp_path, sshd.client_config("changed", [f"LocalForward {free_port()} 127.0.0.1:9"]))
-    _expect_fatal(start(foreground, "changed", config, engine), "has CHANGED", "ssh-keygen -R")
+    expect_fatal(start(foreground, "changed", config, engine), "has CHANGED", "ssh-keygen -R")
 
 
 def test_unknown_host_key_with_strict_checking_exits_78(
@@ -183,7 +165,7 @@ def test_unknown_host_key_with_strict_checking_exits_78(
 ) -> None:
     sshd.known_hosts.write_text("")
     config = write_config(tmp_path, sshd.client_config("unknown", [f"LocalForward {free_port()} 127.0.0.1:9"]))
-    _expect_fatal(start(foreground, "unknown", config, engine), "not in known_hosts", "accept-new")
+    expect_fatal(start(foreground, "unknown", config, engine), "not in known_hosts", "accept-new")
 
 
 def test_taken_port_names_the_process_holding_it(
@@ -202,7 +184,7 @@ def test_taken_port_names_the_process_holding_it(
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == b"ok"
         config = write_config(tmp_path, sshd.client_config("taken", [f"LocalForward 127.0.0.1:{port} 127.0.0.1:9"]))
-        stderr = _expect_fatal(start(foreground, "taken", config, engine), f"local port {port}")
+        stderr = expect_fatal(start(foreground, "taken", config, engine), f"local port {port}")
         assert f"pid {holder.pid}" in stderr and psutil.Process(holder.pid).name() in stderr
     finally:
         holder.kill()

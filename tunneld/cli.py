@@ -445,9 +445,10 @@ def autostart_disable(host: str, ssh_config: str | None, now: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def autostart_status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool) -> None:
     """Show which hosts start at login, how, and whether the tunneld they run still exists."""
+    from tunneld.autostart import enabled_hosts
     from tunneld.autostart.manage import autostart_report
 
-    reports = [autostart_report(h) for h in (hosts or None) or _enabled()]
+    reports = [autostart_report(h) for h in hosts or enabled_hosts()]
     if as_json:
         click.echo(json.dumps({"version": 1, "hosts": [r.to_dict() for r in reports]}, indent=2))
         return
@@ -457,12 +458,6 @@ def autostart_status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bo
         click.echo(f"{report.host}  {report.via or 'not enabled'}  {' '.join(report.launch)}".rstrip())
         for warning in report.warnings:
             click.echo(f"  warning: {warning}", err=True)
-
-
-def _enabled() -> list[str]:
-    from tunneld.autostart import enabled_hosts
-
-    return enabled_hosts()
 
 
 def main() -> None:

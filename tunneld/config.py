@@ -127,6 +127,13 @@ class TunnelSpec:
             return parse_jump(self.proxy_jump.split(",")[0], default_port=22)
         return (self.hostname, self.port)
 
+    @property
+    def known_hosts_name(self) -> str:
+        """The name OpenSSH looks up in known_hosts: HostKeyAlias as it is, else HostName (`[name]:port` off 22)."""
+        if self.host_key_alias:
+            return self.host_key_alias
+        return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
+
     def option(self, key: str, default: str = "") -> str:
         """Return the first value `ssh -G` printed for `key` (lower case)."""
         return next((value for name, value in self.options if name == key), default)

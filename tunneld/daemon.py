@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import psutil
-
 from tunneld.config import TunnelSpec, resolve_host
 from tunneld.engines import make_engine
 from tunneld.errors import (
@@ -32,7 +30,7 @@ from tunneld.errors import (
     error_from_dict,
 )
 from tunneld.paths import HostFiles, ensure_private_dir
-from tunneld.pidfile import PidFile, PidRecord, process_matches, read_json, write_json_atomic
+from tunneld.pidfile import PidFile, PidRecord, process_matches, read_json, terminate, write_json_atomic
 from tunneld.states import DEGRADED, FAILED, STOPPED, UP
 from tunneld.supervisor import Supervisor, TunnelStatus, Wakeups
 
@@ -43,8 +41,7 @@ LOG_MAX_BYTES = 1_000_000
 LOG_BACKUPS = 3
 DEFAULT_START_TIMEOUT_S = 40.0
 DEFAULT_STOP_TIMEOUT_S = 10.0
-CHILD_KILL_WAIT_S = 3.0
-STOP_POLL_S = 0.02
+ORPHAN_GRACE_S = 3.0
 
 
 def configure_logging(files: HostFiles, verbose: bool = False) -> None:
@@ -131,12 +128,7 @@ def reap_orphans(files: HostFiles) -> None:
             log.warning(
                 "%s: stopping %s (pid %d) left behind by a previous tunneld", files.host, child.get("name"), pid
             )
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(pid)
-                proc.terminate()
-                psutil.wait_procs([proc], timeout=CHILD_KILL_WAIT_S)
-                if proc.is_running():
-                    proc.kill()
+            terminate(pid, created, ORPHAN_GRACE_S)
 
 
 def run_tunnel(
@@ -385,26 +377,12 @@ def stop_tunnel(host: str, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopResul
         pidfile.remove(record.pid if record else 0)
         _mark_stopped(files)
         return StopResult(host, record.pid if record else None, stale=True)
-    os.kill(record.pid, signal.SIGTERM)
-    killed = not _wait_gone(record, timeout)
+    killed = terminate(record.pid, record.create_time, timeout)
     if killed:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(record.pid, signal.SIGKILL)
-        _wait_gone(record, CHILD_KILL_WAIT_S)
         reap_orphans(files)
         _mark_stopped(files)
     pidfile.remove(record.pid)
     return StopResult(host, record.pid, killed=killed)
-
-
-def _wait_gone(record: PidRecord, timeout: float) -> bool:
-    """Poll until the recorded process is gone (a zombie counts as gone); return whether it went."""
-    deadline = time.monotonic() + timeout
-    while record.is_live():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(STOP_POLL_S)
-    return True
 
 
 def _mark_stopped(files: HostFiles) -> None:

@@ -51,9 +51,41 @@ class NoForwardsError(ConfigError):
 class AuthError(FatalError):
     """The server refused every credential offered."""
 
+    @classmethod
+    def refused(cls, where: str, alias: str, detail: str, locked_key: str | None = None) -> AuthError:
+        """`where` (user@host:port) refused us; `locked_key` is a key that needed a passphrase ("" if unnamed)."""
+        if locked_key is not None:
+            command = f"ssh-add {locked_key}".strip()
+            hint = f"your key needs a passphrase and tunneld never prompts: load it with `{command}` first"
+        else:
+            hint = (
+                "check that your public key is in ~/.ssh/authorized_keys on the server and that IdentityFile "
+                f"points at it; a key with a passphrase must be loaded with `ssh-add`. Try `ssh {alias}` by hand"
+            )
+        return cls(f"{where} refused authentication: {detail}", hint)
+
 
 class HostKeyError(FatalError):
     """The server's host key is unknown or differs from the one in known_hosts."""
+
+    @classmethod
+    def changed(cls, hostname: str, alias: str, known_name: str, saved_in: str) -> HostKeyError:
+        """The key differs from the one saved for `known_name` (`saved_in`: where, when known)."""
+        return cls(
+            f"the host key of {hostname} has CHANGED since it was saved in known_hosts{saved_in}",
+            f"if the server was reinstalled and you trust its new key, remove the old one with "
+            f"`ssh-keygen -R '{known_name}'` and connect once with `ssh {alias}`; "
+            "otherwise someone may be intercepting the connection",
+        )
+
+    @classmethod
+    def unknown(cls, hostname: str, alias: str) -> HostKeyError:
+        """No key is known and StrictHostKeyChecking forbids learning one."""
+        return cls(
+            f"the host key of {hostname} is not in known_hosts and StrictHostKeyChecking forbids adding it",
+            f"connect once with `ssh {alias}` to check and save the key, "
+            "or set `StrictHostKeyChecking accept-new` for this host",
+        )
 
 
 class PortInUseError(FatalError):

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -17,6 +18,8 @@ from tunneld.errors import AlreadyRunningError
 from tunneld.paths import HostFiles, ensure_private_dir
 
 CREATE_TIME_TOLERANCE_S = 0.05
+GONE_POLL_S = 0.02
+KILL_WAIT_S = 3.0
 
 
 def write_json_atomic(path: Path, data: object) -> None:
@@ -53,6 +56,30 @@ def process_matches(pid: int, create_time: float) -> bool:
         return False
     except psutil.AccessDenied:
         return False
+
+
+def terminate(pid: int, create_time: float, grace_s: float) -> bool:
+    """SIGTERM the recorded process, SIGKILL it after `grace_s`; return True when SIGKILL was needed.
+
+    Gone means gone or a zombie: nothing may reap our orphans (pid 1 in containers often does not).
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if _wait_gone(pid, create_time, grace_s):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    _wait_gone(pid, create_time, KILL_WAIT_S)
+    return True
+
+
+def _wait_gone(pid: int, create_time: float, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while process_matches(pid, create_time):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(GONE_POLL_S)
+    return True
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from tunneld.states import BACKOFF, DEGRADED, FORWARD_DEGRADED, STOPPED, UP
 from tunneld.status import HostReport
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ def forward_text(forward: dict[str, object]) -> str:
     total, bytes_in, bytes_out = forward.get("total_connections"), forward.get("bytes_in"), forward.get("bytes_out")
     if isinstance(total, int) and isinstance(bytes_in, int) and isinstance(bytes_out, int):
         text += f" [{forward.get('open_connections')}/{total} conns, in {size(bytes_in)}, out {size(bytes_out)}]"
-    if forward.get("state") == "degraded":
+    if forward.get("state") == FORWARD_DEGRADED:
         text += f" (degraded: {forward.get('detail')})"
     return text
 
@@ -103,12 +104,12 @@ def status_row(report: HostReport) -> list[str]:
     """Return one row of the status table."""
     forwards = ", ".join(forward_text(f) for f in report.forwards) or "-"
     error = "-"
-    if report.last_error and report.state not in ("up", "degraded", "stopped"):
+    if report.last_error and report.state not in (UP, DEGRADED, STOPPED):
         error = str(report.last_error.get("message", "-"))
         if len(error) > LAST_ERROR_WIDTH:
             error = error[: LAST_ERROR_WIDTH - 3] + "..."
     state = report.state
-    if report.next_try_at and report.state == "backoff":
+    if report.next_try_at and report.state == BACKOFF:
         state += f" (retry in {max(0.0, report.next_try_at - time.time()):.0f}s)"
     return [
         report.host,

@@ -9,3 +9,7 @@ BACKOFF = "backoff"
 FAILED = "failed"
 STOPPED = "stopped"
 RUNNING_STATES = (STARTING, CONNECTING, UP, DEGRADED, LOST, BACKOFF)
+
+# What a single forward is while its link is up.
+FORWARD_OK = "ok"
+FORWARD_DEGRADED = "degraded"

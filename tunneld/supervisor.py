@@ -14,9 +14,9 @@ from typing import Protocol
 import psutil
 
 from tunneld.config import TunnelSpec
-from tunneld.engines import FORWARD_DEGRADED, ChildProcess, Engine, ForwardStatus, Link, LinkEvents
+from tunneld.engines import ChildProcess, Engine, ForwardStatus, Link, LinkEvents
 from tunneld.errors import EXIT_OK, TunneldError
-from tunneld.states import BACKOFF, CONNECTING, DEGRADED, FAILED, LOST, STARTING, STOPPED, UP
+from tunneld.states import BACKOFF, CONNECTING, DEGRADED, FAILED, FORWARD_DEGRADED, LOST, STARTING, STOPPED, UP
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,10 @@ from typing import Protocol
 
 from tunneld.config import TunnelSpec, ssh_binary
 from tunneld.errors import ConfigError, TunneldError
-from tunneld.settings import ENGINES
+from tunneld.settings import ENGINES, host_settings
+from tunneld.states import FORWARD_OK
 
 ENGINE_CHOICES = ENGINES
-FORWARD_OK = "ok"
-FORWARD_DEGRADED = "degraded"
 
 ProgressCallback = Callable[[str], None]
 
@@ -125,8 +124,6 @@ def select_engine_name(requested: str, host: str | None = None) -> str:
 
     auto is openssh where an `ssh` binary exists and paramiko where it does not.
     """
-    from tunneld.settings import host_settings
-
     if requested not in ENGINE_CHOICES:
         raise ConfigError(f"unknown engine {requested!r}", f"choose one of: {', '.join(ENGINE_CHOICES)}")
     if requested == "auto" and host is not None:
@@ -148,7 +145,6 @@ def make_engine(requested: str, host: str | None = None) -> Engine:
     name = select_engine_name(requested, host)
     if name == "paramiko":
         from tunneld.engines.paramiko import ParamikoEngine
-        from tunneld.settings import host_settings
 
         hold = host_settings(host).hold_connections_s if host else 10.0
         return ParamikoEngine(hold_s=hold)

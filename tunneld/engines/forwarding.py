@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from tunneld.config import LOCAL, Forward, TunnelSpec
-from tunneld.engines import FORWARD_DEGRADED, FORWARD_OK, ForwardStatus
+from tunneld.engines import ForwardStatus
 from tunneld.errors import ConfigError, TunneldError
 from tunneld.ports import format_address, port_in_use_error
+from tunneld.states import FORWARD_DEGRADED, FORWARD_OK
 
 log = logging.getLogger(__name__)
 

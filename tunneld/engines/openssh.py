@@ -19,8 +19,6 @@ import psutil
 
 from tunneld.config import LOCAL, REMOTE, Forward, TunnelSpec, ssh_binary
 from tunneld.engines import (
-    FORWARD_DEGRADED,
-    FORWARD_OK,
     ChildProcess,
     ForwardStatus,
     LinkEvents,
@@ -29,6 +27,7 @@ from tunneld.engines import (
 )
 from tunneld.errors import AuthError, ConfigError, ConnectError, HostKeyError, TunneldError
 from tunneld.ports import Listeners, listeners_of, port_in_use_error
+from tunneld.states import FORWARD_DEGRADED, FORWARD_OK
 
 log = logging.getLogger(__name__)
 
@@ -230,28 +229,13 @@ def classify_exit(spec: TunnelSpec, returncode: int, lines: list[str]) -> Tunnel
     where = f"{spec.user}@{spec.hostname}:{spec.port}"
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text:
         offending = _OFFENDING_RE.search(text)
-        known = f" ({offending[1]} line {offending[2]})" if offending else ""
-        return HostKeyError(
-            f"the host key of {spec.hostname} has CHANGED since it was saved in known_hosts{known}",
-            "if the server was reinstalled and you trust its new key, remove the old one with "
-            f"`ssh-keygen -R {_known_hosts_name(spec)}` and connect once with `ssh {spec.alias}`; "
-            "otherwise someone may be intercepting the connection",
-        )
+        saved_in = f" ({offending[1]} line {offending[2]})" if offending else ""
+        return HostKeyError.changed(spec.hostname, spec.alias, spec.known_hosts_name, saved_in)
     if "host key is known for" in text or "Host key verification failed" in text:
-        return HostKeyError(
-            f"the host key of {spec.hostname} is not in known_hosts and StrictHostKeyChecking forbids adding it",
-            f"connect once with `ssh {spec.alias}` to check and save the key, "
-            "or set `StrictHostKeyChecking accept-new` for this host",
-        )
+        return HostKeyError.unknown(spec.hostname, spec.alias)
     if "Permission denied" in text or "Too many authentication failures" in text:
-        if "passphrase" in text or "read_passphrase" in text:
-            hint = "your key needs a passphrase and tunneld never prompts: load it with `ssh-add` first"
-        else:
-            hint = (
-                f"check that your public key is in ~/.ssh/authorized_keys on the server and that IdentityFile "
-                f"points at it; a key with a passphrase must be loaded with `ssh-add`. Try `ssh {spec.alias}` by hand"
-            )
-        return AuthError(f"{where} refused authentication: {_last_matching(lines, 'Permission denied')}", hint)
+        locked = "" if "passphrase" in text else None  # ssh's debug lines do not always name the key
+        return AuthError.refused(where, spec.alias, _last_matching(lines, "Permission denied"), locked)
     if "Address already in use" in text or "Could not request local forwarding" in text:
         return _port_error(spec, text)
     for needle in _CONNECT_FAILURES:
@@ -259,12 +243,6 @@ def classify_exit(spec: TunnelSpec, returncode: int, lines: list[str]) -> Tunnel
             return ConnectError(_last_matching(lines, needle), _connect_hint(spec, needle))
     last = lines[-1] if lines else ""
     return ConnectError(f"ssh exited with status {returncode}" + (f": {last}" if last else ""))
-
-
-def _known_hosts_name(spec: TunnelSpec) -> str:
-    if spec.host_key_alias:
-        return spec.host_key_alias
-    return spec.hostname if spec.port == 22 else f"[{spec.hostname}]:{spec.port}"
 
 
 def _last_matching(lines: list[str], needle: str) -> str:

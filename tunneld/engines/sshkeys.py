@@ -18,13 +18,6 @@ from tunneld.errors import AuthError, ConnectError, HostKeyError
 log = logging.getLogger(__name__)
 
 
-def known_hosts_name(spec: TunnelSpec) -> str:
-    """Return the name OpenSSH looks up in known_hosts: HostKeyAlias as it is, else HostName (`[name]:port` off 22)."""
-    if spec.host_key_alias:
-        return spec.host_key_alias
-    return spec.hostname if spec.port == 22 else f"[{spec.hostname}]:{spec.port}"
-
-
 def _files(names: tuple[str, ...]) -> list[Path]:
     return [Path(os.path.expanduser(n)) for n in names if n.lower() != "none"]
 
@@ -41,7 +34,7 @@ class KnownKeys:
 
 def lookup_known(spec: TunnelSpec, key: paramiko.PKey | None = None) -> KnownKeys:
     """Look the host up in the user's and the global known_hosts files (hashed entries included)."""
-    name = known_hosts_name(spec)
+    name = spec.known_hosts_name
     types: list[str] = []
     changed_in = None
     for path in _files(spec.user_known_hosts_files) + _files(spec.global_known_hosts_files):
@@ -68,12 +61,7 @@ def verify_host_key(spec: TunnelSpec, key: paramiko.PKey) -> None:
     if known.matches:
         return
     if known.changed_in:
-        raise HostKeyError(
-            f"the host key of {spec.hostname} has CHANGED since it was saved in known_hosts ({known.changed_in})",
-            f"if the server was reinstalled and you trust its new key, remove the old one with "
-            f"`ssh-keygen -R '{known.name}'` and connect once with `ssh {spec.alias}`; "
-            "otherwise someone may be intercepting the connection",
-        )
+        raise HostKeyError.changed(spec.hostname, spec.alias, known.name, f" ({known.changed_in})")
     if known.types:
         raise HostKeyError(
             f"{spec.hostname} offered a {key.get_name()} host key, but known_hosts holds only "
@@ -81,11 +69,7 @@ def verify_host_key(spec: TunnelSpec, key: paramiko.PKey) -> None:
             f"connect once with `ssh {spec.alias}` to check and save the new key type",
         )
     if spec.strict_host_key_checking not in ("accept-new", "no"):
-        raise HostKeyError(
-            f"the host key of {spec.hostname} is not in known_hosts and StrictHostKeyChecking forbids adding it",
-            f"connect once with `ssh {spec.alias}` to check and save the key, "
-            "or set `StrictHostKeyChecking accept-new` for this host",
-        )
+        raise HostKeyError.unknown(spec.hostname, spec.alias)
     _remember(spec, known.name, key)
 
 
@@ -194,12 +178,6 @@ def authenticate(transport: paramiko.Transport, spec: TunnelSpec) -> None:
             return
     where = f"{spec.user}@{spec.hostname}:{spec.port}"
     if locked:
-        raise AuthError(
-            f"{where} refused authentication: {', '.join(locked)} needs a passphrase and no agent holds it",
-            f"your key needs a passphrase and tunneld never prompts: load it with `ssh-add {locked[0]}` first",
-        )
-    raise AuthError(
-        f"{where} refused authentication: Permission denied (publickey) after {offered} key(s)",
-        f"check that your public key is in ~/.ssh/authorized_keys on the server and that IdentityFile points at it; "
-        f"a key with a passphrase must be loaded with `ssh-add`. Try `ssh {spec.alias}` by hand",
-    )
+        detail = f"{', '.join(locked)} needs a passphrase and no agent holds it"
+        raise AuthError.refused(where, spec.alias, detail, locked[0])
+    raise AuthError.refused(where, spec.alias, f"Permission denied (publickey) after {offered} key(s)")
