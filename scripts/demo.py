@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness import HttpServer, SshServer, free_port
+from tests.harness import ControlledHttpServer, SshServer, free_port
 
 HOST = "mlflowserver"
 
@@ -42,11 +42,38 @@ def fetch(port: int) -> str:
     return body
 
 
+def wait_for_state(env: dict[str, str], state: str, timeout_s: float = 20.0) -> None:
+    """Poll `status --json` (bounded) until the host reaches `state`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = subprocess.run(
+            [sys.executable, "-m", "tunneld", "status", HOST, "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if f'"state": "{state}"' in done.stdout:
+            return
+        time.sleep(0.2)
+
+
+def show_health_check(mlflow: ControlledHttpServer, env: dict[str, str]) -> None:
+    """MLflow answers 503 for a while: the host turns degraded, then up again, with no reconnect."""
+    say("MLflow stops answering (503) while the SSH link is fine: the health check notices")
+    mlflow.set_mode("503")
+    wait_for_state(env, "degraded")
+    tunneld("status", env=env)
+    mlflow.set_mode("ok")
+    say("MLflow is back: `wait` returns once the health check passes again")
+    tunneld("wait", HOST, "--timeout", "20", env=env)
+
+
 def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tunneld-demo-"))
     env = dict(os.environ, TUNNELD_HOME=str(workdir / "tunneld"))
     sshd = SshServer(workdir / "server")
-    mlflow = HttpServer()
+    mlflow = ControlledHttpServer()
     local_port = free_port()
     config = workdir / "ssh_config"
     try:
@@ -58,6 +85,13 @@ def main() -> int:
         say(f"The demo's ssh_config ({config}); on your machine this is ~/.ssh/config with LocalForward 5000 ...")
         print(textwrap.indent(config.read_text(), "    "), end="")
         f = ("-F", str(config))
+        settings = workdir / "tunneld" / "config" / "tunneld.toml"
+        settings.parent.mkdir(parents=True)
+        settings.write_text(
+            f'[hosts.{HOST}]\nhealth_interval_s = 2\n\n[hosts.{HOST}.health]\n"{local_port}" = "/health"\n'
+        )
+        say(f"A health check through the tunnel: GET /health every 2 s ({settings})")
+        print(textwrap.indent(settings.read_text(), "    "), end="")
 
         say("What tunneld would do")
         tunneld("show", HOST, *f, env=env)
@@ -66,6 +100,8 @@ def main() -> int:
             return 1
         tunneld("status", env=env)
         fetch(local_port)
+
+        show_health_check(mlflow, env)
 
         say("The server restarts (sshd killed, back 2 s later): tunneld notices and reconnects by itself")
         sshd.stop()

@@ -292,6 +292,94 @@ class HttpServer(_ServedInThread):
         super().__init__(http.server.ThreadingHTTPServer((host, port), _HealthHandler), host)
 
 
+class _ControlledHandler(http.server.BaseHTTPRequestHandler):
+    server: _ControlledHttp
+
+    def do_GET(self) -> None:
+        mode = self.server.mode
+        if mode == "hang":
+            self.server.release.wait(30)  # answer nothing until the test ends or changes its mind
+            return
+        code = 200 if mode == "ok" else int(mode)
+        body = b"OK" if code == 200 else f"{code}\n".encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature of the base
+        return
+
+
+class _ControlledHttp(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    mode = "ok"
+    release = threading.Event()
+
+
+class ControlledHttpServer(_ServedInThread):
+    """An HTTP target whose answer the test sets: "ok" (200), "503" (any code), or "hang" (never answers)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        server = _ControlledHttp((host, port), _ControlledHandler)
+        server.release = threading.Event()
+        super().__init__(server, host)
+
+    def set_mode(self, mode: str) -> None:
+        """Change how /health is answered from the next request on."""
+        assert isinstance(self.server, _ControlledHttp)
+        self.server.mode = mode
+        if mode != "hang":
+            self.server.release.set()
+            self.server.release = threading.Event()
+
+    def close(self) -> None:
+        """Release hanging requests, then stop serving."""
+        assert isinstance(self.server, _ControlledHttp)
+        self.server.release.set()
+        super().close()
+
+
+@contextlib.contextmanager
+def hold_port(ip: str, port: int) -> Iterator[socket.socket]:
+    """Listen on ip:port from this test process (a program that already holds the port), closed afterwards."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((ip, port))
+        sock.listen(8)
+        yield sock
+    finally:
+        sock.close()
+
+
+def ipv6_loopback() -> bool:
+    """Return True when this machine can listen on ::1."""
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def free_port_both() -> int:
+    """Return a port free on both 127.0.0.1 and ::1 right now."""
+    for _ in range(50):
+        port = free_port()
+        if not ipv6_loopback():
+            return port
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET6) as sock:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(("::1", port))
+            return port
+    raise RuntimeError("no port free on both loopback families")
+
+
 def echo_roundtrip(address: tuple[str, int] | str, payload: bytes, timeout: float = 5.0) -> bytes:
     """Send `payload` to an echo service at (host, port) or a unix socket path; return the echo."""
     family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET6 if ":" in address[0] else socket.AF_INET

@@ -256,8 +256,12 @@ def test_engine_chosen_per_host_in_tunneld_toml(
     ("text", "needle"),
     [
         ('engine = "telnet"\n', "engine must be one of auto, openssh, paramiko"),
-        ("[hosts.x]\nspeed = 3\n", "unknown setting 'speed'"),
-        ("hold_connections_s = -1\n", "hold_connections_s must be a number"),
+        ("[hosts.x]\nspeed = 3\n", 'unknown setting "speed"'),
+        ("hold_connections_s = -1\n", "hold_connections_s must be a number of seconds from 0 to 3600, not -1"),
+        ("hold_connections_s = true\n", "not true"),
+        ("health_interval_s = 0\n", "health_interval_s must be a number of seconds from 1 to 3600, not 0"),
+        ('[hosts.x.health]\n"web" = "/health"\n', 'health key "web" must be a forward\'s local port'),
+        ('[hosts.x.health]\n"5000" = "health"\n', 'health.5000 must be "tcp" or an HTTP path such as "/health"'),
         ("engine = \n", "tunneld.toml"),
     ],
 )

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from tests.conftest import read_state, run_cli, state_dir, tunneld_cmd, write_config
-from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port, wait_for
+from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port, ipv6_loopback, wait_for
 from tunneld.errors import EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_RUNTIME, EXIT_UNAVAILABLE
 
 HOST = "mlflowserver"
@@ -25,7 +25,7 @@ STATUS_KEYS = {
 }  # fmt: skip
 FORWARD_KEYS = {
     "forward", "listen", "target", "state", "detail", "bytes_in", "bytes_out", "open_connections",
-    "total_connections",
+    "total_connections", "exposed", "health",
 }  # fmt: skip
 
 
@@ -84,7 +84,9 @@ def test_start_status_stop_round_trip(config: Path, engine: str) -> None:
     started = run_cli("start", HOST, "-F", str(config), "--engine", engine)
     assert started.returncode == 0, started.stderr
     first, second = started.stdout.splitlines()
-    assert first.startswith(f"{HOST}  up  127.0.0.1:{local_port(config)} -> 127.0.0.1:")
+    port = local_port(config)
+    listen = f"127.0.0.1:{port}, [::1]:{port}" if ipv6_loopback() else f"127.0.0.1:{port}"
+    assert first.startswith(f"{HOST}  up  {listen} -> 127.0.0.1:"), first
     assert second == f"stop it with: tunneld stop {HOST}"
     assert echo_roundtrip(("127.0.0.1", local_port(config)), b"ping") == b"ping"
 
@@ -139,7 +141,7 @@ def test_concurrent_starts_leave_exactly_one_daemon(config: Path) -> None:
         ("refused key", EXIT_CONFIG, "refused authentication"),
         ("changed host key", EXIT_CONFIG, "has CHANGED"),
         ("unknown host key", EXIT_CONFIG, "not in known_hosts"),
-        ("port taken", EXIT_CONFIG, "is already in use by"),
+        ("port taken", EXIT_CONFIG, "is already in use on 127.0.0.1 by"),
         ("server down", EXIT_UNAVAILABLE, "Connection refused"),
         ("no forwards", EXIT_CONFIG, "has no LocalForward"),
         ("malformed", EXIT_CONFIG, "line 2: Bad configuration option"),
@@ -252,7 +254,8 @@ def test_check_passes_on_a_good_host_running_or_not(config: Path) -> None:
     done = run_cli("check", HOST, "-F", str(config))
     assert done.returncode == 0, done.stdout
     steps = [line[7:].split()[0] for line in done.stdout.splitlines() if line.startswith("[")]
-    assert steps == ["config", "local", "dns", "tcp", "host", "auth", "forwards", "target"]
+    targets = ["target", "target"] if ipv6_loopback() else ["target"]  # through 127.0.0.1 and ::1
+    assert steps == ["config", "local", "dns", "tcp", "host", "auth", "forwards", *targets]
     assert run_cli("start", HOST, "-F", str(config)).returncode == 0
     running = run_cli("check", HOST, "-F", str(config))
     assert running.returncode == 0, running.stdout
@@ -270,7 +273,7 @@ def test_check_names_the_process_holding_the_port(config: Path) -> None:
         holder.stdout.readline()
         done = run_cli("check", HOST, "-F", str(config))
         assert done.returncode == 1
-        assert f"[FAIL] local port localhost:{port} is already in use by python" in done.stdout
+        assert f"[FAIL] local port 127.0.0.1:{port} is already in use by python" in done.stdout
         assert f"(pid {holder.pid})" in done.stdout
     finally:
         holder.kill()

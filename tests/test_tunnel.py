@@ -197,7 +197,7 @@ def test_refusing_target_marks_the_forward_degraded(
     port, dead_port = free_port(), free_port()
     config = write_config(tmp_path, sshd.client_config("deg", [f"LocalForward {port} 127.0.0.1:{dead_port}"]))
     tunnel = start(foreground, "deg", config, engine)
-    tunnel.wait_state("up")
+    tunnel.wait_state("degraded")  # the health check after connecting found it before any user did
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.settimeout(5)
         assert sock.recv(1) == b""  # ssh closes our side when the target refuses
@@ -223,3 +223,26 @@ def test_sigterm_stops_cleanly_with_no_ssh_left(
     wait_for(lambda: not any(psutil.pid_exists(pid) for pid in children), 5, "ssh children to exit")
     assert read_state("term")["state"] == "stopped"
     assert not (Path(os.environ["TUNNELD_HOME"]) / "state" / "term.pid").exists()
+
+
+def test_a_server_that_never_sends_a_banner_is_transient_for_both_engines(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, engine: str, foreground: list[ForegroundTunnel]
+) -> None:
+    """A port that accepts TCP but never speaks SSH (a frozen sshd, another service): retried, never a crash."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel completes the TCP handshake; nothing ever answers
+        port = free_port()
+        text = sshd.client_config("mute", [f"LocalForward {port} 127.0.0.1:{echo.port}"], ["ConnectTimeout 2"])
+        config = write_config(tmp_path, text.replace(f"Port {sshd.port}", f"Port {silent.getsockname()[1]}"))
+        done = subprocess.run(
+            [sys.executable, "-m", "tunneld", "start", "mute", "-F", str(config), "--engine", engine],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 69, done.stderr
+        assert "Traceback" not in done.stderr and "Error: " in done.stderr
+        tunnel = start(foreground, "mute", config, engine)
+        state = tunnel.wait_state("backoff", timeout=30)
+        assert isinstance(state["attempts"], int) and state["attempts"] >= 1
+        assert "Traceback" not in tunnel.stderr()
+        assert tunnel.proc.poll() is None

@@ -7,17 +7,19 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tunneld.config import Forward, TunnelSpec, resolve_host
+from tunneld.config import TunnelSpec, resolve_host
 from tunneld.engines import Link, LinkEvents, make_engine
 from tunneld.errors import AuthError, HostKeyError, PortInUseError, TunneldError
-from tunneld.ports import listeners_of, port_in_use_error, port_is_free
+from tunneld.health import LocalProber, checks_for, run_check
+from tunneld.listen import ListenPlan, plan_spec
+from tunneld.ports import Listeners, listeners_of, port_in_use_error, port_is_free, unix_socket_answers
+from tunneld.settings import host_settings
 from tunneld.status import HostReport, collect
 from tunneld.supervisor import tcp_answers
 
 PASS = "ok"  # noqa: S105 - a verdict, not a password
 FAIL = "FAIL"
 SKIP = "skip"
-TARGET_SETTLE_S = 1.5
 
 
 @dataclass(frozen=True)
@@ -44,14 +46,15 @@ def run_checks(host: str, ssh_config: str | None, engine_name: str) -> Iterator[
         f"{len(spec.forwards)} forward(s): " + ", ".join(str(f) for f in spec.forwards),
     )
     report = collect(host)
-    ports = list(_local_port_steps(spec, report))
+    ours = _ours(report)
+    ports = list(_local_port_steps(spec, report, ours))
     yield from ports
     yield from _network_steps(spec)
     if report.is_up:
         yield Step("host key", PASS, f"accepted by the running tunnel (pid {report.pid})")
         yield Step("auth", PASS, f"the running tunnel is authenticated (pid {report.pid})")
-        yield Step("forwards", PASS, "listening: " + ", ".join(_listen_of(f) for f in report.forwards))
-        yield from _target_steps(spec)
+        yield Step("forwards", PASS, "listening: " + "; ".join(_listen_of(f) for f in report.forwards))
+        yield from _target_steps(spec, ours)
         return
     if any(step.verdict == FAIL for step in ports):
         for name in ("host key", "auth", "forwards", "target"):
@@ -62,36 +65,54 @@ def run_checks(host: str, ssh_config: str | None, engine_name: str) -> Iterator[
 
 def _listen_of(forward: dict[str, object]) -> str:
     listen = forward.get("listen")
-    return str(listen[0]) if isinstance(listen, list) and listen else str(forward.get("forward"))
+    shown = ", ".join(map(str, listen)) if isinstance(listen, list) and listen else str(forward.get("forward"))
+    return shown + ("  (reachable from the network)" if forward.get("exposed") else "")
 
 
-def _local_port_steps(spec: TunnelSpec, report: HostReport) -> Iterator[Step]:
-    ours = [listeners_of(pid) for pid in (report.pid, *report.children) if pid] if report.running else []
-    for forward in spec.local_forwards:
-        listen = forward.listen
-        if any(listen.port in mine.tcp or listen.path in mine.unix for mine in ours):
-            yield Step("local port", PASS, f"{listen} is held by this host's running tunnel (pid {report.pid})")
+def _ours(report: HostReport) -> Listeners:
+    """Return what this host's running tunnel (supervisor and ssh child) listens on."""
+    tcp: dict[int, tuple[str, ...]] = {}
+    unix: set[str] = set()
+    for pid in (report.pid, *report.children) if report.running else ():
+        if pid:
+            mine = listeners_of(pid)
+            unix |= mine.unix
+            for port, addresses in mine.tcp.items():
+                tcp[port] = tcp.get(port, ()) + addresses
+    return Listeners(tcp, frozenset(unix))
+
+
+def _local_port_steps(spec: TunnelSpec, report: HostReport, ours: Listeners) -> Iterator[Step]:
+    """One step per forward: every address it listens on must be free or held by this host's tunnel."""
+    for plan in plan_spec(spec):
+        exposed = "  (reachable from the network)" if plan.exposed else ""
+        failures = []
+        held = 0
+        for address, ip in _addresses(plan):
+            if (plan.path is not None and plan.path in ours.unix) or address in ours.tcp.get(plan.port, ()):
+                held += 1
+            elif plan.path is not None and unix_socket_answers(plan.path):
+                failures.append((address, port_in_use_error(path=plan.path)))
+            elif plan.path is None and not port_is_free(plan.port, ip):
+                failures.append((address, port_in_use_error(port=plan.port, ip=ip)))
+        for address, error in failures:
+            by = f" by {error.holder}" if error.holder else ""
+            yield Step("local port", FAIL, f"{address} is already in use{by}", error.hint)
+        if failures:
             continue
-        if listen.path is not None:
-            free = not _unix_socket_answers(listen.path)
+        shown = ", ".join(plan.addresses)
+        skipped = f"; skipped {', '.join(plan.skipped)}" if plan.skipped else ""
+        if held:
+            yield Step("local port", PASS, f"{shown} held by this host's running tunnel (pid {report.pid}){exposed}")
         else:
-            bind = {"*": "0.0.0.0", None: "127.0.0.1", "localhost": "127.0.0.1"}.get(listen.host, listen.host)
-            free = port_is_free(listen.port or 0, str(bind))
-        if free:
-            yield Step("local port", PASS, f"{listen} is free")
-        else:
-            error = port_in_use_error(str(listen), port=listen.port, path=listen.path)
-            holder = f" by {error.holder}" if error.holder else ""
-            yield Step("local port", FAIL, f"{listen} is already in use{holder}", error.hint)
+            yield Step("local port", PASS, f"{shown} free{exposed}{skipped}")
 
 
-def _unix_socket_answers(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX) as sock:
-        try:
-            sock.connect(path)
-        except OSError:
-            return False
-    return True
+def _addresses(plan: ListenPlan) -> list[tuple[str, str]]:
+    """Return (shown address, ip) pairs of a plan; a socket path is its own address."""
+    if plan.path is not None:
+        return [(plan.path, "")]
+    return list(zip(plan.addresses, plan.ips, strict=True))
 
 
 def _network_steps(spec: TunnelSpec) -> Iterator[Step]:
@@ -144,45 +165,31 @@ def _connect_steps(spec: TunnelSpec, engine_name: str) -> Iterator[Step]:
     try:
         yield Step("host key", PASS, f"{spec.hostname}'s key matches known_hosts")
         yield Step("auth", PASS, f"authenticated as {spec.user}")
-        yield Step("forwards", PASS, "listening: " + ", ".join(s.listen[0] for s in link.stats() if s.listen))
+        listening = "; ".join(_listen_of(s.to_dict()) for s in link.stats())
+        yield Step("forwards", PASS, "listening: " + listening)
         yield from _target_steps(spec)
     finally:
         link.close()
         engine.close()
 
 
-def _target_steps(spec: TunnelSpec) -> Iterator[Step]:
-    for forward in spec.forwards:
-        if forward.kind != "local":
-            continue
-        verdict, detail = _probe_target(forward)
-        hint = None
-        if verdict == FAIL:
-            hint = f"the tunnel works but nothing accepts connections at {forward.target} on the server side"
-        yield Step("target", verdict, detail, hint)
-
-
-def _probe_target(forward: Forward) -> tuple[str, str]:
-    """Connect through the forward: ssh closes our side at once when the remote target refuses."""
-    listen = forward.listen
-    try:
-        if listen.path is not None:
-            sock = socket.socket(socket.AF_UNIX)
-            sock.settimeout(5)
-            sock.connect(listen.path)
-        else:
-            host = "127.0.0.1" if listen.host in (None, "*", "localhost") else str(listen.host)
-            sock = socket.create_connection((host, listen.port or 0), timeout=5)
-    except OSError as exc:
-        return FAIL, f"cannot connect to the local end {listen}: {exc}"
-    with sock:
-        sock.settimeout(TARGET_SETTLE_S)
-        try:
-            data = sock.recv(1)
-        except TimeoutError:
-            return PASS, f"{forward.target} accepted a connection through {listen}"
-        except OSError as exc:
-            return FAIL, f"{forward.target} through {listen}: {exc}"
-    if data:
-        return PASS, f"{forward.target} answered through {listen}"
-    return FAIL, f"{forward.target} refused or closed the connection made through {listen}"
+def _target_steps(spec: TunnelSpec, ours: Listeners | None = None) -> Iterator[Step]:
+    """Reach each forward's target through every local address, with the host's configured health check."""
+    checks = checks_for(spec, host_settings(spec.alias))
+    plans = {plan.forward: plan for plan in plan_spec(spec)}
+    for check in checks:
+        plan = plans[check.forward]
+        for address, ip in _addresses(plan):
+            if ours is not None and plan.path is None and address not in ours.tcp.get(plan.port, ()):
+                error = port_in_use_error(port=plan.port, ip=ip)
+                detail = f"connections to {address} do not reach the tunnel: {error.message}"
+                yield Step("target", FAIL, detail, error.hint)
+                continue
+            where: tuple[str, int] | str = plan.path if plan.path is not None else (ip, plan.port)
+            result = run_check(LocalProber(where), check)
+            detail = f"through {address}: {result.detail}"
+            if result.ok:
+                yield Step("target", PASS, detail)
+            else:
+                hint = f"the tunnel works but {check.forward.target} on the server side does not answer as expected"
+                yield Step("target", FAIL, detail, hint)

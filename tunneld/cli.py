@@ -134,12 +134,12 @@ def show(host: str, ssh_config: str | None, engine: str, as_json: bool) -> None:
     """Print what tunneld would do for HOST: forwards, engine, keepalive, host-key policy."""
     from tunneld.config import resolve_host
     from tunneld.engines import select_engine_name
-    from tunneld.render import spec_lines
+    from tunneld.render import spec_json, spec_lines
 
     spec = resolve_host(host, ssh_config)
     engine_name = select_engine_name(engine, host)
     if as_json:
-        click.echo(json.dumps({**spec.to_dict(), "engine": engine_name}, indent=2))
+        click.echo(json.dumps(spec_json(spec, engine_name), indent=2))
         return
     click.echo("\n".join(spec_lines(spec, engine_name)))
 
@@ -347,20 +347,27 @@ def logs(host: str, ssh_config: str | None, follow: bool, count: int) -> None:
 @ssh_config_unused
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait.")
 def wait(host: str, ssh_config: str | None, timeout: float) -> None:
-    """Block until HOST's tunnel is up; exit 1 on timeout. For scripts: tunneld wait mlflowserver && python train.py"""
+    """Block until HOST's tunnel is up and its configured health checks pass; exit 1 on timeout, or at once
+    when HOST is not running (failed, stopped, never started). For scripts: tunneld wait mlflowserver && python train.py
+    """
+    from tunneld.paths import validate_host
+    from tunneld.states import FORWARD_DEGRADED
     from tunneld.status import wait_until_up
 
-    up, report = wait_until_up(host, timeout)
+    up, report = wait_until_up(validate_host(host), timeout)
     if up:
         click.echo(f"{host}  {report.state}")
         return
     error = report.last_error.get("message") if report.last_error else None
-    click.echo(
-        f"{host}  not up after {timeout:.0f} s (state: {report.state}"
-        + (f"; last error: {error}" if error else "")
-        + ")",
-        err=True,
-    )
+    if not report.running:
+        why = f"{host}  is not running (state: {report.state}"
+    elif report.is_up:
+        failing = [f.get("detail") for f in report.forwards if f.get("state") == FORWARD_DEGRADED]
+        why = f"{host}  health checks still failing after {timeout:g} s ({'; '.join(map(str, failing))}"
+        error = None
+    else:
+        why = f"{host}  not up after {timeout:g} s (state: {report.state}"
+    click.echo(why + (f"; last error: {error}" if error else "") + ")", err=True)
     sys.exit(EXIT_RUNTIME)
 
 

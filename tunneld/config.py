@@ -58,7 +58,7 @@ class Endpoint:
     def __str__(self) -> str:
         if self.path is not None:
             return self.path
-        host = self.host or "localhost"
+        host = "*" if self.host == "" else self.host or "localhost"  # `:5000` means every interface
         if ":" in host:
             host = f"[{host}]"
         return f"{host}:{self.port}"

@@ -31,6 +31,7 @@ from tunneld.errors import (
 )
 from tunneld.paths import HostFiles, ensure_private_dir
 from tunneld.pidfile import PidFile, PidRecord, process_matches, read_json, terminate, write_json_atomic
+from tunneld.settings import host_settings
 from tunneld.states import DEGRADED, FAILED, STOPPED, UP
 from tunneld.supervisor import Supervisor, TunnelStatus, Wakeups
 
@@ -175,6 +176,7 @@ def _run_supervised(
     try:
         fd = lock_fd if lock_fd is not None else pidfile.lock()
         spec = resolve_host(host, ssh_config)
+        settings = host_settings(host)
         engine = make_engine(engine_name, host)
     except TunneldError as error:
         notifier.send("failed", error.to_dict())
@@ -196,7 +198,7 @@ def _run_supervised(
         spec.keepalive_count_max,
     )
     try:
-        return Supervisor(spec, engine, reporter, wakeups, fail_fast=fail_fast).run()
+        return Supervisor(spec, engine, reporter, wakeups, fail_fast=fail_fast, settings=settings).run()
     finally:
         notifier.close()
         pidfile.remove(os.getpid())

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
+import stat
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -14,7 +16,7 @@ import psutil
 if TYPE_CHECKING:
     from psutil._ntuples import pconn, sconn
 
-from tunneld.errors import PortInUseError
+from tunneld.errors import ConfigError, PortInUseError
 
 # macOS's AirPlay Receiver listens on 5000 and 7000 (ControlCenter since Monterey).
 _AIRPLAY_PROCESSES = ("ControlCenter", "AirPlayXPCHelper")
@@ -75,25 +77,39 @@ def _holder_from(conns: list[sconn]) -> Holder | None:
     return None
 
 
-def port_holder(port: int | None = None, path: str | None = None) -> Holder | None:
-    """Return the process listening on TCP `port` or unix socket `path`, if one can be found."""
+def _covers(ip: str | None, laddr_ip: str) -> int:
+    """Rank how a listener on `laddr_ip` blocks `ip`: 2 exactly, 1 as a wildcard, 0 not at all."""
+    if ip is None or laddr_ip == ip:
+        return 2
+    if laddr_ip == "::" or (laddr_ip == "0.0.0.0" and ":" not in ip) or ip in ("0.0.0.0", "::"):
+        return 1
+    return 0
+
+
+def port_holder(port: int | None = None, path: str | None = None, ip: str | None = None) -> Holder | None:
+    """Return the process listening on unix socket `path`, or on TCP `port` in a way that blocks `ip`."""
     kind = "unix" if path is not None else "inet"
 
-    def matches(conn: sconn | pconn) -> bool:
+    def rank(conn: sconn | pconn) -> int:
         laddr: object = conn.laddr  # a str for unix sockets, whatever the stubs say
         if path is not None:
-            return laddr == path
-        return isinstance(laddr, tuple) and len(laddr) == 2 and laddr[1] == port and conn.status == psutil.CONN_LISTEN
+            return 2 if laddr == path else 0
+        if not (isinstance(laddr, tuple) and len(laddr) == 2 and laddr[1] == port):
+            return 0
+        return _covers(ip, str(laddr[0])) if conn.status == psutil.CONN_LISTEN else 0
+
+    def best(conns: list[sconn]) -> Holder | None:
+        ranked = sorted((c for c in conns if rank(c)), key=rank, reverse=True)
+        return _holder_from(ranked)
 
     try:
-        return _holder_from([c for c in psutil.net_connections(kind=kind) if matches(c)])
+        return best(psutil.net_connections(kind=kind))
     except psutil.AccessDenied:
         pass
     # Without privileges (macOS) walk our own processes one by one.
     for proc in psutil.process_iter(["pid", "name"]):
         with contextlib.suppress(psutil.Error):
-            conns = [c for c in proc.net_connections(kind=kind) if matches(c)]
-            if conns:
+            if any(rank(c) for c in proc.net_connections(kind=kind)):
                 return Holder(proc.pid, proc.info["name"])
     return None
 
@@ -103,6 +119,8 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as ssh binds it
         try:
             sock.bind((host, port))
         except OSError as exc:
@@ -112,13 +130,56 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def port_in_use_error(listen: str, port: int | None = None, path: str | None = None) -> PortInUseError:
-    """Build the error for a forward that cannot listen, naming the process that holds it."""
-    holder = port_holder(port=port, path=path)
+def unix_socket_answers(path: str) -> bool:
+    """Return True when something accepts connections on the unix socket `path`."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def clear_stale_socket(path: str) -> None:
+    """Before binding `path`: remove a socket file nobody listens on (a crashed link's), refuse a live one.
+
+    OpenSSH's StreamLocalBindUnlink would remove a live socket too; this keeps another program's.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(
+            f"local socket path {path} exists and is not a socket",
+            "move that file away, or point the LocalForward at another socket path",
+        )
+    if unix_socket_answers(path):
+        raise port_in_use_error(path=path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def port_in_use_error(port: int | None = None, path: str | None = None, ip: str | None = None) -> PortInUseError:
+    """Build the error for a forward that cannot listen on `ip:port` (or `path`), naming what holds it."""
+    holder = port_holder(port=port, path=path, ip=ip)
     what = f"local socket {path}" if path is not None else f"local port {port}"
-    where = f" by {holder}" if holder else ""
-    message = f"{what} ({listen}) is already in use{where}"
-    if (holder is not None and holder.name in _AIRPLAY_PROCESSES) or (
+    where = f" on {ip}" if ip else ""
+    owner = _tunneld_host_of(holder)
+    if owner is not None:
+        return PortInUseError(
+            f"{what}{where} is held by tunneld host {owner} (stop it with: tunneld stop {owner})",
+            f"two hosts cannot share a local port: `tunneld stop {owner}`, or change one of the two LocalForward lines",
+            holder=f"tunneld host {owner}",
+        )
+    message = f"{what} is already in use{where}" + (f" by {holder}" if holder else "")
+    if path is not None:
+        hint = (
+            f"another program listens on {path}: stop it, or point the LocalForward at another socket path"
+            if holder is None or holder.pid is None
+            else f"stop {holder.name} (pid {holder.pid}), or point the LocalForward at another socket path"
+        )
+    elif (holder is not None and holder.name in _AIRPLAY_PROCESSES) or (
         sys.platform == "darwin" and port in (5000, 7000)
     ):
         hint = (
@@ -130,3 +191,12 @@ def port_in_use_error(listen: str, port: int | None = None, path: str | None = N
     else:
         hint = "free the port or pick another local port in your LocalForward line"
     return PortInUseError(message, hint, holder=str(holder) if holder else None)
+
+
+def _tunneld_host_of(holder: Holder | None) -> str | None:
+    """Return the tunneld host whose supervisor (or its ssh child) is `holder`, if any."""
+    if holder is None or holder.pid is None:
+        return None
+    from tunneld.status import host_owning_pid
+
+    return host_owning_pid(holder.pid)

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 def spec_lines(spec: TunnelSpec, engine: str) -> list[str]:
     """Return `tunneld show`'s human-readable description of a spec."""
+    from tunneld.listen import plan_spec
+
     via = []
     if spec.proxy_jump:
         via.append(f"ProxyJump {spec.proxy_jump}")
@@ -42,8 +44,31 @@ def spec_lines(spec: TunnelSpec, engine: str) -> list[str]:
         if missing:
             lines.append(f"warning     the paramiko engine cannot serve: {', '.join(map(str, missing))} (use openssh)")
     lines.append("forwards:")
-    lines += [f"  {forward}" for forward in spec.forwards]
+    plans = {plan.forward: plan for plan in plan_spec(spec)}
+    for forward in spec.forwards:
+        plan = plans.get(forward)
+        lines.append(f"  {plan.describe() if plan else forward}")
+        if plan and plan.skipped:
+            lines.append(f"    not listening on {', '.join(plan.skipped)}")
     return lines
+
+
+def spec_json(spec: TunnelSpec, engine: str) -> dict[str, object]:
+    """Return `tunneld show --json`: the spec, the engine, and each forward's listen addresses and exposure."""
+    from tunneld.listen import plan_spec
+
+    data = {**spec.to_dict(), "engine": engine}
+    plans = {plan.forward: plan for plan in plan_spec(spec)}
+    forwards = []
+    for forward in spec.forwards:
+        plan = plans.get(forward)
+        item = forward.to_dict()
+        item["listen_addresses"] = list(plan.addresses) if plan else []
+        item["skipped_addresses"] = list(plan.skipped) if plan else []
+        item["exposed"] = plan.exposed if plan else False
+        forwards.append(item)
+    data["forwards"] = forwards
+    return data
 
 
 def duration(seconds: float | None) -> str:
@@ -88,15 +113,20 @@ LAST_ERROR_WIDTH = 70
 
 
 def forward_text(forward: dict[str, object]) -> str:
-    """Return `listen -> target` with the real listen address, and why a degraded forward is degraded."""
+    """Return `listen, listen -> target` with every real listen address, exposure, health, and why it is degraded."""
     listen = forward.get("listen")
-    first = str(listen[0]) if isinstance(listen, list) and listen else "?"
-    text = f"{first} -> {forward.get('target')}"
+    shown = ", ".join(map(str, listen)) if isinstance(listen, list) and listen else "?"
+    text = f"{shown} -> {forward.get('target')}"
+    if forward.get("exposed"):
+        text += " (reachable from the network)"
     total, bytes_in, bytes_out = forward.get("total_connections"), forward.get("bytes_in"), forward.get("bytes_out")
     if isinstance(total, int) and isinstance(bytes_in, int) and isinstance(bytes_out, int):
         text += f" [{forward.get('open_connections')}/{total} conns, in {size(bytes_in)}, out {size(bytes_out)}]"
+    health = forward.get("health")
     if forward.get("state") == FORWARD_DEGRADED:
         text += f" (degraded: {forward.get('detail')})"
+    elif isinstance(health, dict) and health.get("configured"):
+        text += f" (health: {health.get('detail')}, {health.get('latency_ms')} ms)"
     return text
 
 

@@ -6,7 +6,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from tunneld.autostart import read_manifest
-from tunneld.paths import HostFiles
+from tunneld.paths import HostFiles, known_hosts_with_files, state_dir
 from tunneld.pidfile import PidFile, read_json
 from tunneld.states import DEGRADED, RUNNING_STATES, UP
 
@@ -41,6 +41,15 @@ class HostReport:
     def is_up(self) -> bool:
         """Return True when the tunnel runs and every forward listens (degraded counts: the link is up)."""
         return self.running and self.state in (UP, DEGRADED)
+
+    @property
+    def health_ok(self) -> bool:
+        """Return True when no health check that tunneld.toml asked for is failing."""
+        for forward in self.forwards:
+            health = forward.get("health")
+            if isinstance(health, dict) and health.get("configured") and not health.get("ok"):
+                return False
+        return True
 
     def to_dict(self) -> dict[str, object]:
         """Return the documented JSON form (docs/usage.md, `status --json`)."""
@@ -89,6 +98,21 @@ def collect(host: str) -> HostReport:
     )
 
 
+def host_owning_pid(pid: int) -> str | None:
+    """Return the tunneld host whose live supervisor is `pid`, or whose supervisor is `pid`'s parent (ssh)."""
+    import psutil
+
+    try:
+        candidates = {pid, psutil.Process(pid).ppid()}
+    except psutil.Error:
+        candidates = {pid}
+    for host in known_hosts_with_files():
+        record = PidFile(HostFiles(host, state_dir())).read()
+        if record is not None and record.pid in candidates and record.is_live():
+            return host
+    return None
+
+
 def _child_pids(children: object) -> tuple[int, ...]:
     if not isinstance(children, list):
         return ()
@@ -100,10 +124,15 @@ def _number(value: object) -> float | None:
 
 
 def wait_until_up(host: str, timeout: float) -> tuple[bool, HostReport]:
-    """Poll the host's files until it is up or `timeout` passes; return (up, last report)."""
+    """Poll until the host is up with its configured health checks passing; return (ready, last report).
+
+    Returns at once, not ready, when no tunnel runs for the host (failed, stopped, dead, never started):
+    waiting cannot help there.
+    """
     deadline = time.monotonic() + timeout
     while True:
         report = collect(host)
-        if report.is_up or time.monotonic() >= deadline:
-            return report.is_up, report
+        ready = report.is_up and report.health_ok
+        if ready or not report.running or time.monotonic() >= deadline:
+            return ready, report
         time.sleep(WAIT_POLL_S)

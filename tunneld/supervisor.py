@@ -15,7 +15,9 @@ import psutil
 
 from tunneld.config import TunnelSpec
 from tunneld.engines import ChildProcess, Engine, ForwardStatus, Link, LinkEvents
-from tunneld.errors import EXIT_OK, TunneldError
+from tunneld.errors import EXIT_OK, PortInUseError, TunneldError
+from tunneld.health import Health, HealthMonitor
+from tunneld.settings import HostSettings
 from tunneld.states import BACKOFF, CONNECTING, DEGRADED, FAILED, FORWARD_DEGRADED, LOST, STARTING, STOPPED, UP
 
 log = logging.getLogger(__name__)
@@ -161,8 +163,10 @@ class Supervisor:
         fail_fast: bool = False,
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
+        settings: HostSettings | None = None,
     ) -> None:
         self.spec = spec
+        self.settings = settings or HostSettings()
         self.engine = engine
         self.reporter = reporter
         self.wakeups = wakeups
@@ -199,7 +203,9 @@ class Supervisor:
                 if self.wakeups.stop.is_set():
                     break
                 self._set(attempts=self.status.attempts + 1, last_error=_error_record(error))
-                if not error.retryable or (first_try and self.fail_fast):
+                # A port taken while the link was down may be freed again: only at the very start is it fatal.
+                retryable = error.retryable or (isinstance(error, PortInUseError) and not first_try)
+                if not retryable or (first_try and self.fail_fast):
                     return self._fail(error)
                 log.warning("%s: %s", self.spec.alias, error.message)
                 first_try = False
@@ -207,8 +213,14 @@ class Supervisor:
                 continue
             reconnects = self.status.reconnects + (0 if first_try else 1)
             first_try = False
-            uptime, lost = self._hold(link, reconnects)
-            link.close()
+            health = HealthMonitor(self.spec, link, self.settings, self.wakeups.wake.set)
+            health.check_now()  # before `up` is reported: the forwards carry traffic to their targets
+            health.start()
+            try:
+                uptime, lost = self._hold(link, health, reconnects)
+            finally:
+                health.stop()
+                link.close()
             self.backoff = self.backoff.after_uptime(uptime)
             if lost is None:
                 break
@@ -232,10 +244,10 @@ class Supervisor:
         self._set(state=FAILED, last_error=_error_record(error), forwards=(), children=())
         return error.exit_code
 
-    def _hold(self, link: Link, reconnects: int) -> tuple[float, TunneldError | None]:
+    def _hold(self, link: Link, health: HealthMonitor, reconnects: int) -> tuple[float, TunneldError | None]:
         """Hold a live link; return (uptime, why it was lost), with None when a stop was requested."""
         started = time.monotonic()
-        self._publish_up(link, reconnects=reconnects, attempts=0)
+        self._publish_up(link, health, reconnects=reconnects, attempts=0)
         for forward in self.status.forwards:
             log.info("%s: forward %s is up on %s", self.spec.alias, forward.forward, ", ".join(forward.listen))
         last_beat = time.monotonic()
@@ -249,14 +261,14 @@ class Supervisor:
                 self.wakeups.retry_now.clear()
                 log.info("%s: retry requested, but the link is up", self.spec.alias)
             before = self.status.state
-            if self._publish_up(link, force=time.monotonic() - last_beat >= HEARTBEAT_S):
+            if self._publish_up(link, health, force=time.monotonic() - last_beat >= HEARTBEAT_S):
                 last_beat = time.monotonic()
             if self.status.state != before:
                 self._log_forward_health()
         return time.monotonic() - started, None
 
-    def _publish_up(self, link: Link, force: bool = True, **changes: object) -> bool:
-        forwards = tuple(link.stats())
+    def _publish_up(self, link: Link, health: HealthMonitor, force: bool = True, **changes: object) -> bool:
+        forwards = tuple(_with_health(f, health.result(f.forward)) for f in link.stats())
         state = DEGRADED if any(f.state == FORWARD_DEGRADED for f in forwards) else UP
         if not force and state == self.status.state and forwards == self.status.forwards:
             return False
@@ -311,6 +323,16 @@ class Supervisor:
                 elif answers and saw_down:
                     return f"{hop[0]}:{hop[1]} answers again" if hop else None
         return None
+
+
+def _with_health(forward: ForwardStatus, health: Health | None) -> ForwardStatus:
+    """Attach the forward's latest health check; a failing one makes the forward degraded."""
+    if health is None:
+        return forward
+    forward = dataclasses.replace(forward, health=health.to_dict())
+    if not health.ok and forward.state != FORWARD_DEGRADED:
+        forward = dataclasses.replace(forward, state=FORWARD_DEGRADED, detail=health.detail)
+    return forward
 
 
 def _error_record(error: TunneldError) -> dict[str, object]:

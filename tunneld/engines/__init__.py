@@ -10,8 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tunneld.config import TunnelSpec, ssh_binary
+from tunneld.config import Forward, TunnelSpec, ssh_binary
 from tunneld.errors import ConfigError, TunneldError
+from tunneld.health import Stream
 from tunneld.settings import ENGINES, host_settings
 from tunneld.states import FORWARD_OK
 
@@ -33,6 +34,8 @@ class ForwardStatus:
     bytes_out: int | None = None
     open_connections: int | None = None
     total_connections: int | None = None
+    exposed: bool = False
+    health: dict[str, object] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """Return the status as JSON-ready data (the state file)."""
@@ -46,6 +49,8 @@ class ForwardStatus:
             "bytes_out": self.bytes_out,
             "open_connections": self.open_connections,
             "total_connections": self.total_connections,
+            "exposed": self.exposed,
+            "health": self.health,
         }
 
 
@@ -94,6 +99,9 @@ class Link(Protocol):
 
     def children(self) -> list[ChildProcess]:
         """Return helper processes the link runs (empty for in-process engines)."""
+
+    def open_probe(self, forward: Forward, timeout: float, settle: bool) -> Stream:
+        """Return a connection to `forward`'s target through this link (health checks); ConnectError if none."""
 
 
 class Engine(Protocol):

@@ -24,7 +24,8 @@ from typing import Protocol
 from tunneld.config import LOCAL, Forward, TunnelSpec
 from tunneld.engines import ForwardStatus
 from tunneld.errors import ConfigError, TunneldError
-from tunneld.ports import format_address, port_in_use_error
+from tunneld.listen import plan_spec
+from tunneld.ports import clear_stale_socket, format_address, port_in_use_error
 from tunneld.states import FORWARD_DEGRADED, FORWARD_OK
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class Channel(Protocol):
     def fileno(self) -> int: ...
     def recv(self, nbytes: int) -> bytes: ...
     def send(self, data: bytes) -> int: ...
+    def sendall(self, data: bytes) -> None: ...
     def shutdown_write(self) -> None: ...
     def close(self) -> None: ...
     def settimeout(self, timeout: float | None) -> None: ...
@@ -93,6 +95,7 @@ class Forwarder:
     def __init__(self, spec: TunnelSpec, hold_s: float = DEFAULT_HOLD_S) -> None:
         self.spec = spec
         self.hold_s = hold_s
+        self.plans = plan_spec(spec)
         self.listeners: list[Listener] = []
         self.counters = {f: Counters() for f in spec.local_forwards}
         self._opener: Opener | None = None
@@ -110,18 +113,18 @@ class Forwarder:
         self.on_change: Callable[[], None] = lambda: None
 
     def bind(self) -> None:
-        """Bind every local forward where OpenSSH would; raise PortInUseError naming the holder."""
-        gateway = dict(self.spec.options).get("gatewayports", "no") in ("yes", "true")
+        """Bind every address OpenSSH would listen on (tunneld.listen); raise PortInUseError naming a holder.
+
+        No address is skipped because it is taken: half a forward is not a forward.
+        """
         try:
-            for forward in self.spec.local_forwards:
-                bound = 0
-                for family, address, optional in _bind_addresses(forward, gateway):
-                    try:
-                        self.listeners.append(_listen(forward, family, address))
-                        bound += 1
-                    except ConfigError:
-                        if not (optional and bound):
-                            raise
+            for plan in self.plans:
+                if plan.path is not None:
+                    clear_stale_socket(plan.path)
+                    self.listeners.append(_listen(plan.forward, socket.AF_UNIX, plan.path))
+                for ip in plan.ips:
+                    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+                    self.listeners.append(_listen(plan.forward, family, ip))
         except BaseException:
             self.close()
             raise
@@ -130,6 +133,26 @@ class Forwarder:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._loop, name="forwarder", daemon=True)
         self._thread.start()
+
+    def probe(self, forward: Forward, open_channel: Callable[[], Channel]) -> Channel:
+        """Open a channel for a health check: it marks the forward refused or not, but is not counted as traffic."""
+        try:
+            channel = open_channel()
+        except TunneldError as error:
+            self._mark_refused(forward, error.message)
+            raise
+        self._mark_refused(forward, None)
+        return channel
+
+    def _mark_refused(self, forward: Forward, why: str | None) -> None:
+        """Record whether the forward's target refuses (None: it accepted); tell the supervisor on a change."""
+        counters = self.counters[forward]
+        if counters.refused == why:
+            return
+        counters.refused = why
+        if why is not None:
+            log.warning("%s: degraded: %s: %s", self.spec.alias, forward, why)
+        self.on_change()
 
     def attach(self, opener: Opener | None) -> None:
         """Serve connections through `opener` (a live link); None while the link is down (connections wait)."""
@@ -171,6 +194,7 @@ class Forwarder:
                 ForwardStatus(
                     str(forward), listen, str(forward.target), FORWARD_DEGRADED if c.refused else FORWARD_OK,
                     f"{forward.target} {c.refused}" if c.refused else None, c.bytes_in, c.bytes_out, c.open, c.total,
+                    exposed=any(p.exposed for p in self.plans if p.forward is forward),
                 )
             )  # fmt: skip
         return out
@@ -220,15 +244,11 @@ class Forwarder:
 
     def _open(self, opener: Opener, sock: socket.socket, forward: Forward, peer: tuple[str, int]) -> None:
         """Runs in the small opener pool: one round trip per new connection, never on the pump thread."""
-        counters = self.counters[forward]
         try:
             channel = opener(forward, peer)
         except TunneldError as error:
             sock.close()
-            if counters.refused != error.message:
-                counters.refused = error.message
-                log.warning("%s: degraded: %s: %s", self.spec.alias, forward, error.message)
-                self.on_change()
+            self._mark_refused(forward, error.message)
             return
         except Exception as exc:
             log.debug("%s: could not open a channel for %s (%s): waiting for the next link", self.spec.alias, forward,
@@ -236,9 +256,7 @@ class Forwarder:
             with self._lock:
                 self._waiting.append((sock, forward, peer, time.monotonic() + self.hold_s))
             return
-        if counters.refused is not None:
-            counters.refused = None
-            self.on_change()
+        self._mark_refused(forward, None)
         self._opened.put((sock, forward, channel))
         self._wake()
 
@@ -374,42 +392,25 @@ def unsupported_forwards(spec: TunnelSpec) -> list[Forward]:
     return [f for f in spec.forwards if f.kind != LOCAL or f.target is None or f.target.path is not None]
 
 
-def _bind_addresses(forward: Forward, gateway_ports: bool) -> list[tuple[int, str, bool]]:
-    """Where OpenSSH would listen: loopback by default, all interfaces for '*' (or GatewayPorts).
-
-    The third item says the address may be skipped (IPv6 on a machine without it) once another bound.
-    """
-    listen = forward.listen
-    if listen.path is not None:
-        return [(socket.AF_UNIX, listen.path, False)]
-    host = listen.host
-    if host in (None, "", "localhost") and not (host is None and gateway_ports):
-        return [(socket.AF_INET, "127.0.0.1", False), (socket.AF_INET6, "::1", True)]
-    if host in (None, "", "*"):
-        return [(socket.AF_INET, "0.0.0.0", False), (socket.AF_INET6, "::", True)]
-    return [(socket.AF_INET6 if ":" in host else socket.AF_INET, host, False)]
-
-
 def _listen(forward: Forward, family: int, address: str) -> Listener:
+    shown = address if family == socket.AF_UNIX else format_address(address, forward.listen.port or 0)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as OpenSSH: [::] is not 0.0.0.0
             sock.bind((address, forward.listen.port or 0))
-            shown = format_address(address, forward.listen.port or 0)
         else:
             sock.bind(address)
             os.chmod(address, 0o600)
-            shown = address
         sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise port_in_use_error(str(forward.listen), port=forward.listen.port, path=forward.listen.path) from exc
-        if exc.errno == errno.EADDRNOTAVAIL and family == socket.AF_INET6:
-            raise ConfigError(f"cannot listen on {address}: {exc.strerror}", "this machine has no IPv6") from exc
-        raise ConfigError(f"cannot listen on {forward.listen}: {exc.strerror}") from exc
+            if family == socket.AF_UNIX:
+                raise port_in_use_error(path=address) from exc
+            raise port_in_use_error(port=forward.listen.port, ip=address) from exc
+        raise ConfigError(f"cannot listen on {shown}: {exc.strerror}") from exc
     return Listener(sock, forward, shown)

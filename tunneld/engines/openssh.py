@@ -26,7 +26,9 @@ from tunneld.engines import (
     ProgressCallback,
 )
 from tunneld.errors import AuthError, ConfigError, ConnectError, HostKeyError, TunneldError
-from tunneld.ports import Listeners, listeners_of, port_in_use_error
+from tunneld.health import LocalProber, Stream
+from tunneld.listen import plan_spec
+from tunneld.ports import Listeners, clear_stale_socket, listeners_of, port_in_use_error
 from tunneld.states import FORWARD_DEGRADED, FORWARD_OK
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,10 @@ _NEW_CHANNEL_RE = re.compile(r"channel (\d+): new direct-(?:tcpip|streamlocal)")
 _OPEN_FAILED_RE = re.compile(r"channel (\d+): open failed: (.+)$")
 _FREE_RE = re.compile(r"channel (\d+): free: direct-")
 _REMOTE_OK_RE = re.compile(r"remote forward success for: listen (\S+), connect")
-_BIND_PORT_RE = re.compile(r"(?:cannot listen to port: |bind \[?[^\]]*\]?:)(\d+)")
+_BIND_ADDR_RE = re.compile(r"bind \[([^\]]*)\]:(\d+): Address already in use")
+_BIND_PORT_RE = re.compile(r"cannot listen to port: (\d+)")
+# After this line ssh has tried to bind every local forward (it sets them up before its main loop).
+_SESSION_LINE = "Entering interactive session"
 _BIND_PATH_RE = re.compile(r"cannot bind to path:? (\S+?):? Address already in use")
 _OFFENDING_RE = re.compile(r"Offending \S+ key in (\S+):(\d+)")
 _CONNECT_FAILURES = (
@@ -88,6 +93,12 @@ def build_argv(spec: TunnelSpec) -> list[str]:
         "ForkAfterAuthentication": "no",
         "StdinNull": "yes",
         "RequestTTY": "no",
+        # The link is a tunnel and nothing else, whatever the host entry says for interactive use:
+        # a week-long tunnel must not lend the agent or the X display to the server.
+        "ForwardAgent": "no",
+        "ForwardX11": "no",
+        "PermitLocalCommand": "no",
+        "Tunnel": "no",
         # DEBUG1 names the channel of each forwarded connection, so a refusing target can be told apart.
         "LogLevel": "DEBUG1",
     }
@@ -150,6 +161,7 @@ class StderrWatcher:
         self.eof = threading.Event()
         self.lines: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
         self.remote_ok = 0
+        self.binds_done = threading.Event()
         self._lock = threading.Lock()
         self._pending_port: int | None = None
         self._channels: dict[int, tuple[int | None, float]] = {}
@@ -196,6 +208,8 @@ class StderrWatcher:
                 self.changed.set()
         elif _REMOTE_OK_RE.search(text):
             self.remote_ok += 1
+        elif text.startswith(_SESSION_LINE):
+            self.binds_done.set()
 
     def degraded(self) -> dict[int | None, str]:
         """Return {listen port: why} for forwards whose target refused the last connection."""
@@ -258,14 +272,12 @@ def _connect_hint(spec: TunnelSpec, needle: str) -> str:
 
 
 def _port_error(spec: TunnelSpec, text: str) -> TunneldError:
-    path_match = _BIND_PATH_RE.search(text)
+    if path_match := _BIND_PATH_RE.search(text):
+        return port_in_use_error(path=path_match[1])
+    if addr_match := _BIND_ADDR_RE.search(text):
+        return port_in_use_error(port=int(addr_match[2]), ip=addr_match[1])
     port_match = _BIND_PORT_RE.search(text)
-    for forward in spec.local_forwards:
-        if path_match and forward.listen.path == path_match[1]:
-            return port_in_use_error(str(forward.listen), path=forward.listen.path)
-        if port_match and forward.listen.port == int(port_match[1]):
-            return port_in_use_error(str(forward.listen), port=forward.listen.port)
-    return port_in_use_error("a LocalForward", port=int(port_match[1]) if port_match else None)
+    return port_in_use_error(port=int(port_match[1]) if port_match else None)
 
 
 class OpenSshLink:
@@ -276,17 +288,28 @@ class OpenSshLink:
         self.proc = proc
         self.watcher = watcher
         self.create_time = psutil.Process(proc.pid).create_time()
+        self.plans = {plan.forward: plan for plan in plan_spec(spec)}
         self.listeners = Listeners({}, frozenset())
 
     def forwards_ready(self) -> bool:
-        """Return True once ssh itself listens on every local forward and the server took every remote one."""
+        """Return True once ssh listens on every address of every local forward and the server took every remote one.
+
+        Once ssh has tried every bind, an address it does not hold is held by someone else: clients
+        resolving `localhost` to that family would reach them, so that is a PortInUseError, not `up`.
+        """
+        binds_done = self.watcher.binds_done.is_set()
         self.listeners = listeners_of(self.proc.pid)
-        for forward in self.spec.local_forwards:
-            if forward.listen.path is not None:
-                if forward.listen.path not in self.listeners.unix:
+        for plan in self.plans.values():
+            if plan.path is not None:
+                if plan.path not in self.listeners.unix:
                     return False
-            elif forward.listen.port not in self.listeners.tcp:
-                return False
+                continue
+            held = self.listeners.tcp.get(plan.port, ())
+            for ip, address in zip(plan.ips, plan.addresses, strict=True):
+                if address not in held:
+                    if binds_done:
+                        raise port_in_use_error(port=plan.port, ip=ip)
+                    return False
         remote = sum(1 for f in self.spec.forwards if f.kind == REMOTE)
         return self.watcher.remote_ok >= remote
 
@@ -323,15 +346,21 @@ class OpenSshLink:
             state = FORWARD_DEGRADED if reason else FORWARD_OK
             detail = f"{forward.target} {reason}" if reason else None
             target = str(forward.target) if forward.target else "SOCKS"
-            statuses.append(ForwardStatus(str(forward), listen, target, state, detail))
+            plan = self.plans.get(forward)
+            exposed = plan.exposed if plan else False
+            statuses.append(ForwardStatus(str(forward), listen, target, state, detail, exposed=exposed))
         return statuses
 
     def _listen_addresses(self, forward: Forward) -> tuple[str, ...]:
         if forward.kind == REMOTE:
             return (f"remote {forward.listen}",)
-        if forward.listen.path is not None:
-            return (forward.listen.path,)
-        return self.listeners.tcp.get(forward.listen.port or 0, (str(forward.listen),))
+        return self.plans[forward].addresses
+
+    def open_probe(self, forward: Forward, timeout: float, settle: bool) -> Stream:
+        """Connect through the forward's first local address: ssh opens a channel to the target for it."""
+        plan = self.plans[forward]
+        address: tuple[str, int] | str = plan.path if plan.path is not None else (plan.ips[0], plan.port)
+        return LocalProber(address).open_probe(forward, timeout, settle)
 
     def settling(self) -> bool:
         """Return True while a degraded forward may clear once an open connection settles."""
@@ -353,6 +382,9 @@ class OpenSshEngine:
     def connect(self, spec: TunnelSpec, progress: ProgressCallback, events: LinkEvents) -> OpenSshLink:
         """Start ssh and return once it listens on every forward; raise the typed reason if it ends first."""
         argv = build_argv(spec)
+        for forward in spec.local_forwards:
+            if forward.listen.path is not None:
+                clear_stale_socket(forward.listen.path)  # a killed ssh leaves its socket file behind
         log.debug("%s: running %s", spec.alias, " ".join(argv))
         proc = subprocess.Popen(
             argv,

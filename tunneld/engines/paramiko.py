@@ -65,10 +65,16 @@ def _handshake(spec: TunnelSpec, sock: Carrier, progress: ProgressCallback) -> p
         options.key_types = preferred_key_types(spec, tuple(options.key_types))
         try:
             transport.start_client(timeout=spec.connect_timeout_s)
+            # start_client returns quietly when its timeout passes mid-handshake: no key means no session.
+            key = transport.get_remote_server_key()
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise ConnectError(f"{spec.hostname}:{spec.port}: SSH handshake failed: {exc}") from exc
+            raise ConnectError(
+                f"{spec.hostname}:{spec.port}: no SSH handshake within {spec.connect_timeout_s} s ({exc})",
+                "the port accepts TCP but does not complete an SSH handshake: a frozen or overloaded sshd, "
+                "or another service on that port; tunneld keeps retrying",
+            ) from exc
         progress("connected, checking host key")
-        verify_host_key(spec, transport.get_remote_server_key())
+        verify_host_key(spec, key)
         authenticate(transport, spec)
         progress("authenticated")
     except BaseException:
@@ -132,15 +138,26 @@ class ParamikoLink:
         for target in (self._ping, self._watch):
             threading.Thread(target=target, name=f"link-{target.__name__}", daemon=True).start()
 
-    def open_channel(self, forward: Forward, peer: tuple[str, int]) -> Channel:
+    def open_channel(self, forward: Forward, peer: tuple[str, int], timeout: float = OPEN_TIMEOUT_S) -> Channel:
         """Open a direct-tcpip channel to the forward's target; a refusing target is a ConnectError."""
         target = forward.target
         assert target is not None and target.host is not None and target.port is not None  # check_supported
         try:
-            return self.transport.open_channel("direct-tcpip", (target.host, target.port), peer, timeout=OPEN_TIMEOUT_S)
+            return self.transport.open_channel("direct-tcpip", (target.host, target.port), peer, timeout=timeout)
         except paramiko.ChannelException as exc:
             # paramiko keeps only the reason code ("Connect failed"), not the server's text.
             raise ConnectError(f"open failed: {str(exc.text).lower()} (the server could not reach the target)") from exc
+
+    def open_probe(self, forward: Forward, timeout: float, settle: bool) -> Channel:
+        """Open a channel to the forward's target for a health check (the channel open itself is the answer)."""
+        try:
+            channel = self.forwarder.probe(forward, lambda: self.open_channel(forward, ("127.0.0.1", 0), timeout))
+        except ConnectError as error:
+            raise ConnectError(f"connection refused by {forward.target} ({error.message})") from error
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise ConnectError(f"no answer from {forward.target} within {timeout:g} s ({exc})") from exc
+        channel.settimeout(timeout)
+        return channel
 
     def _ping(self) -> None:
         """Send keepalive@openssh.com with want_reply; any reply (even a refusal) proves the peer is alive."""
@@ -210,7 +227,11 @@ class ParamikoEngine:
         check_supported(spec)
         if events.stop.is_set():
             raise ConnectError("stopped while connecting")
-        transports, proxy = open_chain(spec, progress)
+        try:
+            transports, proxy = open_chain(spec, progress)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            # Whatever the network does to a handshake is transient; the daemon must not die of it.
+            raise ConnectError(f"{spec.hostname}:{spec.port}: connection failed: {exc}") from exc
         if self.forwarder is None:
             forwarder = Forwarder(spec, self.hold_s)
             forwarder.on_change = events.changed.set
