@@ -86,6 +86,10 @@ def markdown(results: dict[str, object]) -> str:
         out.append(f"- hang detection, tunneld ({engine}), default keepalive 3 s x 3: {shown} from SIGSTOP of sshd "
                    "to state `lost`")  # fmt: skip
     out.append("- `ssh -N -L` and sshtunnel do not reconnect at all: after a server restart they stay broken.")
+    idle: dict[str, dict[str, float | None]] = results.get("idle_rss_mib", {})  # type: ignore[assignment]
+    for name, roles in idle.items():
+        parts = ", ".join(f"{role} {v:.1f} MiB" for role, v in roles.items() if v is not None)
+        out.append(f"- idle RSS (VmRSS, 5 s after `start` returned), {name}: {parts}")
     for key, when in (
         ("peak_rss_mib_before_concurrency", "during bulk, round trips and new connections (first round)"),
         ("peak_rss_mib", "over the whole run, including 1000 connections at once"),

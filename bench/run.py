@@ -29,6 +29,7 @@ from bench import workload  # noqa: E402
 from tests.harness import SshServer, free_port, wait_for  # noqa: E402
 
 MIB = 1 << 20
+IDLE_SETTLE_S = 5.0  # idle RSS is read this long after a tunnel came up
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Bench:
         self.results: dict[str, object] = {}
         self.round_rows: list[dict[str, dict[str, object]]] = []
         self.rss_before_concurrency: dict[str, dict[str, float | None]] = {}
+        self.idle_rss: dict[str, dict[str, float | None]] = {}
         self.skipped: list[str] = []
 
     # -- helpers ----------------------------------------------------------------------------
@@ -131,6 +133,8 @@ class Bench:
         def stop() -> None:
             self.tunneld("stop", host, check=False)
 
+        time.sleep(IDLE_SETTLE_S)  # the steady state a tunnel spends most of its life in
+        self.idle_rss[f"tunneld ({engine})"] = {role: _rss_mib(p) for role, p in processes.items()}
         return Forwarder(f"tunneld ({engine})", self.config_port(host), processes, stop)
 
     def config_port(self, host: str) -> int:
@@ -256,6 +260,7 @@ class Bench:
                 forwarders.append(fwd)
                 self.started.append(fwd)
             self.rounds(forwarders)
+            self.results["idle_rss_mib"] = self.idle_rss
             self.results["peak_rss_mib_before_concurrency"] = {
                 name: roles for name, roles in self.rss_before_concurrency.items() if roles
             }
@@ -310,9 +315,17 @@ def _stop(pid: int) -> None:
 
 
 def _peak_rss_mib(pid: int) -> float | None:
+    return _status_mib(pid, "VmHWM:")
+
+
+def _rss_mib(pid: int) -> float | None:
+    return _status_mib(pid, "VmRSS:")
+
+
+def _status_mib(pid: int, field: str) -> float | None:
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     return None
 

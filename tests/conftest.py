@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -55,6 +56,20 @@ def echo() -> Iterator[EchoServer]:
     server.close()
 
 
+@pytest.fixture
+def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A real ssh-agent on a socket of its own (SSH_AUTH_SOCK points at it), stopped by its pid afterwards."""
+    sock = tmp_path / "agent.sock"
+    proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        wait_for(sock.exists, 5, "ssh-agent's socket")
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        yield sock
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(5)
+
+
 @pytest.fixture(params=ENGINES)
 def engine(request: pytest.FixtureRequest) -> str:
     """Each behavioural test runs once per engine."""
@@ -102,15 +117,23 @@ def read_log(host: str) -> str:
 class ForegroundTunnel:
     """`tunneld run HOST` as a real subprocess; always stopped by its pid afterwards."""
 
-    def __init__(self, host: str, config: Path, engine: str, extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self, host: str, config: Path, engine: str, extra: Sequence[str] = (), limit_fds: int | None = None
+    ) -> None:
         self.host = host
         self.stderr_path = config.parent / f"{host}.run.stderr"
+
+        def limit() -> None:  # pragma: no cover - runs in the child: a hard limit tunneld cannot raise
+            if limit_fds is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit_fds, limit_fds))
+
         with self.stderr_path.open("wb") as stderr:
             self.proc = subprocess.Popen(
                 tunneld_cmd("run", host, "-F", str(config), "--engine", engine, *extra),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
+                preexec_fn=limit if limit_fds is not None else None,  # noqa: PLW1509 - setrlimit only
             )
 
     def stderr(self) -> str:

@@ -93,6 +93,7 @@ class SshServer:
         self.write_known_hosts()
         self.config = self.dir / "sshd_config"
         self.extra_config: list[str] = []
+        self.log_level = "VERBOSE"  # DEBUG2 logs each client's KEXINIT proposal
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.dir / "sshd.log"
 
@@ -129,7 +130,7 @@ class SshServer:
             "AllowStreamLocalForwarding yes",
             "PermitRootLogin prohibit-password",
             "PermitTTY no",
-            "LogLevel VERBOSE",
+            f"LogLevel {self.log_level}",
             "MaxStartups 100:30:200",
             "MaxSessions 100",
             *self.extra_config,
@@ -270,6 +271,51 @@ class EchoServer(_ServedInThread):
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         cls = _ThreadingTCPServer6 if ":" in host else _ThreadingTCPServer
         super().__init__(cls((host, port), _EchoHandler), host)
+
+
+class _FloodHandler(socketserver.BaseRequestHandler):
+    server: _FloodTCPServer
+
+    def handle(self) -> None:
+        chunk = b"x" * 65536
+        sock: socket.socket = self.request
+        sock.settimeout(1.0)
+        while not self.server.stopping.is_set():
+            try:
+                sent = sock.send(chunk)
+            except TimeoutError:
+                continue  # the reader is not reading: keep the pressure on until the test ends
+            except OSError:
+                return
+            with self.server.count_lock:
+                self.server.bytes_sent += sent
+
+
+class _FloodTCPServer(_ThreadingTCPServer):
+    bytes_sent = 0
+    stopping = threading.Event()
+    count_lock = threading.Lock()
+
+
+class FloodServer(_ServedInThread):
+    """A target that sends to every client as fast as the client (and the tunnel) take it."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        server = _FloodTCPServer((host, 0), _FloodHandler)
+        server.stopping = threading.Event()
+        server.count_lock = threading.Lock()
+        super().__init__(server, host)
+
+    @property
+    def bytes_sent(self) -> int:
+        assert isinstance(self.server, _FloodTCPServer)
+        return self.server.bytes_sent
+
+    def close(self) -> None:
+        """Stop every sender, then the server."""
+        assert isinstance(self.server, _FloodTCPServer)
+        self.server.stopping.set()
+        super().close()
 
 
 class _HealthHandler(http.server.BaseHTTPRequestHandler):

@@ -227,6 +227,7 @@ def _start_host(
     from tunneld.config import resolve_host
     from tunneld.daemon import start_tunnel
     from tunneld.render import forward_text
+    from tunneld.safetext import printable
 
     spec = resolve_host(host, ssh_config)
     progress = (lambda text: click.echo(f"  {host}: {text}...", err=True)) if sys.stderr.isatty() else None
@@ -238,7 +239,11 @@ def _start_host(
         )
         return EXIT_OK
     forwards = result.state.get("forwards")
-    shown = ", ".join(forward_text(f) for f in forwards) if isinstance(forwards, list) else ""
+    shown = (
+        printable(", ".join(forward_text(f) for f in forwards if isinstance(f, dict)))
+        if isinstance(forwards, list)
+        else ""
+    )
     click.echo(f"{host}  {result.state.get('state')}  {shown}  (pid {result.pid}, {result.elapsed_s:.1f} s)")
     click.echo(f"stop it with: tunneld stop {host}")
     return EXIT_OK
@@ -252,7 +257,9 @@ def _stop_host(host: str, timeout: float) -> int:
     except NotRunningError:
         click.echo(f"{host}  not running")
         return EXIT_OK
-    if result.stale:
+    if result.stale and result.pid is None:
+        click.echo(f"{host}  not running (removed its unreadable pid file)")
+    elif result.stale:
         click.echo(f"{host}  not running (removed the stale pid file of pid {result.pid})")
     elif result.killed:
         click.echo(f"{host}  stopped (pid {result.pid} ignored SIGTERM for {timeout:.0f} s; killed with SIGKILL)")
@@ -306,11 +313,14 @@ def status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool) -> Non
     Exit 0 when every named host is up, 3 when one is not (as `systemctl is-active`).
     """
     from tunneld.autostart import enabled_hosts
-    from tunneld.paths import known_hosts_with_files, validate_host
+    from tunneld.paths import hosts_with_files, validate_host
     from tunneld.render import status_lines
     from tunneld.status import STATUS_SCHEMA_VERSION, collect
 
-    names = [validate_host(h) for h in hosts] or sorted({*known_hosts_with_files(), *enabled_hosts()})
+    with_files, stray = hosts_with_files()
+    for name in stray:
+        click.echo(f"warning: skipping {name} in the state directory: not a file name tunneld creates", err=True)
+    names = [validate_host(h) for h in hosts] or sorted({*with_files, *enabled_hosts()})
     reports = [collect(h) for h in names]
     if as_json:
         click.echo(json.dumps({"version": STATUS_SCHEMA_VERSION, "hosts": [r.to_dict() for r in reports]}, indent=2))
@@ -351,6 +361,7 @@ def wait(host: str, ssh_config: str | None, timeout: float) -> None:
     when HOST is not running (failed, stopped, never started). For scripts: tunneld wait mlflowserver && python train.py
     """
     from tunneld.paths import validate_host
+    from tunneld.safetext import printable
     from tunneld.states import FORWARD_DEGRADED
     from tunneld.status import wait_until_up
 
@@ -367,7 +378,7 @@ def wait(host: str, ssh_config: str | None, timeout: float) -> None:
         error = None
     else:
         why = f"{host}  not up after {timeout:g} s (state: {report.state}"
-    click.echo(why + (f"; last error: {error}" if error else "") + ")", err=True)
+    click.echo(printable(why + (f"; last error: {error}" if error else "") + ")"), err=True)
     sys.exit(EXIT_RUNTIME)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import logging.handlers
@@ -23,14 +24,24 @@ from tunneld.errors import (
     EXIT_CONFIG,
     EXIT_OK,
     AlreadyRunningError,
+    CorruptFileError,
     FatalError,
     NotRunningError,
     StartupError,
     TunneldError,
     error_from_dict,
 )
-from tunneld.paths import HostFiles, ensure_private_dir
-from tunneld.pidfile import PidFile, PidRecord, process_matches, read_json, terminate, write_json_atomic
+from tunneld.paths import HostFiles, ensure_private_dir, open_private
+from tunneld.pidfile import (
+    PidFile,
+    PidRecord,
+    foreign_owner,
+    process_matches,
+    read_json,
+    terminate,
+    write_json_atomic,
+)
+from tunneld.safetext import printable
 from tunneld.settings import host_settings
 from tunneld.states import DEGRADED, FAILED, STOPPED, UP
 from tunneld.supervisor import Supervisor, TunnelStatus, Wakeups
@@ -45,6 +56,22 @@ DEFAULT_STOP_TIMEOUT_S = 10.0
 ORPHAN_GRACE_S = 3.0
 
 
+class SafeFormatter(logging.Formatter):
+    """Log lines never carry control characters (a newline from a server would forge a line)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log that is 0600 from its first byte and after every rotation, and never follows a link."""
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = open_private(Path(self.baseFilename), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        return open(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+
+
 def configure_logging(files: HostFiles, verbose: bool = False) -> None:
     """Log to the host's rotating log file and to stderr (unless stderr already is that file)."""
     ensure_private_dir(files.directory)
@@ -52,9 +79,8 @@ def configure_logging(files: HostFiles, verbose: bool = False) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # paramiko logs every refused channel and reset socket at ERROR; tunneld reports those itself.
     logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
-    formatter = logging.Formatter(LOG_FORMAT)
-    file_handler = logging.handlers.RotatingFileHandler(files.log, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
-    os.chmod(files.log, 0o600)
+    formatter = SafeFormatter(LOG_FORMAT)
+    file_handler = PrivateRotatingFileHandler(files.log, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
     file_handler.setFormatter(formatter)
     root.addHandler(file_handler)
     if not _stderr_is(files.log):
@@ -120,16 +146,26 @@ class StateReporter:
 
 
 def reap_orphans(files: HostFiles) -> None:
-    """Stop helper processes (ssh) that a previous, killed tunneld of this host left running."""
-    previous = read_json(files.state) or {}
+    """Stop helper processes (ssh) that a previous, killed tunneld of this host left running.
+
+    Only a process that is still exactly what was recorded (pid, create time, user, command line) is
+    signalled: an edited state file cannot get another process killed.
+    """
+    try:
+        previous = read_json(files.state, files.host) or {}
+    except CorruptFileError as error:
+        log.warning("%s: %s: not looking for processes left behind", files.host, error.message)
+        return
     children = previous.get("children")
     for child in children if isinstance(children, list) else []:
-        pid, created = int(child.get("pid", 0)), float(child.get("create_time", 0.0))
-        if pid and process_matches(pid, created):
+        pid, created, cmdline = child.get("pid"), child.get("create_time"), child.get("cmdline")
+        if not (isinstance(pid, int) and isinstance(created, float) and isinstance(cmdline, list) and cmdline):
+            continue
+        if process_matches(pid, created, [str(arg) for arg in cmdline]):
             log.warning(
                 "%s: stopping %s (pid %d) left behind by a previous tunneld", files.host, child.get("name"), pid
             )
-            terminate(pid, created, ORPHAN_GRACE_S)
+            terminate(pid, created, ORPHAN_GRACE_S, [str(arg) for arg in cmdline])
 
 
 def run_tunnel(
@@ -239,12 +275,16 @@ def start_tunnel(
     began = time.monotonic()
     files = HostFiles.of(spec.alias)
     pidfile = PidFile(files)
-    record = pidfile.read()
+    try:
+        record = pidfile.read()
+    except CorruptFileError as error:
+        log.warning("%s (taking the host's lock decides whether a tunnel runs)", error.message)
+        record = None
     if record is not None and record.is_live():
         raise AlreadyRunningError(spec.alias, record.pid)
     lock_fd = _lock_or_wait_for_owner(pidfile, timeout)
-    if record is not None or pidfile.exists():
-        pidfile.remove(record.pid if record else 0)
+    if pidfile.exists():
+        pidfile.remove(0)  # we hold the lock: whatever the old pid file said, nothing runs
     read_fd, write_fd = os.pipe()
     argv = [
         sys.executable,
@@ -278,7 +318,7 @@ def start_tunnel(
         state = _await_ready(spec.alias, child, read_fd, timeout - (time.monotonic() - began), on_progress)
     except StartupError:
         if keep_trying and child.poll() is None:
-            return StartResult(child.pid, read_json(files.state) or {}, time.monotonic() - began, pending=True)
+            return StartResult(child.pid, _state_or_empty(files), time.monotonic() - began, pending=True)
         _terminate(child)
         raise
     except BaseException:
@@ -296,7 +336,8 @@ def _lock_or_wait_for_owner(pidfile: PidFile, timeout: float) -> int:
     except AlreadyRunningError:
         deadline = time.monotonic() + min(timeout, 5.0)
         while time.monotonic() < deadline:
-            record = pidfile.read()
+            with contextlib.suppress(CorruptFileError):
+                record = pidfile.read()
             if record is not None and record.is_live():
                 raise AlreadyRunningError(pidfile.files.host, record.pid) from None
             time.sleep(0.05)
@@ -306,8 +347,7 @@ def _lock_or_wait_for_owner(pidfile: PidFile, timeout: float) -> int:
 @contextlib.contextmanager
 def _open_private(path: Path) -> Iterator[IO[bytes]]:
     ensure_private_dir(path.parent)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "ab") as stream:
+    with os.fdopen(open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab") as stream:
         yield stream
 
 
@@ -368,10 +408,30 @@ class StopResult:
 
 
 def stop_tunnel(host: str, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopResult:
-    """SIGTERM the host's tunnel, SIGKILL it after `timeout`; raise NotRunningError when none runs."""
+    """SIGTERM the host's tunnel, SIGKILL it after `timeout`; raise NotRunningError when none runs.
+
+    Only the process the pid file names *and* that is still that tunneld (create time, user,
+    command line) is signalled; anything else is a stale pid file, removed and reported.
+    """
     files = HostFiles.of(host)
     pidfile = PidFile(files)
-    record = pidfile.read()
+    try:
+        record = pidfile.read()
+    except CorruptFileError as error:
+        if pidfile.held_by_someone():
+            raise CorruptFileError(
+                files.pid,
+                f"{error.message.split(': ', 1)[-1]}; and a tunneld of {host} is running (it holds {files.lock})",
+            ) from error
+        pidfile.remove(0)
+        _mark_stopped(files)
+        return StopResult(host, None, stale=True)
+    if record is not None and (owner := foreign_owner(record.pid, record.create_time)):
+        raise TunneldError(
+            f"{files.pid} names pid {record.pid}, a process of user {owner}: "
+            "tunneld never signals another user's process",
+            f"if no tunnel of yours runs for {host}, remove {files.pid}",
+        )
     if record is None or not record.is_live():
         if not pidfile.exists():
             raise NotRunningError(f"{host} is not running")
@@ -387,8 +447,15 @@ def stop_tunnel(host: str, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopResul
     return StopResult(host, record.pid, killed=killed)
 
 
+def _state_or_empty(files: HostFiles) -> dict[str, object]:
+    try:
+        return read_json(files.state, files.host) or {}
+    except CorruptFileError:
+        return {}
+
+
 def _mark_stopped(files: HostFiles) -> None:
-    data = read_json(files.state)
-    if data is not None and data.get("state") != STOPPED:
-        data.update(state=STOPPED, since=time.time(), forwards=[], children=[])
+    data = _state_or_empty(files)
+    if data.get("state") != STOPPED:
+        data.update(host=files.host, state=STOPPED, since=time.time(), forwards=[], children=[])
         write_json_atomic(files.state, data)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from tunneld.safetext import printable
+
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -19,9 +21,11 @@ class TunneldError(Exception):
     retryable = False
 
     def __init__(self, message: str, hint: str | None = None) -> None:
+        # Messages quote servers, files and ssh's output: never let them carry terminal escapes.
+        message = printable(message)
         super().__init__(message)
         self.message = message
-        self.hint = hint
+        self.hint = printable(hint, keep_newlines=True) if hint is not None else None
 
     def to_dict(self) -> dict[str, object]:
         """Return the error as JSON-ready data (state files, the readiness handshake)."""
@@ -42,6 +46,15 @@ class FatalError(TunneldError):
 
 class ConfigError(FatalError):
     """The ssh_config or tunneld's own settings cannot be used as they are."""
+
+
+class CorruptFileError(ConfigError):
+    """One of tunneld's own files (pid, state, manifest) cannot be trusted as it is."""
+
+    def __init__(self, path: object, why: str, host: str | None = None) -> None:
+        remedy = f"remove it, or run `tunneld stop {host}`" if host else "remove it"
+        super().__init__(f"corrupt file {path}: {why}", f"{remedy}; tunneld writes a new one when it needs to")
+        self.path = str(path)
 
 
 class NoForwardsError(ConfigError):
@@ -76,6 +89,14 @@ class HostKeyError(FatalError):
             f"if the server was reinstalled and you trust its new key, remove the old one with "
             f"`ssh-keygen -R '{known_name}'` and connect once with `ssh {alias}`; "
             "otherwise someone may be intercepting the connection",
+        )
+
+    @classmethod
+    def revoked(cls, hostname: str, fingerprint: str, where: str) -> HostKeyError:
+        """The key the server presented is marked @revoked (`where`: the file and line, when known)."""
+        return cls(
+            f"the host key {fingerprint} presented by {hostname} is marked as REVOKED{where and f' ({where})'}",
+            "a revoked key may have been stolen: do not connect; ask the server's administrator for its new key",
         )
 
     @classmethod

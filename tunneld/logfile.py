@@ -8,13 +8,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tunneld.safetext import printable
+
 FOLLOW_POLL_S = 0.25
 
 
 def tail_lines(path: Path, count: int) -> list[str]:
     """Return the last `count` lines of `path`."""
     with path.open(errors="replace") as handle:
-        return [line.rstrip("\n") for line in collections.deque(handle, maxlen=max(count, 0))]
+        return [printable(line.rstrip("\n")) for line in collections.deque(handle, maxlen=max(count, 0))]
 
 
 def follow_lines(path: Path) -> Iterator[str]:
@@ -26,7 +28,7 @@ def follow_lines(path: Path) -> Iterator[str]:
         while True:
             line = handle.readline()
             if line:
-                yield line.rstrip("\n")
+                yield printable(line.rstrip("\n"))
                 continue
             time.sleep(FOLLOW_POLL_S)
             try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +59,59 @@ def config_dir() -> Path:
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create `path` (and parents) and make it readable by its owner only."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.stat().st_mode & 0o077:
-        path.chmod(0o700)
+    """Create `path` (and parents) for tunneld's files; it must be a directory of this user, never a link.
+
+    A looser mode is tightened to 0700; a link, a file, or another user's directory is refused, so that
+    nobody else can read the tunnels' state or plant files (links) tunneld would then write through.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except FileExistsError as exc:
+        raise _unusable(path, "exists and is not a directory") from exc
+    except OSError as exc:
+        raise _unusable(path, f"cannot be created: {exc.strerror}") from exc
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise _unusable(path, "is a symbolic link; tunneld keeps its files only in a real directory")
+    if not stat.S_ISDIR(info.st_mode):
+        raise _unusable(path, "exists and is not a directory")
+    if info.st_uid != os.getuid():
+        raise _unusable(path, f"belongs to uid {info.st_uid}, not to you (uid {os.getuid()})")
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o700, follow_symlinks=False)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise _unusable(path, "is not writable")
     return path
+
+
+def _unusable(path: Path, why: str) -> ConfigError:
+    return ConfigError(
+        f"tunneld's directory {path} {why}",
+        "fix or remove it, or point TUNNELD_HOME at a directory of your own",
+    )
+
+
+def open_private(path: Path, flags: int) -> int:
+    """Open one of tunneld's own files without following a link there; a new file is 0600, an old one made so.
+
+    Refuses a link, a non-regular file, or a file of another user, with a ConfigError naming it.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(
+                f"{path} is a symbolic link: tunneld never follows links among its own files",
+                f"remove the link (rm {path}) and try again",
+            ) from exc
+        raise ConfigError(f"cannot open {path}: {exc.strerror}") from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        os.close(fd)
+        raise ConfigError(f"{path} is not a regular file of yours", f"remove it (rm {path}) and try again")
+    if info.st_mode & 0o077:
+        os.fchmod(fd, 0o600)
+    return fd
 
 
 @dataclass(frozen=True)
@@ -93,14 +143,29 @@ class HostFiles:
         return self.directory / f"{self.host}.log"
 
 
-def known_hosts_with_files() -> list[str]:
-    """Return the hosts that have a pid or state file, sorted."""
+def hosts_with_files() -> tuple[list[str], list[str]]:
+    """Return (hosts that have a pid or state file, sorted; stray file names tunneld would never create)."""
     directory = state_dir()
     if not directory.is_dir():
-        return []
-    hosts = set()
+        return [], []
+    hosts: set[str] = set()
+    stray: set[str] = set()
     for entry in directory.iterdir():
         for suffix in (".pid", ".state.json"):
             if entry.name.endswith(suffix):
-                hosts.add(entry.name[: -len(suffix)])
-    return sorted(hosts)
+                name = entry.name[: -len(suffix)]
+                if is_valid_host(name):
+                    hosts.add(name)
+                else:
+                    stray.add(entry.name)
+    return sorted(hosts), sorted(stray)
+
+
+def known_hosts_with_files() -> list[str]:
+    """Return the hosts that have a pid or state file, sorted (stray names are left out)."""
+    return hosts_with_files()[0]
+
+
+def is_valid_host(host: str) -> bool:
+    """Return True when `host` is a name tunneld uses for files (validate_host would accept it)."""
+    return 0 < len(host) <= HOST_NAME_MAX and bool(_HOST_NAME_RE.fullmatch(host)) and ".." not in host

@@ -7,26 +7,32 @@ import fcntl
 import json
 import os
 import signal
-import threading
+import stat
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
 
-from tunneld.errors import AlreadyRunningError
-from tunneld.paths import HostFiles, ensure_private_dir
+from tunneld.errors import AlreadyRunningError, CorruptFileError
+from tunneld.paths import HostFiles, ensure_private_dir, open_private
 
 CREATE_TIME_TOLERANCE_S = 0.05
 GONE_POLL_S = 0.02
 KILL_WAIT_S = 3.0
+MAX_JSON_BYTES = 1024 * 1024
 
 
 def write_json_atomic(path: Path, data: object) -> None:
-    """Write `data` as JSON to `path` via a private temp file and rename: readers never see half a file."""
+    """Write `data` as JSON to `path` via a new private temp file and rename: readers never see half a file.
+
+    The temp file is created exclusively under a random name (a planted link there cannot be followed).
+    """
     ensure_private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
+    # O_EXCL | O_NOFOLLOW: never an existing file, never through a link (tempfile would cost the daemon ~0.8 MiB)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=1, sort_keys=True)
@@ -38,48 +44,102 @@ def write_json_atomic(path: Path, data: object) -> None:
         raise
 
 
-def read_json(path: Path) -> dict[str, object] | None:
-    """Return the JSON object in `path`, or None when it is missing or unreadable."""
+def read_json(path: Path, host: str | None = None) -> dict[str, object] | None:
+    """Return the JSON object in one of tunneld's files, or None when there is none.
+
+    Anything else (a link, a huge or non-UTF-8 file, broken or deeply nested JSON, not an object)
+    is a CorruptFileError naming the file, never a traceback.
+    """
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
         return None
-    return data if isinstance(data, dict) else None
+    except OSError as exc:
+        raise CorruptFileError(path, exc.strerror or str(exc), host) from exc
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptFileError(path, "not a regular file", host)
+        raw = handle.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise CorruptFileError(path, f"larger than {MAX_JSON_BYTES} bytes", host)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CorruptFileError(path, "not UTF-8 text", host) from exc
+    except RecursionError as exc:
+        raise CorruptFileError(path, "JSON nested too deeply", host) from exc
+    except ValueError as exc:
+        raise CorruptFileError(path, f"not JSON ({exc})", host) from exc
+    if not isinstance(data, dict):
+        raise CorruptFileError(path, f"a JSON {type(data).__name__}, not an object", host)
+    return data
 
 
-def process_matches(pid: int, create_time: float) -> bool:
-    """Return True when `pid` is alive and is the same process that was recorded (same create time)."""
+def _same_process(proc: psutil.Process, create_time: float) -> bool:
+    return abs(proc.create_time() - create_time) < CREATE_TIME_TOLERANCE_S and proc.status() != psutil.STATUS_ZOMBIE
+
+
+def process_matches(pid: int, create_time: float, cmdline: Sequence[str] | None = None) -> bool:
+    """Return True when `pid` is the very process recorded, so it may be signalled.
+
+    It must be > 1, alive with the recorded create time, owned by this user, and be what was
+    recorded: tunneld itself (`cmdline` None), or a child with exactly the recorded command line.
+    """
+    if pid <= 1:
+        return False
     try:
         proc = psutil.Process(pid)
-        return abs(proc.create_time() - create_time) < CREATE_TIME_TOLERANCE_S and proc.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        if not _same_process(proc, create_time) or proc.uids().real != os.getuid():
+            return False
+        actual = proc.cmdline()
+    except psutil.Error:
         return False
-    except psutil.AccessDenied:
-        return False
+    if cmdline is None:
+        return is_tunneld(actual)
+    return list(actual) == list(cmdline)
 
 
-def terminate(pid: int, create_time: float, grace_s: float) -> bool:
+def is_tunneld(cmdline: Sequence[str]) -> bool:
+    """Return True for a tunneld supervisor: `python -m tunneld.detached HOST`, `tunneld run HOST` and the like."""
+    return any(part in {"tunneld.detached", "tunneld"} or part.endswith("/tunneld") for part in cmdline)
+
+
+def foreign_owner(pid: int, create_time: float) -> str | None:
+    """Return the user name when the recorded process is alive but belongs to another user."""
+    with contextlib.suppress(psutil.Error, KeyError):
+        proc = psutil.Process(pid)
+        if pid > 1 and _same_process(proc, create_time) and proc.uids().real != os.getuid():
+            return proc.username()
+    return None
+
+
+def terminate(pid: int, create_time: float, grace_s: float, cmdline: Sequence[str] | None = None) -> bool:
     """SIGTERM the recorded process, SIGKILL it after `grace_s`; return True when SIGKILL was needed.
 
-    Gone means gone or a zombie: nothing may reap our orphans (pid 1 in containers often does not).
+    Only a process that `process_matches` is signalled, checked again before each signal. Gone means
+    gone or a zombie: nothing may reap our orphans (pid 1 in containers often does not).
     """
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    if _wait_gone(pid, create_time, grace_s):
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    _wait_gone(pid, create_time, KILL_WAIT_S)
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, KILL_WAIT_S)):
+        if not process_matches(pid, create_time, cmdline):
+            return sig == signal.SIGKILL
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+        if _wait_gone(pid, create_time, wait_s, cmdline):
+            return sig == signal.SIGKILL
     return True
 
 
-def _wait_gone(pid: int, create_time: float, timeout: float) -> bool:
+def _wait_gone(pid: int, create_time: float, timeout: float, cmdline: Sequence[str] | None) -> bool:
     deadline = time.monotonic() + timeout
-    while process_matches(pid, create_time):
+    while process_matches(pid, create_time, cmdline):
         if time.monotonic() >= deadline:
             return False
         time.sleep(GONE_POLL_S)
     return True
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -110,24 +170,26 @@ class PidFile:
         self.files = files
 
     def read(self) -> PidRecord | None:
-        """Return the recorded owner, or None when there is no (readable) pid file."""
-        data = read_json(self.files.pid)
+        """Return the recorded owner, or None when there is no pid file; a CorruptFileError for a bad one."""
+        data = read_json(self.files.pid, self.files.host)
         if data is None:
             return None
-        try:
-            return PidRecord(
-                pid=int(data["pid"]),  # type: ignore[call-overload]
-                create_time=float(data["create_time"]),  # type: ignore[arg-type]
-                host=str(data.get("host", self.files.host)),
-                engine=str(data.get("engine", "")),
-                started_at=float(data.get("started_at", 0.0)),  # type: ignore[arg-type]
+        pid, created, started = data.get("pid"), data.get("create_time"), data.get("started_at", 0.0)
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+            raise CorruptFileError(
+                self.files.pid, f"pid must be a whole number above 1, not {pid!r:.40}", self.files.host
             )
-        except (KeyError, TypeError, ValueError):
-            return None
+        if not _is_number(created) or not _is_number(started):
+            raise CorruptFileError(self.files.pid, "create_time and started_at must be numbers", self.files.host)
+        if data.get("host", self.files.host) != self.files.host:
+            raise CorruptFileError(
+                self.files.pid, f"it names another host ({str(data.get('host'))!r:.60})", self.files.host
+            )
+        return PidRecord(pid, float(created), self.files.host, str(data.get("engine", ""))[:32], float(started))  # type: ignore[arg-type]
 
     def exists(self) -> bool:
         """Return True when a pid file is present, readable or not."""
-        return self.files.pid.exists()
+        return os.path.lexists(self.files.pid)
 
     def lock(self) -> int:
         """Take the host's exclusive lock and return its fd; raise AlreadyRunningError when another holds it.
@@ -136,23 +198,38 @@ class PidFile:
         inode), and it is released by the kernel when its holder dies, even by SIGKILL.
         """
         ensure_private_dir(self.files.directory)
-        fd = os.open(self.files.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_private(self.files.lock, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            record = self.read()
+            try:
+                record = self.read()
+            except CorruptFileError:
+                record = None
             raise AlreadyRunningError(self.files.host, record.pid if record else None) from None
         return fd
+
+    def held_by_someone(self) -> bool:
+        """Return True when a running tunneld holds the host's lock (whatever its pid file says)."""
+        try:
+            fd = self.lock()
+        except AlreadyRunningError:
+            return True
+        os.close(fd)
+        return False
 
     def write(self, record: PidRecord) -> None:
         """Record `record` as the owner."""
         write_json_atomic(self.files.pid, asdict(record))
 
     def remove(self, pid: int) -> bool:
-        """Remove the pid file if it still names `pid`; return whether it did."""
-        record = self.read()
-        if record is not None and record.pid != pid:
+        """Remove the pid file if it still names `pid` (0: whatever it says, even if corrupt); return whether it did."""
+        try:
+            record = self.read()
+        except CorruptFileError:
+            record = None
+        if pid and record is not None and record.pid != pid:
             return False
         try:
             self.files.pid.unlink()

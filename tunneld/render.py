@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from tunneld.safetext import printable
 from tunneld.states import BACKOFF, DEGRADED, FORWARD_DEGRADED, STOPPED, UP
 from tunneld.status import HostReport
 
@@ -33,6 +34,20 @@ def spec_lines(spec: TunnelSpec, engine: str) -> list[str]:
         f"known_hosts {' '.join(spec.user_known_hosts_files) or 'none'}",
         f"resolved by {spec.resolver}" + (f" -F {spec.ssh_config}" if spec.ssh_config else ""),
     ]
+    reach_back = [
+        f"{name} {spec.option(key)}"
+        for key, name in (
+            ("forwardagent", "ForwardAgent"),
+            ("forwardx11", "ForwardX11"),
+            ("permitlocalcommand", "PermitLocalCommand"),
+        )
+        if spec.option(key, "no") not in ("no", "false")
+    ]
+    if reach_back:
+        lines.append(
+            f"ignored     {', '.join(reach_back)}: the tunnel never lends your agent or display to the server "
+            "and runs no local command (interactive ssh is unaffected)"
+        )
     if spec.resolver != "ssh -G":
         from tunneld.configfallback import LIMITS
 
@@ -100,6 +115,7 @@ def size(count: int) -> str:
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """Return left-aligned columns separated by two spaces (the last column is not padded)."""
+    rows = [[printable(str(cell)) for cell in row] for row in rows]  # cells quote state files and servers
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     out = []
     for row in [header, *rows]:
@@ -160,4 +176,4 @@ def status_lines(reports: Sequence[HostReport]) -> list[str]:
 
 def step_line(name: str, verdict: str, detail: str) -> str:
     """Return one line of `tunneld check`."""
-    return f"[{verdict:^4}] {name:<10} {detail}"
+    return f"[{verdict:^4}] {name:<10} {printable(detail)}"

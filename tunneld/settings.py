@@ -11,6 +11,7 @@ from tunneld.paths import config_dir
 
 ENGINES = ("auto", "openssh", "paramiko")
 SETTINGS_FILE = "tunneld.toml"
+MAX_SETTINGS_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -95,19 +96,24 @@ def host_settings(host: str, path: Path | None = None) -> HostSettings:
     else:  # pragma: no cover - Python 3.10
         import tomli as tomllib
 
+    hint = "fix the file; its format is in docs/engines.md, section tunneld.toml"
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(
-            f"{path}: {exc}", "fix the file; its format is in docs/engines.md, section tunneld.toml"
-        ) from exc
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_SETTINGS_BYTES + 1)
+        if len(raw) > MAX_SETTINGS_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_SETTINGS_BYTES} bytes; tunneld.toml is a short file", hint)
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text", hint) from exc
+    except (OSError, tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise ConfigError(f"{path}: {exc}", hint) from exc
     hosts = data.pop("hosts", {})
     if not isinstance(hosts, dict):
         raise ConfigError(f"{path}: 'hosts' must be a table of [hosts.NAME] sections")
     defaults = _validate(data, str(path), HostSettings())
     for name, table in hosts.items():
         if not isinstance(table, dict):
-            raise ConfigError(f"{path}: hosts.{name} must be a table")
+            raise ConfigError(f"{path}: hosts.{_toml(name)} must be a table")
         if name == host:
             return _validate(table, f"{path} [hosts.{name}]", defaults)
         _validate(table, f"{path} [hosts.{name}]", defaults)

@@ -9,6 +9,7 @@ BACKOFF = "backoff"
 FAILED = "failed"
 STOPPED = "stopped"
 RUNNING_STATES = (STARTING, CONNECTING, UP, DEGRADED, LOST, BACKOFF)
+ALL_STATES = (*RUNNING_STATES, FAILED, STOPPED)
 
 # What a single forward is while its link is up.
 FORWARD_OK = "ok"

@@ -6,12 +6,14 @@ import time
 from dataclasses import asdict, dataclass
 
 from tunneld.autostart import read_manifest
+from tunneld.errors import CorruptFileError
 from tunneld.paths import HostFiles, known_hosts_with_files, state_dir
 from tunneld.pidfile import PidFile, read_json
-from tunneld.states import DEGRADED, RUNNING_STATES, UP
+from tunneld.states import ALL_STATES, DEGRADED, RUNNING_STATES, UP
 
 STATUS_SCHEMA_VERSION = 1
 STALE = "dead (stale pid file)"
+CORRUPT = "corrupt file"
 DEAD = "dead"
 NOT_RUNNING = "not running"
 WAIT_POLL_S = 0.2
@@ -60,14 +62,26 @@ class HostReport:
 
 
 def collect(host: str) -> HostReport:
-    """Return the host's report; a pid file whose process is gone or reused is reported as stale."""
+    """Return the host's report; a pid file whose process is gone or reused is reported as stale.
+
+    A corrupt pid, state or manifest file is reported for this host alone, never as a traceback.
+    """
     files = HostFiles.of(host)
     pidfile = PidFile(files)
-    record = pidfile.read()
-    state = read_json(files.state) or {}
+    problem: CorruptFileError | None = None
+    try:
+        record = pidfile.read()
+    except CorruptFileError as error:
+        record, problem = None, error
+    try:
+        state = _valid_state(read_json(files.state, host) or {}, files)
+    except CorruptFileError as error:
+        state, problem = {}, problem or error
     live = record is not None and record.is_live()
     if live and record is not None:
         shown = str(state.get("state")) if state.get("pid") == record.pid else "starting"
+    elif problem is not None:
+        shown = CORRUPT
     elif pidfile.exists():
         shown = STALE
     elif state:
@@ -78,13 +92,13 @@ def collect(host: str) -> HostReport:
     running = bool(live)
     started = record.started_at if record and live else None
     forwards = state.get("forwards") if running else None
-    last_error = state.get("last_error")
+    last_error = problem.to_dict() if problem is not None and not running else state.get("last_error")
     return HostReport(
         host=host,
         state=shown,
         running=running,
         pid=record.pid if record else None,
-        engine=str(state.get("engine")) if state.get("engine") else (record.engine if record else None),
+        engine=str(state.get("engine"))[:32] if state.get("engine") else (record.engine if record else None),
         started_at=started,
         since=_number(state.get("since")),
         uptime_s=time.time() - started if started else None,
@@ -94,8 +108,30 @@ def collect(host: str) -> HostReport:
         last_error=last_error if isinstance(last_error, dict) else None,
         forwards=tuple(f for f in forwards if isinstance(f, dict)) if isinstance(forwards, list) else (),
         children=_child_pids(state.get("children")) if running else (),
-        autostart=manifest.via if (manifest := read_manifest(host)) else None,
+        autostart=_autostart_of(host),
     )
+
+
+def _valid_state(state: dict[str, object], files: HostFiles) -> dict[str, object]:
+    """Check the fields `status` relies on; a state file that lies about its shape is corrupt."""
+    value = state.get("state")
+    if state and (not isinstance(value, str) or value not in ALL_STATES):
+        raise CorruptFileError(files.state, f"unknown state {str(value)!r:.40}", files.host)
+    for key in ("forwards", "children"):
+        if key in state and not isinstance(state[key], list):
+            raise CorruptFileError(files.state, f"{key} must be a list", files.host)
+    error = state.get("last_error")
+    if error is not None and not (isinstance(error, dict) and isinstance(error.get("message"), str)):
+        raise CorruptFileError(files.state, "last_error must be an object with a message", files.host)
+    return state
+
+
+def _autostart_of(host: str) -> str | None:
+    try:
+        manifest = read_manifest(host)
+    except CorruptFileError:
+        return "corrupt manifest"
+    return manifest.via if manifest else None
 
 
 def host_owning_pid(pid: int) -> str | None:
@@ -107,7 +143,10 @@ def host_owning_pid(pid: int) -> str | None:
     except psutil.Error:
         candidates = {pid}
     for host in known_hosts_with_files():
-        record = PidFile(HostFiles(host, state_dir())).read()
+        try:
+            record = PidFile(HostFiles(host, state_dir())).read()
+        except CorruptFileError:
+            continue
         if record is not None and record.pid in candidates and record.is_live():
             return host
     return None

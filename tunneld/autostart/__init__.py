@@ -12,10 +12,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tunneld.paths import config_dir, validate_host
+from tunneld.errors import CorruptFileError
+from tunneld.paths import config_dir, is_valid_host, validate_host
 from tunneld.pidfile import read_json
 
 VIA_CHOICES = ("systemd", "launchd", "xdg")
+LAUNCH_WORDS = 3  # PYTHON -m tunneld
 
 
 @dataclass(frozen=True)
@@ -39,21 +41,35 @@ def manifest_path(host: str) -> Path:
 
 
 def read_manifest(host: str) -> Manifest | None:
-    """Return the manifest of `host`, or None when autostart is not enabled for it."""
-    data = read_json(manifest_path(host))
+    """Return the manifest of `host`, or None when autostart is not enabled for it.
+
+    The manifest decides what `disable` removes and runs, so it is checked: a known mechanism, a
+    list of file names, and a launch command that is `PYTHON -m tunneld` and nothing else.
+    """
+    path = manifest_path(host)
+    data = read_json(path, host)
     if data is None:
         return None
-    files, launch = data.get("files"), data.get("launch")
-    return Manifest(
-        host=host,
-        via=str(data.get("via")),
-        files=tuple(str(f) for f in files) if isinstance(files, list) else (),
-        launch=tuple(str(a) for a in launch) if isinstance(launch, list) else (),
-        enabled_at=float(data.get("enabled_at", 0.0)),  # type: ignore[arg-type]
-    )
+    via, files, launch, enabled_at = data.get("via"), data.get("files"), data.get("launch"), data.get("enabled_at", 0)
+    if via not in VIA_CHOICES:
+        raise CorruptFileError(path, f"unknown mechanism {str(via)!r:.40}")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise CorruptFileError(path, "files must be a list of paths")
+    if not (
+        isinstance(launch, list)
+        and len(launch) == LAUNCH_WORDS
+        and all(isinstance(a, str) for a in launch)
+        and Path(launch[0]).is_absolute()
+        and launch[1:] == ["-m", "tunneld"]
+    ):
+        raise CorruptFileError(path, 'launch must be [PYTHON, "-m", "tunneld"]')
+    if not isinstance(enabled_at, (int, float)):
+        raise CorruptFileError(path, "enabled_at must be a number")
+    return Manifest(host, str(via), tuple(files), tuple(launch), float(enabled_at))
 
 
 def enabled_hosts() -> list[str]:
     """Return every host with an autostart manifest."""
     directory = config_dir() / "autostart"
-    return sorted(p.stem for p in directory.glob("*.json")) if directory.is_dir() else []
+    names = sorted(p.stem for p in directory.glob("*.json")) if directory.is_dir() else []
+    return [name for name in names if is_valid_host(name)]  # a stray file never breaks every host

@@ -52,6 +52,9 @@ class LaunchAgent:
     def shared_files(self) -> tuple[Path, ...]:
         return ()
 
+    def owned_files(self, host: str) -> tuple[Path, ...]:
+        return (plist_path(host),)
+
     def activate(self, host: str, launch: Launch, runner: Runner, now: bool) -> None:
         # Agents in ~/Library/LaunchAgents load at every login; bootstrap loads (and starts) it now.
         if now:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
 from tunneld.autostart import VIA_CHOICES, Manifest, enabled_hosts, manifest_path, read_manifest
-from tunneld.errors import AutostartError
+from tunneld.errors import AutostartError, CorruptFileError
 from tunneld.pidfile import write_json_atomic
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,9 @@ class Mechanism(Protocol):
     def shared_files(self) -> tuple[Path, ...]:
         """Files several hosts share (removed only when no host uses them)."""
 
+    def owned_files(self, host: str) -> tuple[Path, ...]:
+        """Every file this mechanism may write for `host` alone: `disable` removes nothing else."""
+
 
 def default_via() -> str:
     """Pick the mechanism for this platform: launchd on macOS, systemd where a user manager runs, else XDG."""
@@ -130,9 +137,16 @@ def enable(host: str, via: str, launch: Launch, runner: Runner, now: bool = Fals
             f"disable it first: tunneld autostart disable {host}",
         )
     files = chosen.render(host, launch)
-    for path, content in files.items():
-        _write(path, content)
-    chosen.activate(host, launch, runner, now)
+    created = [path for path in files if not path.exists()]
+    try:
+        for path, content in files.items():
+            _write(path, content)
+        chosen.activate(host, launch, runner, now)
+    except BaseException:
+        for path in created:  # a failed enable leaves no unit behind without a manifest
+            path.unlink(missing_ok=True)
+            _remove_empty_dropin_dir(path)
+        raise
     owned = tuple(str(p) for p in files if p not in chosen.shared_files())
     manifest = Manifest(host, via, owned, launch.argv)
     write_json_atomic(manifest_path(host), manifest.to_dict())
@@ -146,26 +160,46 @@ def disable(host: str, runner: Runner, now: bool = False) -> Manifest | None:
         return None
     chosen = mechanism(manifest.via)
     chosen.deactivate(host, Launch(manifest.launch), runner, now)
+    owned = chosen.owned_files(host)
     for name in manifest.files:
+        if Path(name) not in owned:
+            log.warning("%s: not removing %s: tunneld never writes that file for this host", host, name)
+            continue
         Path(name).unlink(missing_ok=True)
+        _remove_empty_dropin_dir(Path(name))
     manifest_path(host).unlink(missing_ok=True)
-    for name in manifest.files:
-        parent = Path(name).parent
-        if parent.name.endswith(".d") and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()  # a per-host drop-in directory that enable created
-    remaining = [m for m in map(read_manifest, enabled_hosts()) if m is not None and m.via == manifest.via]
+    remaining = [m for m in map(_manifest_or_none, enabled_hosts()) if m is not None and m.via == manifest.via]
     if not remaining:
         for shared in chosen.shared_files():
             shared.unlink(missing_ok=True)
     return manifest
 
 
+def _manifest_or_none(host: str) -> Manifest | None:
+    try:
+        return read_manifest(host)
+    except CorruptFileError:
+        return None
+
+
 def _write(path: Path, content: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(content)
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # never a planted link
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(content)
+            os.fchmod(handle.fileno(), 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _remove_empty_dropin_dir(path: Path) -> None:
+    """Remove a per-host drop-in directory (`tunneld@HOST.service.d`) once it holds nothing."""
+    parent = path.parent
+    if parent.name.endswith(".service.d") and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
 
 
 @dataclass(frozen=True)
@@ -185,7 +219,10 @@ class AutostartReport:
 
 def autostart_report(host: str) -> AutostartReport:
     """Return `host`'s autostart setup, with warnings for files or a tunneld that are gone."""
-    manifest = read_manifest(host)
+    try:
+        manifest = read_manifest(host)
+    except CorruptFileError as error:
+        return AutostartReport(host, None, warnings=(f"{error.message} ({error.hint})",))
     if manifest is None:
         return AutostartReport(host, None)
     warnings = [

@@ -20,12 +20,27 @@ def unit_dir() -> Path:
     return Path(base) / "systemd" / "user"
 
 
+def _refuse_controls(value: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise AutostartError(
+            f"cannot write {value!r} into a systemd unit: it contains a newline or another control character",
+            "use a path (ssh_config, TUNNELD_HOME, Python) without one",
+        )
+    return value
+
+
 def _quote(arg: str) -> str:
-    """Quote one ExecStart word for systemd (and escape its % specifiers)."""
-    arg = arg.replace("%", "%%")
-    if any(c.isspace() for c in arg) or '"' in arg or "\\" in arg:
+    """Quote one ExecStart word per systemd.syntax: `%` specifiers as %%, `$` expansion as $$, C-style quoting."""
+    arg = _refuse_controls(arg).replace("%", "%%").replace("$", "$$")
+    if any(c.isspace() for c in arg) or any(c in arg for c in "\"'\\;"):
         return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return arg
+
+
+def _environment_line(key: str, value: str) -> str:
+    """Return `Environment="KEY=VALUE"`: specifiers and quotes escaped (no `$` expansion happens there)."""
+    text = _refuse_controls(f"{key}={value}").replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"')
+    return f'Environment="{text}"'
 
 
 def render_template(launch: Launch) -> str:
@@ -55,7 +70,7 @@ WantedBy=default.target
 
 def render_dropin(launch: Launch) -> str:
     """Return the per-host drop-in carrying -F FILE (and TUNNELD_HOME) for that instance."""
-    lines = [f'Environment="{key}={value}"' for key, value in launch.environment]
+    lines = [_environment_line(key, value) for key, value in launch.environment]
     return "# Written by `tunneld autostart enable`.\n[Service]\n" + "\n".join(lines) + "\n"
 
 
@@ -81,6 +96,9 @@ class SystemdUser:
 
     def shared_files(self) -> tuple[Path, ...]:
         return (unit_dir() / TEMPLATE,)
+
+    def owned_files(self, host: str) -> tuple[Path, ...]:
+        return (unit_dir() / f"{instance(host)}.d" / "tunneld.conf",)
 
     def activate(self, host: str, launch: Launch, runner: Runner, now: bool) -> None:
         runner.check(["systemctl", "--user", "daemon-reload"])

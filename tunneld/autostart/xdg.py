@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from tunneld.autostart.manage import Launch, Runner
+from tunneld.errors import AutostartError
 
 
 def autostart_dir() -> Path:
@@ -20,7 +21,12 @@ def desktop_path(host: str) -> Path:
 
 
 def _quote(arg: str) -> str:
-    """Quote one Exec argument as the Desktop Entry Specification asks."""
+    """Quote one Exec argument as the Desktop Entry Specification asks; a control character is refused."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in arg):
+        raise AutostartError(
+            f"cannot write {arg!r} into an autostart entry: it contains a newline or another control character",
+            "use a path (ssh_config, TUNNELD_HOME, Python) without one",
+        )
     arg = arg.replace("%", "%%")
     if any(c in arg for c in " \t\n\"'\\><~|&;$*?#()`"):
         return '"' + "".join("\\" + c if c in '"`$\\' else c for c in arg) + '"'
@@ -57,6 +63,9 @@ class XdgAutostart:
 
     def shared_files(self) -> tuple[Path, ...]:
         return ()
+
+    def owned_files(self, host: str) -> tuple[Path, ...]:
+        return (desktop_path(host),)
 
     def activate(self, host: str, launch: Launch, runner: Runner, now: bool) -> None:
         if now:

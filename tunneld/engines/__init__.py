@@ -72,6 +72,7 @@ class ChildProcess:
     pid: int
     create_time: float
     name: str = field(default="ssh")
+    cmdline: tuple[str, ...] = ()  # what it ran: a later tunneld signals it only if this still matches
 
 
 @dataclass(frozen=True)

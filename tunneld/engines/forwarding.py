@@ -36,6 +36,30 @@ OPEN_WORKERS = 4
 PENDING_POLL_S = 0.002
 IDLE_TICK_S = 0.5
 DEFAULT_HOLD_S = 10.0
+# A forwarded connection holds its local socket and the pipe paramiko makes for a channel's fileno().
+FDS_PER_CONNECTION = 3
+FD_RESERVE = 64  # listeners, the SSH socket, log files, the opener pool, psutil
+RESUME_MARGIN = 8
+# What every channel's receive windows may add up to: a client that stops reading leaves its
+# window's worth of data buffered in this process (paramiko's default is 2 MiB per channel).
+BUFFER_BUDGET_BYTES = 64 * 1024 * 1024
+MIN_WINDOW_BYTES = 64 * 1024
+MAX_WINDOW_BYTES = 2 * 1024 * 1024
+
+
+def fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (macOS starts at 256) and return the soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 65536
 
 
 class Channel(Protocol):
@@ -52,8 +76,9 @@ class Channel(Protocol):
     def settimeout(self, timeout: float | None) -> None: ...
 
 
-# Opens a channel to `forward`'s target for a client at `peer`; raises TunneldError when the target refuses.
-Opener = Callable[[Forward, tuple[str, int]], Channel]
+# Opens a channel to `forward`'s target for a client at `peer`, granting it a receive window of so many
+# bytes; raises TunneldError when the target refuses.
+Opener = Callable[[Forward, tuple[str, int], int], Channel]
 
 
 @dataclass
@@ -74,6 +99,7 @@ class Pair:
     local: socket.socket
     channel: Channel
     counters: Counters
+    window: int = 0  # the receive window granted to the channel (the buffer budget's share)
     to_channel: bytearray = field(default_factory=bytearray)
     to_local: bytearray = field(default_factory=bytearray)
     local_eof: bool = False
@@ -101,7 +127,7 @@ class Forwarder:
         self._opener: Opener | None = None
         self._lock = threading.Lock()
         self._waiting: collections.deque[tuple[socket.socket, Forward, tuple[str, int], float]] = collections.deque()
-        self._opened: queue.SimpleQueue[tuple[socket.socket, Forward, Channel]] = queue.SimpleQueue()
+        self._opened: queue.SimpleQueue[tuple[socket.socket, Forward, Channel, int]] = queue.SimpleQueue()
         self._pairs: dict[int, Pair] = {}
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -110,7 +136,12 @@ class Forwarder:
         self._pool = ThreadPoolExecutor(max_workers=OPEN_WORKERS, thread_name_prefix="open-channel")
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
+        self._in_flight = 0
+        self._granted = 0
+        self._paused = False
+        self.fd_budget = max(FDS_PER_CONNECTION, fd_limit() - FD_RESERVE)
         self.on_change: Callable[[], None] = lambda: None
+        self.on_failure: Callable[[Exception], None] = lambda _exc: None
 
     def bind(self) -> None:
         """Bind every address OpenSSH would listen on (tunneld.listen); raise PortInUseError naming a holder.
@@ -161,6 +192,7 @@ class Forwarder:
             waiting = list(self._waiting) if opener else []
             if opener:
                 self._waiting.clear()
+                self._in_flight += len(waiting)
         for sock, forward, peer, _ in waiting:
             self._pool.submit(self._open, opener, sock, forward, peer)  # type: ignore[arg-type]
 
@@ -205,31 +237,103 @@ class Forwarder:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
 
+    def alive(self) -> bool:
+        """Return True while the pump thread runs (a dead one means the forwarder must be replaced)."""
+        return self._thread is not None and self._thread.is_alive() and not self._closed.is_set()
+
     def _loop(self) -> None:
-        while not self._closed.is_set():
-            pending = any(p.to_channel for p in self._pairs.values())
-            events = self._selector.select(PENDING_POLL_S if pending else IDLE_TICK_S)
-            for key, mask in events:
-                if key.data is None:
-                    with contextlib.suppress(OSError):
-                        self._wake_r.recv(4096)
-                elif isinstance(key.data, Listener):
-                    self._accept(key.data)
-                else:
-                    self._service(key.data, key.fileobj, mask)
-            self._register_opened()
-            for pair in [p for p in self._pairs.values() if p.to_channel]:
-                self._flush_to_channel(pair)
-            self._expire_waiting()
+        try:
+            while not self._closed.is_set():
+                self._turn()
+        except Exception as exc:  # a bug, not one connection's trouble: the link is lost and rebuilt
+            log.exception("%s: the forwarding loop failed", self.spec.alias)
+            self.on_failure(exc)
+
+    def _turn(self) -> None:
+        pending = any(p.to_channel for p in self._pairs.values())
+        events = self._selector.select(PENDING_POLL_S if pending else IDLE_TICK_S)
+        for key, mask in events:
+            if key.data is None:
+                with contextlib.suppress(OSError):
+                    self._wake_r.recv(4096)
+            elif isinstance(key.data, Listener):
+                self._accept(key.data)
+            else:
+                self._service_safely(key.data, key.fileobj, mask)
+        self._register_opened()
+        for pair in [p for p in self._pairs.values() if p.to_channel]:
+            self._flush_to_channel(pair)
+        self._expire_waiting()
+        self._resume_if_room()
+
+    def _service_safely(self, pair: Pair, fileobj: object, mask: int) -> None:
+        """One connection's failure, whatever it is, ends that connection and nothing else."""
+        try:
+            self._service(pair, fileobj, mask)
+        except Exception:
+            log.debug("%s: dropping a connection after an error", self.spec.alias, exc_info=True)
+            self._drop(pair)
+
+    # -- budgets: file descriptors and buffered bytes ----------------------------------------------
+
+    def _connections(self) -> int:
+        return len(self._pairs) + len(self._waiting) + self._in_flight
+
+    def _out_of_room(self) -> bool:
+        return (self._connections() + 1) * FDS_PER_CONNECTION > self.fd_budget
+
+    def _pause(self, why: str) -> None:
+        """Stop accepting (clients wait in the listen backlog) until connections close; one log line per episode."""
+        if self._paused:
+            return
+        self._paused = True
+        for listener in self.listeners:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(listener.sock)
+        log.warning(
+            "%s: %s: not accepting new connections until some of the %d open ones close",
+            self.spec.alias, why, self._connections(),
+        )  # fmt: skip
+
+    def _resume_if_room(self) -> None:
+        if not self._paused or (self._connections() + RESUME_MARGIN) * FDS_PER_CONNECTION > self.fd_budget:
+            return
+        self._paused = False
+        for listener in self.listeners:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.register(listener.sock, selectors.EVENT_READ, listener)
+        log.info("%s: accepting new connections again (%d open)", self.spec.alias, self._connections())
+
+    def _grant_window(self) -> int:
+        """Reserve the receive window for a new channel out of what the budget has left.
+
+        A client that never reads leaves at most its channel's window buffered here, so the sum of
+        granted windows bounds the daemon's buffers: at most the budget plus MIN_WINDOW_BYTES per
+        connection once the budget is spent.
+        """
+        with self._lock:
+            window = max(MIN_WINDOW_BYTES, min(MAX_WINDOW_BYTES, BUFFER_BUDGET_BYTES - self._granted))
+            self._granted += window
+        return window
+
+    def _release_window(self, window: int) -> None:
+        with self._lock:
+            self._granted -= window
 
     def _accept(self, listener: Listener) -> None:
         while True:
+            if self._out_of_room():
+                self._pause(f"the file descriptor budget ({self.fd_budget} of the process limit) is used up")
+                return
             try:
                 sock, peer = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("%s: accept on %s failed: %s", self.spec.alias, listener.address, exc)
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause(f"out of file descriptors or memory ({exc.strerror})")
+                else:
+                    log.warning("%s: accept on %s failed: %s", self.spec.alias, listener.address, exc)
                 return
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -240,39 +344,60 @@ class Forwarder:
                 if opener is None:
                     self._waiting.append((sock, listener.forward, peer_addr, time.monotonic() + self.hold_s))
                     continue
+                self._in_flight += 1
             self._pool.submit(self._open, opener, sock, listener.forward, peer_addr)
 
     def _open(self, opener: Opener, sock: socket.socket, forward: Forward, peer: tuple[str, int]) -> None:
         """Runs in the small opener pool: one round trip per new connection, never on the pump thread."""
+        window = self._grant_window()
         try:
-            channel = opener(forward, peer)
+            channel = opener(forward, peer, window)
         except TunneldError as error:
             sock.close()
+            self._finish_open()
+            self._release_window(window)
             self._mark_refused(forward, error.message)
             return
         except Exception as exc:
             log.debug("%s: could not open a channel for %s (%s): waiting for the next link", self.spec.alias, forward,
                       exc)  # fmt: skip
+            self._release_window(window)
             with self._lock:
+                self._in_flight -= 1
                 self._waiting.append((sock, forward, peer, time.monotonic() + self.hold_s))
             return
         self._mark_refused(forward, None)
-        self._opened.put((sock, forward, channel))
+        self._opened.put((sock, forward, channel, window))
         self._wake()
+
+    def _finish_open(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     def _register_opened(self) -> None:
         while True:
             try:
-                sock, forward, channel = self._opened.get_nowait()
+                sock, forward, channel, window = self._opened.get_nowait()
             except queue.Empty:
                 return
-            sock.setblocking(False)
-            channel.settimeout(0.0)
-            pair = Pair(sock, channel, self.counters[forward])
+            self._finish_open()
+            pair = Pair(sock, channel, self.counters[forward], window)
+            try:
+                sock.setblocking(False)
+                channel.settimeout(0.0)
+                channel_fd = channel.fileno()  # paramiko makes a pipe here: this can run out of descriptors
+            except OSError as exc:
+                log.warning("%s: cannot serve a connection to %s: %s", self.spec.alias, forward, exc.strerror or exc)
+                sock.close()
+                with contextlib.suppress(Exception):
+                    channel.close()
+                self._release_window(window)
+                self._pause(f"out of file descriptors ({exc.strerror})")
+                continue
             pair.counters.open += 1
             self._pairs[sock.fileno()] = pair
             self._selector.register(sock, selectors.EVENT_READ, pair)
-            self._selector.register(channel.fileno(), selectors.EVENT_READ, pair)
+            self._selector.register(channel_fd, selectors.EVENT_READ, pair)
 
     def _interest(self, pair: Pair) -> None:
         """Read a side only while its output is drained (backpressure); write the local side when pending."""
@@ -370,6 +495,7 @@ class Forwarder:
         if self._pairs.pop(fd, None) is None:
             return
         pair.counters.open -= 1
+        self._release_window(pair.window)
         for fileobj in (pair.local, pair.channel.fileno()):
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._selector.unregister(fileobj)

@@ -24,6 +24,7 @@ from tunneld.engines import (
     LinkEvents,
     LinkLost,
     ProgressCallback,
+    algorithms,
 )
 from tunneld.errors import AuthError, ConfigError, ConnectError, HostKeyError, TunneldError
 from tunneld.health import LocalProber, Stream
@@ -59,6 +60,10 @@ _BIND_PORT_RE = re.compile(r"cannot listen to port: (\d+)")
 _SESSION_LINE = "Entering interactive session"
 _BIND_PATH_RE = re.compile(r"cannot bind to path:? (\S+?):? Address already in use")
 _OFFENDING_RE = re.compile(r"Offending \S+ key in (\S+):(\d+)")
+_FINGERPRINT_RE = re.compile(r"Server host key: \S+ (\S+)")
+# Lines that decide how a link ended; kept apart from the bounded tail so DEBUG chatter cannot push them out.
+_VERDICT_NEEDLES = ("HOST IDENTIFICATION HAS CHANGED", "REVOKED HOST KEY", "marked as revoked", "Offending ",
+                    "host key check failure", "Server host key: ", "Host key verification failed")  # fmt: skip
 _CONNECT_FAILURES = (
     "Could not resolve hostname",
     "Connection refused",
@@ -107,7 +112,7 @@ def build_argv(spec: TunnelSpec) -> list[str]:
         options["ServerAliveCountMax"] = str(spec.keepalive_count_max)
     if not spec.connect_timeout_from_user:
         options["ConnectTimeout"] = str(spec.connect_timeout_s)
-    if spec.option("ciphers") == default_ciphers() and cpu_has_aes():
+    if not algorithms.user_set(spec, "ciphers") and cpu_has_aes():
         # AES-GCM runs in hardware here: 400-490 MB/s against chacha20's ~280-290 (docs/benchmarks.md).
         # '^' puts them first and keeps the rest of OpenSSH's default list.
         options["Ciphers"] = "^" + AES_GCM_CIPHERS
@@ -115,18 +120,6 @@ def build_argv(spec: TunnelSpec) -> list[str]:
         argv += ["-o", f"{key}={value}"]
     argv += ["--", spec.alias]
     return argv
-
-
-@functools.lru_cache(maxsize=1)
-def default_ciphers() -> str:
-    """Return OpenSSH's own default cipher list (no config file read), to tell whether the user set Ciphers."""
-    ssh = ssh_binary()
-    if ssh is None:
-        return ""
-    done = subprocess.run(
-        [ssh, "-G", "-F", "/dev/null", "tunneld-defaults"], capture_output=True, text=True, check=False, timeout=10
-    )
-    return next((line.split(" ", 1)[1] for line in done.stdout.splitlines() if line.startswith("ciphers ")), "")
 
 
 @functools.lru_cache(maxsize=1)
@@ -160,6 +153,7 @@ class StderrWatcher:
         self.changed = changed
         self.eof = threading.Event()
         self.lines: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
+        self.verdicts: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
         self.remote_ok = 0
         self.binds_done = threading.Event()
         self._lock = threading.Lock()
@@ -187,6 +181,8 @@ class StderrWatcher:
             log.debug("%s: ssh: %s", self.spec.alias, text)
         with self._lock:
             self.lines.append(text)
+            if any(needle in text for needle in _VERDICT_NEEDLES):
+                self.verdicts.append(text)
             self._track(text)
         for needle, milestone in _MILESTONES:
             if text.startswith(needle):
@@ -226,9 +222,9 @@ class StderrWatcher:
             return bool(self._channels) and bool(self._degraded)
 
     def tail(self) -> list[str]:
-        """Return the last lines ssh wrote, without DEBUG chatter."""
+        """Return the lines that decide how ssh ended (host key verdicts), then the last lines it wrote."""
         with self._lock:
-            return list(self.lines)
+            return [*self.verdicts, *self.lines]
 
     def join(self, timeout: float) -> None:
         """Wait for ssh's stderr to reach EOF (after the child exited)."""
@@ -241,12 +237,9 @@ def classify_exit(spec: TunnelSpec, returncode: int, lines: list[str]) -> Tunnel
     lines = [line.removeprefix("ssh: ") for line in lines if not line.startswith(("channel ", *_QUIET_PREFIXES))]
     text = "\n".join(lines)
     where = f"{spec.user}@{spec.hostname}:{spec.port}"
-    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text:
-        offending = _OFFENDING_RE.search(text)
-        saved_in = f" ({offending[1]} line {offending[2]})" if offending else ""
-        return HostKeyError.changed(spec.hostname, spec.alias, spec.known_hosts_name, saved_in)
-    if "host key is known for" in text or "Host key verification failed" in text:
-        return HostKeyError.unknown(spec.hostname, spec.alias)
+    host_key = _host_key_error(spec, text)
+    if host_key is not None:
+        return host_key
     if "Permission denied" in text or "Too many authentication failures" in text:
         locked = "" if "passphrase" in text else None  # ssh's debug lines do not always name the key
         return AuthError.refused(where, spec.alias, _last_matching(lines, "Permission denied"), locked)
@@ -257,6 +250,21 @@ def classify_exit(spec: TunnelSpec, returncode: int, lines: list[str]) -> Tunnel
             return ConnectError(_last_matching(lines, needle), _connect_hint(spec, needle))
     last = lines[-1] if lines else ""
     return ConnectError(f"ssh exited with status {returncode}" + (f": {last}" if last else ""))
+
+
+def _host_key_error(spec: TunnelSpec, text: str) -> HostKeyError | None:
+    """Read ssh's host-key verdict; under StrictHostKeyChecking no a changed or revoked key still ends the
+    link ("forwarding disabled due to host key check failure"), and that is fatal, not a retry."""
+    if "REVOKED HOST KEY" in text or "is marked as revoked" in text:
+        fingerprint = _FINGERPRINT_RE.search(text)
+        return HostKeyError.revoked(spec.hostname, fingerprint[1] if fingerprint else "", "")
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or "host key check failure" in text:
+        offending = _OFFENDING_RE.search(text)
+        saved_in = f" ({offending[1]} line {offending[2]})" if offending else ""
+        return HostKeyError.changed(spec.hostname, spec.alias, spec.known_hosts_name, saved_in)
+    if "host key is known for" in text or "Host key verification failed" in text:
+        return HostKeyError.unknown(spec.hostname, spec.alias)
+    return None
 
 
 def _last_matching(lines: list[str], needle: str) -> str:
@@ -283,9 +291,12 @@ def _port_error(spec: TunnelSpec, text: str) -> TunneldError:
 class OpenSshLink:
     """A running `ssh -N` child whose forwards listen."""
 
-    def __init__(self, spec: TunnelSpec, proc: subprocess.Popen[bytes], watcher: StderrWatcher) -> None:
+    def __init__(
+        self, spec: TunnelSpec, proc: subprocess.Popen[bytes], watcher: StderrWatcher, argv: list[str]
+    ) -> None:
         self.spec = spec
         self.proc = proc
+        self.argv = tuple(argv)
         self.watcher = watcher
         self.create_time = psutil.Process(proc.pid).create_time()
         self.plans = {plan.forward: plan for plan in plan_spec(spec)}
@@ -368,7 +379,7 @@ class OpenSshLink:
 
     def children(self) -> list[ChildProcess]:
         """Return the ssh child, so a later tunneld can reap it if this one is killed."""
-        return [ChildProcess(self.proc.pid, self.create_time, "ssh")]
+        return [ChildProcess(self.proc.pid, self.create_time, "ssh", self.argv)]
 
 
 class OpenSshEngine:
@@ -394,7 +405,7 @@ class OpenSshEngine:
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
         )
         assert proc.stderr is not None
-        link = OpenSshLink(spec, proc, StderrWatcher(proc.stderr, spec, progress, events.changed))
+        link = OpenSshLink(spec, proc, StderrWatcher(proc.stderr, spec, progress, events.changed), argv)
         deadline = time.monotonic() + spec.connect_timeout_s + HANDSHAKE_MARGIN_S
         try:
             _wait_until_ready(link, deadline, events.stop)

@@ -14,7 +14,7 @@ import time
 import paramiko
 
 from tunneld.config import Forward, TunnelSpec, expand_tokens, resolve_hop, token_table
-from tunneld.engines import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback
+from tunneld.engines import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback, algorithms
 from tunneld.engines.forwarding import DEFAULT_HOLD_S, Channel, Forwarder, unsupported_forwards
 from tunneld.engines.sshkeys import authenticate, preferred_key_types, verify_host_key
 from tunneld.errors import ConfigError, ConnectError, TunneldError
@@ -22,8 +22,8 @@ from tunneld.errors import ConfigError, ConnectError, TunneldError
 log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT_S = 15.0
+MIN_PROBE_WINDOW_BYTES = 64 * 1024  # a health check reads a status line, nothing more
 WATCH_S = 0.25
-# AES-GCM first: authenticated encryption in one pass through `cryptography` (fastest here).
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
 
 
@@ -51,18 +51,40 @@ def _tcp(host: str, port: int, timeout: float) -> socket.socket:
 
 
 Carrier = socket.socket | paramiko.Channel | paramiko.ProxyCommand
+# paramiko's names for the lists of each kind ssh_config sets.
+_SECURITY_FIELDS = (("ciphers", "ciphers"), ("digests", "macs"), ("kex", "kexalgorithms"),
+                    ("key_types", "hostkeyalgorithms"))  # fmt: skip
+
+
+def offer_only_openssh_algorithms(options: paramiko.SecurityOptions, spec: TunnelSpec) -> None:
+    """Offer what OpenSSH's client would offer (its defaults, or ssh_config's lists), in its order.
+
+    paramiko alone would also offer 3des-cbc, aes-cbc, hmac-md5 and hmac-sha1-96.
+    """
+    for field, kind in _SECURITY_FIELDS:
+        supported = tuple(getattr(options, field))
+        chosen = tuple(name for name in algorithms.allowed(spec, kind) if name in supported)
+        if not chosen:
+            raise ConfigError(
+                f"none of the {kind} your ssh_config allows for {spec.alias} is implemented by the paramiko engine "
+                f"(it has: {', '.join(supported)})",
+                "use --engine openssh, or allow one of those in your ssh_config",
+            )
+        if field == "ciphers" and not algorithms.user_set(spec, "ciphers"):
+            # AES-GCM first: authenticated encryption in one pass through `cryptography` (fastest here).
+            chosen = tuple(c for c in PREFERRED_CIPHERS if c in chosen) + tuple(
+                c for c in chosen if c not in PREFERRED_CIPHERS
+            )
+        if field == "key_types":
+            chosen = preferred_key_types(spec, chosen)
+        setattr(options, field, chosen)
 
 
 def _handshake(spec: TunnelSpec, sock: Carrier, progress: ProgressCallback) -> paramiko.Transport:
     """SSH over `sock` (a socket, a channel of the previous hop, or a ProxyCommand): verify, authenticate."""
     transport = paramiko.Transport(sock)  # paramiko's 2 MiB channel window bounds memory per connection
     try:
-        options = transport.get_security_options()
-        offered = tuple(options.ciphers)
-        options.ciphers = tuple(c for c in PREFERRED_CIPHERS if c in offered) + tuple(
-            c for c in offered if c not in PREFERRED_CIPHERS
-        )
-        options.key_types = preferred_key_types(spec, tuple(options.key_types))
+        offer_only_openssh_algorithms(transport.get_security_options(), spec)
         try:
             transport.start_client(timeout=spec.connect_timeout_s)
             # start_client returns quietly when its timeout passes mid-handshake: no key means no session.
@@ -138,12 +160,16 @@ class ParamikoLink:
         for target in (self._ping, self._watch):
             threading.Thread(target=target, name=f"link-{target.__name__}", daemon=True).start()
 
-    def open_channel(self, forward: Forward, peer: tuple[str, int], timeout: float = OPEN_TIMEOUT_S) -> Channel:
+    def open_channel(
+        self, forward: Forward, peer: tuple[str, int], window: int | None = None, timeout: float = OPEN_TIMEOUT_S
+    ) -> Channel:
         """Open a direct-tcpip channel to the forward's target; a refusing target is a ConnectError."""
         target = forward.target
         assert target is not None and target.host is not None and target.port is not None  # check_supported
         try:
-            return self.transport.open_channel("direct-tcpip", (target.host, target.port), peer, timeout=timeout)
+            return self.transport.open_channel(
+                "direct-tcpip", (target.host, target.port), peer, window_size=window, timeout=timeout
+            )
         except paramiko.ChannelException as exc:
             # paramiko keeps only the reason code ("Connect failed"), not the server's text.
             raise ConnectError(f"open failed: {str(exc.text).lower()} (the server could not reach the target)") from exc
@@ -151,9 +177,11 @@ class ParamikoLink:
     def open_probe(self, forward: Forward, timeout: float, settle: bool) -> Channel:
         """Open a channel to the forward's target for a health check (the channel open itself is the answer)."""
         try:
-            channel = self.forwarder.probe(forward, lambda: self.open_channel(forward, ("127.0.0.1", 0), timeout))
+            channel = self.forwarder.probe(
+                forward, lambda: self.open_channel(forward, ("127.0.0.1", 0), MIN_PROBE_WINDOW_BYTES, timeout)
+            )
         except ConnectError as error:
-            raise ConnectError(f"connection refused by {forward.target} ({error.message})") from error
+            raise ConnectError(f"connection refused by {forward.target}") from error
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise ConnectError(f"no answer from {forward.target} within {timeout:g} s ({exc})") from exc
         channel.settimeout(timeout)
@@ -169,14 +197,15 @@ class ParamikoLink:
     def _watch(self) -> None:
         while not self._closing.wait(WATCH_S):
             if not all(t.is_active() for t in self.transports):
-                self._lose(ConnectError(f"Connection to {self.spec.hostname} closed by remote host"))
+                self.lose(ConnectError(f"Connection to {self.spec.hostname} closed by remote host"))
             elif time.monotonic() - self._last_reply > self._budget_s:
-                self._lose(ConnectError(f"Timeout, server {self.spec.hostname} not responding."))
+                self.lose(ConnectError(f"Timeout, server {self.spec.hostname} not responding."))
             else:
                 continue
             return
 
-    def _lose(self, error: TunneldError) -> None:
+    def lose(self, error: TunneldError) -> None:
+        """End the link with `error` (the supervisor reconnects when it is retryable)."""
         self._error = error
         self.forwarder.attach(None)  # new connections wait for the next link
         self._lost.set()
@@ -208,7 +237,8 @@ class ParamikoLink:
 
         pid = self.proxy.process.pid
         try:
-            return [ChildProcess(pid, psutil.Process(pid).create_time(), "ProxyCommand")]
+            proc = psutil.Process(pid)
+            return [ChildProcess(pid, proc.create_time(), "ProxyCommand", tuple(proc.cmdline()))]
         except psutil.Error:
             return []
 
@@ -232,6 +262,9 @@ class ParamikoEngine:
         except (paramiko.SSHException, OSError, EOFError) as exc:
             # Whatever the network does to a handshake is transient; the daemon must not die of it.
             raise ConnectError(f"{spec.hostname}:{spec.port}: connection failed: {exc}") from exc
+        if self.forwarder is not None and not self.forwarder.alive():
+            self.forwarder.close()  # its loop died (logged): rebuild it rather than serve nothing
+            self.forwarder = None
         if self.forwarder is None:
             forwarder = Forwarder(spec, self.hold_s)
             forwarder.on_change = events.changed.set
@@ -244,6 +277,7 @@ class ParamikoEngine:
             self.forwarder = forwarder
         progress("listening")
         link = ParamikoLink(spec, transports, proxy, self.forwarder, events)
+        self.forwarder.on_failure = lambda exc: link.lose(ConnectError(f"the forwarding loop failed: {exc}"))
         self.forwarder.attach(link.open_channel)
         return link
 

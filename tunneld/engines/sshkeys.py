@@ -7,12 +7,12 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
 
 from tunneld.config import TunnelSpec
+from tunneld.engines.knownhosts import evaluate, hash_name, known_types
 from tunneld.errors import AuthError, ConnectError, HostKeyError
 
 log = logging.getLogger(__name__)
@@ -22,55 +22,56 @@ def _files(names: tuple[str, ...]) -> list[Path]:
     return [Path(os.path.expanduser(n)) for n in names if n.lower() != "none"]
 
 
-@dataclass(frozen=True)
-class KnownKeys:
-    """What the known_hosts files say about one host name."""
-
-    name: str
-    matches: bool
-    changed_in: str | None
-    types: tuple[str, ...]
-
-
-def lookup_known(spec: TunnelSpec, key: paramiko.PKey | None = None) -> KnownKeys:
-    """Look the host up in the user's and the global known_hosts files (hashed entries included)."""
-    name = spec.known_hosts_name
-    types: list[str] = []
-    changed_in = None
-    for path in _files(spec.user_known_hosts_files) + _files(spec.global_known_hosts_files):
-        if not path.is_file():
-            continue
-        try:
-            entries = paramiko.HostKeys(str(path)).lookup(name)
-        except (OSError, paramiko.SSHException) as exc:
-            log.warning("%s: cannot read %s: %s", spec.alias, path, exc)
-            continue
-        if not entries:
-            continue
-        types += [t for t in entries if t not in types]
-        if key is not None and key.get_name() in entries:
-            if entries[key.get_name()].asbytes() == key.asbytes():
-                return KnownKeys(name, True, None, tuple(types))
-            changed_in = changed_in or str(path)
-    return KnownKeys(name, False, changed_in, tuple(types))
+def _known_files(spec: TunnelSpec) -> list[Path]:
+    return _files(spec.user_known_hosts_files) + _files(spec.global_known_hosts_files)
 
 
 def verify_host_key(spec: TunnelSpec, key: paramiko.PKey) -> None:
-    """Accept the server's key only as OpenSSH would: known, or new under accept-new/no; never changed."""
-    known = lookup_known(spec, key)
-    if known.matches:
+    """Accept the server's key only as OpenSSH would: known, or new under accept-new/no; never changed or revoked.
+
+    `StrictHostKeyChecking no` lets a *new* key in; a changed or revoked one is refused whatever
+    the policy (OpenSSH disables forwarding for it, which for a tunnel is the same refusal).
+    """
+    name = spec.known_hosts_name
+    verdict = evaluate(name, key.get_name(), key.asbytes(), _known_files(spec))
+    if verdict.revoked_in:
+        raise HostKeyError.revoked(spec.hostname, _fp(key), verdict.revoked_in)
+    if verdict.matches:
         return
-    if known.changed_in:
-        raise HostKeyError.changed(spec.hostname, spec.alias, known.name, f" ({known.changed_in})")
-    if known.types:
+    if verdict.changed_in:
+        raise HostKeyError.changed(spec.hostname, spec.alias, name, f" ({verdict.changed_in})")
+    if verdict.other_types:
         raise HostKeyError(
             f"{spec.hostname} offered a {key.get_name()} host key, but known_hosts holds only "
-            f"{', '.join(known.types)} for {known.name}",
+            f"{', '.join(verdict.other_types)} for {name}",
             f"connect once with `ssh {spec.alias}` to check and save the new key type",
+        )
+    if verdict.cert_authority_in:
+        raise HostKeyError(
+            f"{name} is vouched for by a @cert-authority line ({verdict.cert_authority_in}); "
+            "the paramiko engine cannot verify host certificates",
+            'use --engine openssh for this host (or engine = "openssh" under [hosts.NAME] in tunneld.toml)',
         )
     if spec.strict_host_key_checking not in ("accept-new", "no"):
         raise HostKeyError.unknown(spec.hostname, spec.alias)
-    _remember(spec, known.name, key)
+    undecidable = _undecidable(spec)
+    if undecidable:
+        raise HostKeyError(
+            f"the host key of {spec.hostname} is not in known_hosts, and your ssh_config sets {undecidable}, "
+            "which the paramiko engine cannot evaluate: it will not trust a key on first use",
+            f"use --engine openssh, or connect once with `ssh {spec.alias}` to save the key",
+        )
+    _remember(spec, name, key)
+
+
+def _undecidable(spec: TunnelSpec) -> str | None:
+    """Return the ssh_config option that decides host keys in a way this engine cannot follow, if set."""
+    command = spec.option("knownhostscommand", "none")
+    if command.lower() != "none":
+        return f"KnownHostsCommand {command}"
+    if spec.option("verifyhostkeydns", "no").lower() in ("yes", "true", "ask"):
+        return "VerifyHostKeyDNS yes"
+    return None
 
 
 def _remember(spec: TunnelSpec, name: str, key: paramiko.PKey) -> None:
@@ -79,8 +80,8 @@ def _remember(spec: TunnelSpec, name: str, key: paramiko.PKey) -> None:
         log.warning("%s: accepted new host key %s (UserKnownHostsFile none: not saved)", spec.alias, _fp(key))
         return
     path = files[0]
-    hashed = dict(spec.options).get("hashknownhosts", "no") in ("yes", "true")
-    shown = paramiko.HostKeys.hash_host(name) if hashed else name
+    hashed = spec.option("hashknownhosts", "no") in ("yes", "true")
+    shown = hash_name(name) if hashed else name
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with path.open("a") as handle:
         handle.write(f"{shown} {key.get_name()} {key.get_base64()}\n")
@@ -94,7 +95,7 @@ def _fp(key: paramiko.PKey) -> str:
 
 def preferred_key_types(spec: TunnelSpec, offered: tuple[str, ...]) -> tuple[str, ...]:
     """Put the key types known_hosts holds for this host first, as OpenSSH does."""
-    known = lookup_known(spec).types
+    known = known_types(spec.known_hosts_name, _known_files(spec))
     expanded = [t for k in known for t in (("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa") if k == "ssh-rsa" else (k,))]
     first = [t for t in offered if t in expanded]
     return tuple(first + [t for t in offered if t not in first])
