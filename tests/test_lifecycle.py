@@ -21,8 +21,35 @@ from tunneld.errors import EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_RUNTIME, EXIT_UNA
 HOST = "mlflowserver"
 STATUS_KEYS = {
     "host", "state", "running", "pid", "engine", "started_at", "since", "uptime_s", "reconnects", "attempts",
-    "next_try_at", "last_error", "forwards", "children", "autostart",
+    "next_try_at", "last_error", "previous_error", "forwards", "children", "autostart",
 }  # fmt: skip
+# Field -> the types the documented schema allows (docs/usage.md, `status --json`).
+NUMBER, OPTIONAL_NUMBER = (int, float), (int, float, type(None))
+HOST_TYPES: dict[str, tuple[type, ...]] = {
+    "host": (str,), "state": (str,), "running": (bool,), "pid": (int, type(None)), "engine": (str, type(None)),
+    "started_at": OPTIONAL_NUMBER, "since": OPTIONAL_NUMBER, "uptime_s": OPTIONAL_NUMBER, "reconnects": (int,),
+    "attempts": (int,), "next_try_at": OPTIONAL_NUMBER, "last_error": (dict, type(None)),
+    "previous_error": (dict, type(None)), "forwards": (list,), "children": (list,), "autostart": (str, type(None)),
+}  # fmt: skip
+FORWARD_TYPES: dict[str, tuple[type, ...]] = {
+    "forward": (str,), "listen": (list,), "target": (str,), "state": (str,), "detail": (str, type(None)),
+    "bytes_in": (int, type(None)), "bytes_out": (int, type(None)), "open_connections": (int, type(None)),
+    "total_connections": (int, type(None)), "exposed": (bool,), "health": (dict, type(None)),
+}  # fmt: skip
+ERROR_TYPES: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "message": (str,), "hint": (str, type(None)), "exit_code": (int, type(None)),
+    "retryable": (bool,), "at": OPTIONAL_NUMBER,
+}  # fmt: skip
+
+
+def assert_types(data: dict[str, object], types: dict[str, tuple[type, ...]]) -> None:
+    """Every documented field is there with a documented type (bool is not accepted as a number)."""
+    assert set(data) == set(types), set(data) ^ set(types)
+    for key, allowed in types.items():
+        value = data[key]
+        assert isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed), (key, value)
+
+
 FORWARD_KEYS = {
     "forward", "listen", "target", "state", "detail", "bytes_in", "bytes_out", "open_connections",
     "total_connections", "exposed", "health",
@@ -195,6 +222,8 @@ def test_kill_9_then_status_is_stale_then_start_again(config: Path) -> None:
     status = run_cli("status", HOST)
     assert status.returncode == EXIT_NOT_RUNNING
     assert "dead (stale pid file)" in status.stdout
+    report = json.loads(run_cli("status", HOST, "--json").stdout)["hosts"][0]
+    assert report["last_error"]["kind"] == "Dead" and "killed by SIGKILL" in report["last_error"]["message"]
     wait_for(lambda: not any(c.is_running() and c.status() != "zombie" for c in ssh_children), 5, "ssh to follow")
     restarted = run_cli("start", HOST, "-F", str(config))
     assert restarted.returncode == 0, restarted.stderr
@@ -306,17 +335,27 @@ def test_restart_replaces_the_daemon(config: Path) -> None:
     run_cli("stop", HOST)
 
 
-def test_status_json_matches_the_documented_schema(config: Path) -> None:
+def test_status_json_matches_the_documented_schema(config: Path, sshd: SshServer) -> None:
     assert run_cli("start", HOST, "-F", str(config)).returncode == 0
     data = json.loads(run_cli("status", "--json").stdout)
     assert data["version"] == 1
     (host,) = data["hosts"]
     assert set(host) == STATUS_KEYS
+    assert_types(host, HOST_TYPES)
     assert set(host["forwards"][0]) == FORWARD_KEYS
+    assert_types(host["forwards"][0], FORWARD_TYPES)
+    assert all(isinstance(a, str) for a in host["forwards"][0]["listen"])
     assert host["state"] == "up" and host["running"] is True and host["pid"] == pid_of(HOST)
     run_cli("stop", HOST)
     stopped = json.loads(run_cli("status", "--json").stdout)["hosts"][0]
     assert set(stopped) == STATUS_KEYS and stopped["running"] is False and stopped["forwards"] == []
+    assert_types(stopped, HOST_TYPES)
+    sshd.authorized_keys.write_text("")  # the server no longer takes our key
+    assert run_cli("start", HOST, "-F", str(config)).returncode == EXIT_CONFIG
+    failed = json.loads(run_cli("status", "--json").stdout)["hosts"][0]
+    assert failed["state"] == "failed" and isinstance(failed["last_error"], dict)
+    assert_types(failed["last_error"], ERROR_TYPES)
+    assert failed["last_error"]["kind"] == "AuthError" and failed["last_error"]["exit_code"] == EXIT_CONFIG
 
 
 @pytest.mark.parametrize("verb", ["start", "stop", "status", "logs", "wait", "check"])

@@ -13,9 +13,9 @@ from tunneld.errors import AuthError, HostKeyError, PortInUseError, TunneldError
 from tunneld.health import LocalProber, checks_for, run_check
 from tunneld.listen import ListenPlan, plan_spec
 from tunneld.ports import Listeners, listeners_of, port_in_use_error, port_is_free, unix_socket_answers
+from tunneld.probes import tcp_answers
 from tunneld.settings import host_settings
 from tunneld.status import HostReport, collect
-from tunneld.supervisor import tcp_answers
 
 PASS = "ok"  # noqa: S105 - a verdict, not a password
 FAIL = "FAIL"

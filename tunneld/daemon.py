@@ -41,10 +41,11 @@ from tunneld.pidfile import (
     terminate,
     write_json_atomic,
 )
+from tunneld.probes import Wakeups
 from tunneld.safetext import printable
 from tunneld.settings import host_settings
 from tunneld.states import DEGRADED, FAILED, STOPPED, UP
-from tunneld.supervisor import Supervisor, TunnelStatus, Wakeups
+from tunneld.supervisor import Supervisor, TunnelStatus
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +234,22 @@ def _run_supervised(
         spec.keepalive_interval_s,
         spec.keepalive_count_max,
     )
+    supervisor = Supervisor(spec, engine, reporter, wakeups, fail_fast=fail_fast, settings=settings)
     try:
-        return Supervisor(spec, engine, reporter, wakeups, fail_fast=fail_fast, settings=settings).run()
+        return supervisor.run()
+    except Exception as exc:  # a bug: record it where `status` looks, then crash loudly
+        crash = {
+            "kind": "Crash",
+            "message": f"tunneld crashed: {type(exc).__name__}: {exc}",
+            "at": time.time(),
+            "hint": f"this is a bug; `tunneld logs {host}` has the traceback",
+            "exit_code": 1,
+            "retryable": False,
+        }
+        write_json_atomic(files.state, {**supervisor.status.to_dict(), "pid": os.getpid(), "state": FAILED,
+                                        "last_error": crash, "forwards": [], "children": []})  # fmt: skip
+        log.exception("%s: tunneld crashed", host)
+        raise
     finally:
         notifier.close()
         pidfile.remove(os.getpid())

@@ -124,6 +124,10 @@ class ConnectError(TunneldError):
     retryable = True
 
 
+class HandshakeStalledError(ConnectError):
+    """The server accepted TCP but the SSH handshake did not complete in time (frozen, overloaded, not sshd)."""
+
+
 class AlreadyRunningError(TunneldError):
     """A tunnel for this host is already running."""
 
@@ -164,7 +168,18 @@ def report_error(error: TunneldError, echo: Callable[[str, bool], None]) -> int:
 def error_from_dict(data: dict[str, object]) -> TunneldError:
     """Rebuild a TunneldError from `TunneldError.to_dict()` output (the other side of a pipe)."""
     kinds: dict[str, type[TunneldError]] = {
-        cls.__name__: cls for cls in (ConfigError, AuthError, HostKeyError, ConnectError, StartupError, FatalError)
+        cls.__name__: cls
+        for cls in (
+            ConfigError,
+            AuthError,
+            HostKeyError,
+            ConnectError,
+            HandshakeStalledError,
+            StartupError,
+            FatalError,
+            CorruptFileError,
+            NoForwardsError,
+        )
     }
     message = str(data.get("message", "unknown error"))
     hint = data.get("hint")

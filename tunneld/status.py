@@ -35,6 +35,7 @@ class HostReport:
     attempts: int = 0
     next_try_at: float | None = None
     last_error: dict[str, object] | None = None
+    previous_error: dict[str, object] | None = None
     forwards: tuple[dict[str, object], ...] = ()
     children: tuple[int, ...] = ()
     autostart: str | None = None
@@ -93,6 +94,11 @@ def collect(host: str) -> HostReport:
     started = record.started_at if record and live else None
     forwards = state.get("forwards") if running else None
     last_error = problem.to_dict() if problem is not None and not running else state.get("last_error")
+    previous_error = state.get("previous_error")
+    if shown in (STALE, DEAD):
+        # The process vanished without a word: whatever error the state file still holds was before that.
+        previous_error = last_error or previous_error
+        last_error = _death(record.pid if record else state.get("pid"), files)
     return HostReport(
         host=host,
         state=shown,
@@ -106,10 +112,29 @@ def collect(host: str) -> HostReport:
         attempts=int(_number(state.get("attempts")) or 0),
         next_try_at=_number(state.get("next_try_at")) if running else None,
         last_error=last_error if isinstance(last_error, dict) else None,
+        previous_error=previous_error if isinstance(previous_error, dict) else None,
         forwards=tuple(f for f in forwards if isinstance(f, dict)) if isinstance(forwards, list) else (),
         children=_child_pids(state.get("children")) if running else (),
         autostart=_autostart_of(host),
     )
+
+
+def _death(pid: object, files: HostFiles) -> dict[str, object]:
+    """Explain a supervisor that ended without recording why: only an uncatchable end does that."""
+    try:
+        last_seen = files.state.stat().st_mtime
+    except OSError:
+        last_seen = None
+    seen = f"; last sign of life {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last_seen))}" if last_seen else ""
+    return {
+        "kind": "Dead",
+        "message": f"the tunneld process (pid {pid}) ended without cleaning up: killed by SIGKILL "
+        f"(kill -9, the out-of-memory killer) or crashed{seen}",
+        "hint": f"start it again with `tunneld start {files.host}`; `tunneld logs {files.host}` shows its last lines",
+        "exit_code": None,
+        "retryable": True,
+        "at": last_seen,
+    }
 
 
 def _valid_state(state: dict[str, object], files: HostFiles) -> dict[str, object]:

@@ -5,55 +5,58 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
-
-import psutil
 
 from tunneld.config import TunnelSpec
 from tunneld.engines import ChildProcess, Engine, ForwardStatus, Link, LinkEvents
-from tunneld.errors import EXIT_OK, PortInUseError, TunneldError
+from tunneld.errors import EXIT_OK, HandshakeStalledError, PortInUseError, TunneldError
 from tunneld.health import Health, HealthMonitor
+from tunneld.probes import Environment, PathWatch, Probe, Wakeups, tcp_answers
 from tunneld.settings import HostSettings
 from tunneld.states import BACKOFF, CONNECTING, DEGRADED, FAILED, FORWARD_DEGRADED, LOST, STARTING, STOPPED, UP
 
 log = logging.getLogger(__name__)
 
 
-PROBE_INTERVAL_S = 0.5
-PROBE_TIMEOUT_S = 1.0
 SETTLE_TICK_S = 1.0
 HEARTBEAT_S = 5.0
-CLOCK_JUMP_S = 5.0
-NETWORK_CHECK_S = 2.0
+WAIT_TICK_S = 0.25
 
 
 @dataclass(frozen=True)
 class Backoff:
-    """Retry delays: at once first, then exponential with full jitter up to a cap; reset after stable uptime."""
+    """Retry delays for consecutive failed attempts: at once, then exponential with full jitter up to a cap.
+
+    The backoff guards against a server that keeps failing, not against one that answers: a link
+    that held for `stable_s` and was then lost starts again at "at once". A link that dies within
+    seconds of every login (a flapping server) counts as one more failed attempt, so it still backs off.
+    """
 
     base_s: float = 0.5
     cap_s: float = 30.0
-    reset_after_s: float = 60.0
+    stable_s: float = 5.0
     attempt: int = 0
 
     def delay(self, rng: random.Random) -> float:
-        """Return how long to wait before the next try (0 for the first try after a loss)."""
+        """Return how long to wait before the next try (0 after a stable link, and for the first try)."""
         if self.attempt == 0:
             return 0.0
-        ceiling = min(self.cap_s, self.base_s * 2 ** (self.attempt - 1))
-        return rng.uniform(0.0, ceiling)
+        return rng.uniform(0.0, self.ceiling())
+
+    def ceiling(self) -> float:
+        """Return the longest delay this step may draw."""
+        return 0.0 if self.attempt == 0 else min(self.cap_s, self.base_s * 2 ** (self.attempt - 1))
 
     def next(self) -> Backoff:
         """Return the backoff after one more failed try."""
         return dataclasses.replace(self, attempt=self.attempt + 1)
 
-    def after_uptime(self, uptime_s: float) -> Backoff:
-        """Return a fresh backoff if the link stayed up long enough, else this one."""
-        return dataclasses.replace(self, attempt=0) if uptime_s >= self.reset_after_s else self
+    def after_link(self, uptime_s: float) -> Backoff:
+        """Return the backoff after a link that was up for `uptime_s` was lost (the wait that follows counts it)."""
+        return dataclasses.replace(self, attempt=0) if uptime_s >= self.stable_s else self
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class TunnelStatus:
     attempts: int = 0
     reconnects: int = 0
     last_error: dict[str, object] | None = None
+    previous_error: dict[str, object] | None = None
     next_try_at: float | None = None
     forwards: tuple[ForwardStatus, ...] = ()
     children: tuple[ChildProcess, ...] = ()
@@ -90,65 +94,8 @@ class Reporter(Protocol):
         """Report a step of bringing the link up."""
 
 
-@dataclass
-class Wakeups:
-    """Reasons to stop waiting: stop requested, or 'retry now' (SIGUSR1, sleep, network change)."""
-
-    stop: threading.Event = field(default_factory=threading.Event)
-    retry_now: threading.Event = field(default_factory=threading.Event)
-    wake: threading.Event = field(default_factory=threading.Event)
-
-    def request_stop(self) -> None:
-        """Ask the supervisor to stop (signal handlers call this; it only sets flags)."""
-        self.stop.set()
-        self.wake.set()
-
-    def request_retry(self) -> None:
-        """Ask the supervisor to skip the current backoff wait."""
-        self.retry_now.set()
-        self.wake.set()
-
-
-class Environment:
-    """Watches for a wall-clock jump against the monotonic clock (sleep) and for changed local addresses."""
-
-    def __init__(self) -> None:
-        self._offset = time.time() - time.monotonic()
-        self._addresses = self._current_addresses()
-        self._checked = time.monotonic()
-
-    @staticmethod
-    def _current_addresses() -> frozenset[str]:
-        return frozenset(
-            addr.address for addrs in psutil.net_if_addrs().values() for addr in addrs if addr.family != psutil.AF_LINK
-        )
-
-    def changed(self) -> str | None:
-        """Return why the machine's situation changed since the last call (or None)."""
-        offset = time.time() - time.monotonic()
-        jumped = abs(offset - self._offset) > CLOCK_JUMP_S
-        self._offset = offset
-        if jumped:
-            return "the clock jumped (the machine slept)"
-        now = time.monotonic()
-        if now - self._checked >= NETWORK_CHECK_S:
-            self._checked = now
-            addresses = self._current_addresses()
-            if addresses != self._addresses:
-                self._addresses = addresses
-                return "the local network addresses changed"
-        return None
-
-
-def tcp_answers(target: tuple[str, int] | None, timeout: float = PROBE_TIMEOUT_S) -> bool | None:
-    """Return whether a TCP connection to `target` succeeds (None when there is nothing to probe)."""
-    if target is None:
-        return None
-    try:
-        with socket.create_connection(target, timeout=timeout):
-            return True
-    except OSError:
-        return False
+class AttemptAbandonedError(Exception):
+    """An attempt hung on a path that was dead and has come back: a fresh attempt replaces it."""
 
 
 class Supervisor:
@@ -164,6 +111,8 @@ class Supervisor:
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
         settings: HostSettings | None = None,
+        probe: Probe | None = None,
+        environment: Environment | None = None,
     ) -> None:
         self.spec = spec
         self.settings = settings or HostSettings()
@@ -173,7 +122,8 @@ class Supervisor:
         self.fail_fast = fail_fast
         self.backoff = backoff or Backoff()
         self.rng = rng or random.Random()
-        self.environment = Environment()
+        self.probe: Probe = probe or (lambda hop: bool(tcp_answers(hop)))
+        self.environment = environment or Environment()
         keepalive = f"{spec.keepalive_interval_s}s x {spec.keepalive_count_max}"
         now = time.time()
         self.status = TunnelStatus(spec.alias, engine.name, STARTING, now, now, keepalive=keepalive)
@@ -193,35 +143,33 @@ class Supervisor:
 
     def _run(self) -> int:
         self._set(state=STARTING)
-        first_try = True
+        first_try, had_link = True, False
         while not self.wakeups.stop.is_set():
             self._set(state=CONNECTING, next_try_at=None)
             self._progress(f"connecting to {self.spec.user}@{self.spec.hostname}:{self.spec.port}")
             try:
-                link = self.engine.connect(self.spec, self._progress, LinkEvents(self.wakeups.stop, self.wakeups.wake))
+                link = self._connect()
+            except AttemptAbandonedError:
+                log.info("%s: the path to the server came back while an attempt hung on it: starting afresh",
+                         self.spec.alias)  # fmt: skip
+                continue
             except TunneldError as error:
                 if self.wakeups.stop.is_set():
                     break
                 self._set(attempts=self.status.attempts + 1, last_error=_error_record(error))
                 # A port taken while the link was down may be freed again: only at the very start is it fatal.
-                retryable = error.retryable or (isinstance(error, PortInUseError) and not first_try)
+                retryable = error.retryable or (isinstance(error, PortInUseError) and had_link)
                 if not retryable or (first_try and self.fail_fast):
                     return self._fail(error)
                 log.warning("%s: %s", self.spec.alias, error.message)
                 first_try = False
-                self._pause()
+                self._pause(stalled=isinstance(error, HandshakeStalledError))
                 continue
-            reconnects = self.status.reconnects + (0 if first_try else 1)
             first_try = False
-            health = HealthMonitor(self.spec, link, self.settings, self.wakeups.wake.set)
-            health.check_now()  # before `up` is reported: the forwards carry traffic to their targets
-            health.start()
-            try:
-                uptime, lost = self._hold(link, health, reconnects)
-            finally:
-                health.stop()
-                link.close()
-            self.backoff = self.backoff.after_uptime(uptime)
+            reconnects = self.status.reconnects + (1 if had_link else 0)  # a first link is not a reconnect
+            had_link = True
+            uptime, lost = self._serve(link, reconnects)
+            self.backoff = self.backoff.after_link(uptime)
             if lost is None:
                 break
             self._set(state=LOST, last_error=_error_record(lost), forwards=(), children=())
@@ -232,6 +180,49 @@ class Supervisor:
         self._set(state=STOPPED, forwards=(), children=(), next_try_at=None)
         log.info("%s: stopped", self.spec.alias)
         return EXIT_OK
+
+    def _connect(self) -> Link:
+        """One attempt, watched: if the path was dead and comes back before the SSH banner, start afresh.
+
+        An attempt stuck in TCP SYN retransmission or waiting for a banner on a dead path would
+        otherwise wait out ConnectTimeout after the server is reachable again.
+        """
+        cancel, past_banner, abandoned = threading.Event(), threading.Event(), threading.Event()
+
+        def path_changed() -> None:
+            if watch.came_back.is_set() and not past_banner.is_set():
+                abandoned.set()
+                cancel.set()
+
+        def progress(text: str) -> None:
+            if text.startswith("connected"):
+                past_banner.set()
+            self._progress(text)
+
+        watch = PathWatch(self.spec.first_hop(), path_changed, self.probe).start()
+        self.wakeups.attempt = cancel
+        if self.wakeups.stop.is_set():
+            cancel.set()
+        try:
+            return self.engine.connect(self.spec, progress, LinkEvents(cancel, self.wakeups.wake))
+        except TunneldError:
+            if abandoned.is_set() and not self.wakeups.stop.is_set():
+                raise AttemptAbandonedError from None
+            raise
+        finally:
+            watch.stop()
+            self.wakeups.attempt = None
+
+    def _serve(self, link: Link, reconnects: int) -> tuple[float, TunneldError | None]:
+        """Check the forwards, publish `up`, hold the link until it ends; always close it."""
+        health = HealthMonitor(self.spec, link, self.settings, self.wakeups.wake.set)
+        try:
+            health.check_now()  # before `up` is reported: the forwards carry traffic to their targets
+            health.start()
+            return self._hold(link, health, reconnects)
+        finally:
+            health.stop()
+            link.close()
 
     def _progress(self, text: str) -> None:
         log.info("%s: %s", self.spec.alias, text)
@@ -247,7 +238,9 @@ class Supervisor:
     def _hold(self, link: Link, health: HealthMonitor, reconnects: int) -> tuple[float, TunneldError | None]:
         """Hold a live link; return (uptime, why it was lost), with None when a stop was requested."""
         started = time.monotonic()
-        self._publish_up(link, health, reconnects=reconnects, attempts=0)
+        cleared = self.status.last_error
+        self._publish_up(link, health, reconnects=reconnects, attempts=0, last_error=None,
+                         previous_error=cleared or self.status.previous_error)  # fmt: skip
         for forward in self.status.forwards:
             log.info("%s: forward %s is up on %s", self.spec.alias, forward.forward, ", ".join(forward.listen))
         last_beat = time.monotonic()
@@ -282,8 +275,19 @@ class Supervisor:
         if self.status.state == UP:
             log.info("%s: every forward's target answers again", self.spec.alias)
 
-    def _pause(self) -> None:
-        """Wait out one backoff step; end early on stop, on 'retry now', or when the first hop answers again."""
+    def _pause(self, stalled: bool = False) -> None:
+        """Wait out one backoff step; end early on stop, on 'retry now', a machine change, or the path's return.
+
+        After a stalled handshake on a port that still accepts TCP (a frozen or overloaded server),
+        the next attempt starts at once: one attempt at a time stays pending, so a server that
+        resumes is used the moment it answers. Each such attempt lasts ConnectTimeout, which bounds the rate.
+        """
+        hop = self.spec.first_hop()
+        if stalled and hop is not None and self.probe(hop):
+            self.backoff = self.backoff.next()
+            log.info("%s: %s:%d accepts connections but the handshake stalled: trying again now", self.spec.alias,
+                     *hop)  # fmt: skip
+            return
         delay = self.backoff.delay(self.rng)
         self.backoff = self.backoff.next()
         if delay <= 0:
@@ -296,33 +300,28 @@ class Supervisor:
             log.info("%s: %s: retrying now", self.spec.alias, reason)
 
     def _wait(self, delay: float) -> str | None:
+        """Sleep up to `delay`; return why it ended early (None when it ran out or a stop was requested)."""
         deadline = time.monotonic() + delay
         hop = self.spec.first_hop()
-        saw_down = False
-        # Probe at once: a server that comes back between the failed attempt and the first probe
-        # must still count as "down, then up", or the whole backoff step would be waited out.
-        next_probe = time.monotonic()
-        while not self.wakeups.stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            if self.wakeups.wake.wait(min(remaining, max(0.0, next_probe - time.monotonic()))):
-                self.wakeups.wake.clear()
+        watch = PathWatch(hop, self.wakeups.wake.set, self.probe).start()
+        try:
+            while not self.wakeups.stop.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                if self.wakeups.wake.wait(min(remaining, WAIT_TICK_S)):
+                    self.wakeups.wake.clear()
                 if self.wakeups.retry_now.is_set():
                     self.wakeups.retry_now.clear()
                     return "retry requested (SIGUSR1)"
-                continue
-            changed = self.environment.changed()
-            if changed:
-                return changed
-            if time.monotonic() >= next_probe:
-                next_probe = time.monotonic() + PROBE_INTERVAL_S
-                answers = tcp_answers(hop)
-                if answers is False:
-                    saw_down = True
-                elif answers and saw_down:
-                    return f"{hop[0]}:{hop[1]} answers again" if hop else None
-        return None
+                if watch.came_back.is_set() and hop is not None:
+                    return f"{hop[0]}:{hop[1]} answers again"
+                changed = self.environment.changed()
+                if changed:
+                    return changed
+            return None
+        finally:
+            watch.stop()
 
 
 def _with_health(forward: ForwardStatus, health: Health | None) -> ForwardStatus:

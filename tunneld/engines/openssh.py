@@ -26,7 +26,14 @@ from tunneld.engines import (
     ProgressCallback,
     algorithms,
 )
-from tunneld.errors import AuthError, ConfigError, ConnectError, HostKeyError, TunneldError
+from tunneld.errors import (
+    AuthError,
+    ConfigError,
+    ConnectError,
+    HandshakeStalledError,
+    HostKeyError,
+    TunneldError,
+)
 from tunneld.health import LocalProber, Stream
 from tunneld.listen import plan_spec
 from tunneld.ports import Listeners, clear_stale_socket, listeners_of, port_in_use_error
@@ -45,7 +52,7 @@ CHANNEL_SETTLE_S = 2.0
 _PR_SET_PDEATHSIG = 1
 
 _MILESTONES = (
-    ("Connection established", "connected, checking host key"),
+    ("Remote protocol version", "connected, checking host key"),  # the server's banner arrived
     ("Authenticated to ", "authenticated"),
 )
 _QUIET_PREFIXES = ("Transferred: ", "Bytes per second: ")
@@ -245,6 +252,20 @@ def classify_exit(spec: TunnelSpec, returncode: int, lines: list[str]) -> Tunnel
         return AuthError.refused(where, spec.alias, _last_matching(lines, "Permission denied"), locked)
     if "Address already in use" in text or "Could not request local forwarding" in text:
         return _port_error(spec, text)
+    return _connection_error(spec, returncode, lines, text)
+
+
+def _connection_error(spec: TunnelSpec, returncode: int, lines: list[str], text: str) -> ConnectError:
+    """Why a link that is worth retrying ended: killed, stalled, refused, unreachable, or ssh's last words."""
+    if returncode < 0:  # killed by a signal: whatever ssh last printed is not why
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return ConnectError(f"ssh was killed ({name})", "tunneld reconnects by itself")
+    if "timed out during banner exchange" in text:
+        needle = "banner exchange"
+        return HandshakeStalledError(_last_matching(lines, needle), _connect_hint(spec, needle))
     for needle in _CONNECT_FAILURES:
         if needle in text:
             return ConnectError(_last_matching(lines, needle), _connect_hint(spec, needle))
@@ -274,6 +295,11 @@ def _last_matching(lines: list[str], needle: str) -> str:
 def _connect_hint(spec: TunnelSpec, needle: str) -> str:
     if needle == "Could not resolve hostname":
         return f"check HostName for {spec.alias} in your ssh_config and your network"
+    if needle == "banner exchange":
+        return (
+            f"{spec.hostname}:{spec.port} accepts TCP but sent no SSH banner in time: a frozen or overloaded "
+            "sshd, or another service on that port; tunneld keeps one attempt pending"
+        )
     if needle == "remote port forwarding failed":
         return "the server refused a RemoteForward: the port may be held by an older session there"
     return f"is {spec.hostname} up and reachable on port {spec.port}? tunneld keeps retrying"
@@ -427,7 +453,7 @@ def _wait_until_ready(link: OpenSshLink, deadline: float, cancel: threading.Even
         if cancel.is_set():
             raise ConnectError("stopped while connecting")
         if time.monotonic() > deadline:
-            raise ConnectError(
+            raise HandshakeStalledError(
                 f"no working link to {spec.hostname} within "
                 f"{spec.connect_timeout_s + HANDSHAKE_MARGIN_S:.0f} s (last from ssh: {_last_line(link)})",
                 "the server accepted TCP but the SSH handshake stalled; tunneld keeps retrying",

@@ -6,10 +6,12 @@ outage wait for the next link instead of being refused.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
 import time
+from typing import TypeVar
 
 import paramiko
 
@@ -17,11 +19,13 @@ from tunneld.config import Forward, TunnelSpec, expand_tokens, resolve_hop, toke
 from tunneld.engines import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback, algorithms
 from tunneld.engines.forwarding import DEFAULT_HOLD_S, Channel, Forwarder, unsupported_forwards
 from tunneld.engines.sshkeys import authenticate, preferred_key_types, verify_host_key
-from tunneld.errors import ConfigError, ConnectError, TunneldError
+from tunneld.errors import ConfigError, ConnectError, HandshakeStalledError, TunneldError
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 OPEN_TIMEOUT_S = 15.0
+ABORT_POLL_S = 0.05
 MIN_PROBE_WINDOW_BYTES = 64 * 1024  # a health check reads a status line, nothing more
 WATCH_S = 0.25
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
@@ -36,18 +40,77 @@ def check_supported(spec: TunnelSpec) -> None:
         )
 
 
-def _tcp(host: str, port: int, timeout: float) -> socket.socket:
+class Abort:
+    """Ends an attempt's blocking TCP connect or handshake at once when the attempt is cancelled.
+
+    The supervisor cancels an attempt that hangs on a path that has since come back, and every
+    attempt when it stops; closing what the attempt has open is what makes paramiko return.
+    """
+
+    def __init__(self, cancel: threading.Event) -> None:
+        self.cancel = cancel
+        self._open: list[socket.socket | paramiko.Transport | paramiko.ProxyCommand] = []
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        threading.Thread(target=self._watch, name="abort", daemon=True).start()
+
+    def track(self, item: _T) -> _T:
+        """Close `item` if the attempt is cancelled before it finishes."""
+        with self._lock:
+            self._open.append(item)  # type: ignore[arg-type]
+        if self.cancel.is_set():
+            self._close_all()
+            raise ConnectError("stopped while connecting")
+        return item
+
+    def check(self) -> None:
+        """Raise when the attempt was cancelled."""
+        if self.cancel.is_set():
+            raise ConnectError("stopped while connecting")
+
+    def done(self) -> None:
+        """The attempt ended (up or failed): nothing more to close."""
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            if self.cancel.wait(ABORT_POLL_S):
+                if not self._done.is_set():
+                    self._close_all()
+                return
+
+    def _close_all(self) -> None:
+        with self._lock:
+            items, self._open = self._open, []
+        for item in items:
+            with contextlib.suppress(Exception):
+                if isinstance(item, socket.socket):
+                    item.shutdown(socket.SHUT_RDWR)  # wakes a connect() blocked in SYN retransmission
+                item.close()
+
+
+def _tcp(host: str, port: int, timeout: float, abort: Abort) -> socket.socket:
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise ConnectError(
             f"Could not resolve hostname {host}: {exc.strerror}", "check HostName and your network"
         ) from exc
-    except OSError as exc:
-        raise ConnectError(f"connect to host {host} port {port}: {exc.strerror or exc}") from exc
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.settimeout(None)
-    return sock
+    error: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        sock = abort.track(socket.socket(family, kind, proto))
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            abort.check()
+            error = exc
+            continue
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)
+        return sock
+    raise ConnectError(f"connect to host {host} port {port}: {getattr(error, 'strerror', None) or error}")
 
 
 Carrier = socket.socket | paramiko.Channel | paramiko.ProxyCommand
@@ -80,20 +143,26 @@ def offer_only_openssh_algorithms(options: paramiko.SecurityOptions, spec: Tunne
         setattr(options, field, chosen)
 
 
-def _handshake(spec: TunnelSpec, sock: Carrier, progress: ProgressCallback) -> paramiko.Transport:
+def _handshake(spec: TunnelSpec, sock: Carrier, progress: ProgressCallback, abort: Abort) -> paramiko.Transport:
     """SSH over `sock` (a socket, a channel of the previous hop, or a ProxyCommand): verify, authenticate."""
-    transport = paramiko.Transport(sock)  # paramiko's 2 MiB channel window bounds memory per connection
+    transport = abort.track(paramiko.Transport(sock))
+    transport.banner_timeout = spec.connect_timeout_s
     try:
         offer_only_openssh_algorithms(transport.get_security_options(), spec)
         try:
             transport.start_client(timeout=spec.connect_timeout_s)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            abort.check()
+            raise ConnectError(f"{spec.hostname}:{spec.port}: SSH handshake failed: {exc}") from exc
+        try:
             # start_client returns quietly when its timeout passes mid-handshake: no key means no session.
             key = transport.get_remote_server_key()
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise ConnectError(
-                f"{spec.hostname}:{spec.port}: no SSH handshake within {spec.connect_timeout_s} s ({exc})",
+        except paramiko.SSHException as exc:
+            abort.check()
+            raise HandshakeStalledError(
+                f"{spec.hostname}:{spec.port}: no SSH handshake within {spec.connect_timeout_s} s",
                 "the port accepts TCP but does not complete an SSH handshake: a frozen or overloaded sshd, "
-                "or another service on that port; tunneld keeps retrying",
+                "or another service on that port; tunneld keeps one attempt pending",
             ) from exc
         progress("connected, checking host key")
         verify_host_key(spec, key)
@@ -106,7 +175,7 @@ def _handshake(spec: TunnelSpec, sock: Carrier, progress: ProgressCallback) -> p
 
 
 def open_chain(
-    spec: TunnelSpec, progress: ProgressCallback
+    spec: TunnelSpec, progress: ProgressCallback, abort: Abort
 ) -> tuple[list[paramiko.Transport], paramiko.ProxyCommand | None]:
     """Connect through ProxyCommand or every ProxyJump hop (each verified and authenticated) to the host."""
     transports: list[paramiko.Transport] = []
@@ -114,12 +183,12 @@ def open_chain(
     try:
         if spec.proxy_command:
             command = expand_tokens(spec.proxy_command, token_table(spec.alias, spec.hostname, spec.port, spec.user))
-            proxy = paramiko.ProxyCommand(command)
-            transports.append(_handshake(spec, proxy, progress))
+            proxy = abort.track(paramiko.ProxyCommand(command))
+            transports.append(_handshake(spec, proxy, progress, abort))
             return transports, proxy
         hops = [resolve_hop(h, spec.ssh_config) for h in spec.proxy_jump.split(",")] if spec.proxy_jump else []
         chain = [*hops, spec]
-        sock: Carrier = _tcp(chain[0].hostname, chain[0].port, chain[0].connect_timeout_s)
+        sock: Carrier = _tcp(chain[0].hostname, chain[0].port, chain[0].connect_timeout_s, abort)
         for index, hop in enumerate(chain):
             if index > 0:
                 try:
@@ -127,7 +196,7 @@ def open_chain(
                                                        timeout=hop.connect_timeout_s)  # fmt: skip
                 except (paramiko.SSHException, OSError) as exc:
                     raise ConnectError(f"jump host could not reach {hop.hostname}:{hop.port}: {exc}") from exc
-            transports.append(_handshake(hop, sock, progress))
+            transports.append(_handshake(hop, sock, progress, abort))
     except BaseException:
         for transport in reversed(transports):
             transport.close()
@@ -255,13 +324,16 @@ class ParamikoEngine:
     def connect(self, spec: TunnelSpec, progress: ProgressCallback, events: LinkEvents) -> ParamikoLink:
         """Connect, verify, authenticate; bind the listeners on the first link; serve connections through it."""
         check_supported(spec)
-        if events.stop.is_set():
-            raise ConnectError("stopped while connecting")
+        abort = Abort(events.stop)
         try:
-            transports, proxy = open_chain(spec, progress)
+            abort.check()
+            transports, proxy = open_chain(spec, progress, abort)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             # Whatever the network does to a handshake is transient; the daemon must not die of it.
+            abort.check()
             raise ConnectError(f"{spec.hostname}:{spec.port}: connection failed: {exc}") from exc
+        finally:
+            abort.done()
         if self.forwarder is not None and not self.forwarder.alive():
             self.forwarder.close()  # its loop died (logged): rebuild it rather than serve nothing
             self.forwarder = None

@@ -1,0 +1,320 @@
+"""The supervisor's decisions, fast: a fake engine and link, an injected probe, clock, address source and rng.
+
+Delays are milliseconds; what is asserted is which step the backoff drew from (recorded by the rng),
+how many attempts were made, and what was published, never how long something took.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.harness import wait_for
+from tunneld.config import TunnelSpec
+from tunneld.engines import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback
+from tunneld.errors import AuthError, ConnectError, HandshakeStalledError, PortInUseError, TunneldError
+from tunneld.health import Stream
+from tunneld.probes import Environment, Wakeups
+from tunneld.supervisor import Backoff, Supervisor, TunnelStatus
+
+SPEC = TunnelSpec(alias="fake", hostname="127.0.0.1", port=9, user="u", forwards=())
+HANG = "hang"
+LINK = "link"
+STEP_S = 0.02
+
+
+class RecordingRandom(random.Random):
+    """Draws the longest delay a step allows and records each step's ceiling."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.ceilings: list[float] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        self.ceilings.append(round(b, 6))
+        return b
+
+
+class FakeLink:
+    """A link that lasts until the test ends it."""
+
+    def __init__(self, events: LinkEvents) -> None:
+        self.events = events
+        self.error: TunneldError | None = None
+        self.ended = threading.Event()
+        self.closed = False
+
+    def end(self, error: TunneldError) -> None:
+        self.error = error
+        self.ended.set()
+        self.events.changed.set()
+
+    def wait(self, timeout: float) -> LinkLost | None:
+        if self.ended.wait(timeout) and self.error is not None:
+            return LinkLost(self.error)
+        return None
+
+    def settling(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def stats(self) -> list[ForwardStatus]:
+        return []
+
+    def children(self) -> list[ChildProcess]:
+        return []
+
+    def open_probe(self, forward: object, timeout: float, settle: bool) -> Stream:
+        raise ConnectError("no forwards to check")
+
+
+@dataclass
+class FakeEngine:
+    """Plays a script: an exception to raise, LINK for a link, HANG to block until the attempt is cancelled."""
+
+    script: list[object]
+    name: str = "fake"
+    links: list[FakeLink] = field(default_factory=list)
+    calls: int = 0
+    cancelled: int = 0
+
+    def connect(self, spec: TunnelSpec, progress: ProgressCallback, events: LinkEvents) -> FakeLink:
+        self.calls += 1
+        item = self.script.pop(0) if self.script else LINK
+        if isinstance(item, BaseException):
+            raise item
+        if item == HANG:
+            events.stop.wait(10)
+            self.cancelled += 1
+            raise ConnectError("stopped while connecting")
+        link = FakeLink(events)
+        self.links.append(link)
+        return link
+
+    def close(self) -> None:
+        pass
+
+
+class Recorder:
+    """Collects what the supervisor publishes."""
+
+    def __init__(self) -> None:
+        self.statuses: list[TunnelStatus] = []
+
+    def publish(self, status: TunnelStatus) -> None:
+        self.statuses.append(status)
+
+    def progress(self, text: str) -> None:
+        pass
+
+    @property
+    def last(self) -> TunnelStatus:
+        return self.statuses[-1]
+
+
+@dataclass
+class Path:
+    """The probe's answer, switched by the test."""
+
+    answers: bool = True
+
+    def __call__(self, hop: tuple[str, int]) -> bool:
+        return self.answers
+
+
+@dataclass
+class Harness:
+    engine: FakeEngine
+    supervisor: Supervisor
+    recorder: Recorder
+    wakeups: Wakeups
+    rng: RecordingRandom
+    path: Path
+    thread: threading.Thread
+    result: list[int]
+
+    def until(self, predicate: Callable[[], bool], what: str) -> None:
+        wait_for(predicate, 5, what, interval=0.005)
+
+    def state(self) -> str:
+        return self.recorder.last.state if self.recorder.statuses else ""
+
+
+@pytest.fixture
+def run() -> Iterator[Callable[..., Harness]]:
+    """Start a supervisor on a thread with fakes; it is stopped afterwards."""
+    started: list[Harness] = []
+
+    def make(
+        script: list[object],
+        backoff: Backoff | None = None,
+        environment: Environment | None = None,
+        path: Path | None = None,
+        fail_fast: bool = False,
+    ) -> Harness:
+        engine, recorder, wakeups, rng = FakeEngine(script), Recorder(), Wakeups(), RecordingRandom()
+        path = path or Path()
+        supervisor = Supervisor(
+            SPEC, engine, recorder, wakeups, fail_fast=fail_fast, rng=rng, probe=path,
+            backoff=backoff or Backoff(base_s=STEP_S, cap_s=4 * STEP_S, stable_s=0.2),
+            environment=environment or Environment(addresses=frozenset),
+        )  # fmt: skip
+        result: list[int] = []
+        thread = threading.Thread(target=lambda: result.append(supervisor.run()), daemon=True)
+        harness = Harness(engine, supervisor, recorder, wakeups, rng, path, thread, result)
+        started.append(harness)
+        thread.start()
+        return harness
+
+    yield make
+    for harness in started:
+        harness.wakeups.request_stop()
+        harness.thread.join(5)
+        assert not harness.thread.is_alive(), "the supervisor did not stop"
+
+
+def links_up(h: Harness, count: int) -> Callable[[], bool]:
+    """Return a predicate: the harness has made `count` links and the last one is up."""
+    return lambda: len(h.engine.links) == count and h.state() == "up"
+
+
+def transient(text: str = "connect to host: Connection refused") -> ConnectError:
+    return ConnectError(text)
+
+
+def test_backoff_grows_from_at_once_to_its_cap() -> None:
+    backoff = Backoff(base_s=0.5, cap_s=30.0)
+    ceilings = []
+    for _ in range(10):
+        ceilings.append(backoff.ceiling())
+        backoff = backoff.next()
+    assert ceilings == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert Backoff(attempt=0).delay(random.Random(1)) == 0.0
+    assert all(0 <= Backoff(attempt=5).delay(random.Random(seed)) <= 8.0 for seed in range(50))
+
+
+def test_a_stable_link_resets_the_backoff_and_a_flapping_one_does_not() -> None:
+    grown = Backoff(stable_s=5.0, attempt=6)
+    assert grown.after_link(5.0).attempt == 0
+    assert grown.after_link(4.9).attempt == 6  # unchanged: the wait that follows counts the flap
+
+
+def test_consecutive_failures_draw_from_growing_steps_up_to_the_cap(run: Callable[..., Harness]) -> None:
+    h = run([transient()] * 6)
+    h.until(lambda: h.state() in ("up", "degraded"), "the link after six failures")
+    assert h.rng.ceilings == [STEP_S, 2 * STEP_S, 4 * STEP_S, 4 * STEP_S, 4 * STEP_S]  # the first retry is at once
+    assert h.engine.calls == 7
+    assert h.recorder.last.reconnects == 0, "a first link after failed attempts is not a reconnect"
+    assert h.recorder.last.attempts == 0 and h.recorder.last.last_error is None
+    assert h.recorder.last.previous_error is not None and "Connection refused" in str(h.recorder.last.previous_error)
+
+
+def test_a_link_that_held_is_retried_at_once_after_every_loss(run: Callable[..., Harness]) -> None:
+    h = run([transient(), transient(), transient()])
+    for loss in range(1, 4):
+        h.until(links_up(h, loss), f"link {loss}")
+        time.sleep(0.25)  # longer than stable_s
+        h.engine.links[-1].end(ConnectError("ssh was killed (SIGKILL)"))
+    h.until(lambda: len(h.engine.links) == 4 and h.state() == "up", "link 4")
+    assert h.rng.ceilings == [STEP_S, 2 * STEP_S], "losses of stable links must not grow the backoff"
+    assert h.recorder.last.reconnects == 3
+
+
+def test_a_flapping_server_still_backs_off(run: Callable[..., Harness]) -> None:
+    h = run([])
+    for loss in range(1, 4):
+        h.until(links_up(h, loss), f"link {loss}")
+        h.engine.links[-1].end(ConnectError("Connection closed by remote host"))  # within a moment of login
+    h.until(lambda: len(h.engine.links) == 4, "link 4")
+    assert h.rng.ceilings == [STEP_S, 2 * STEP_S]
+
+
+def test_the_path_coming_back_ends_a_long_wait(run: Callable[..., Harness]) -> None:
+    path = Path(answers=False)
+    h = run([transient(), transient()], backoff=Backoff(base_s=60.0, cap_s=60.0), path=path)
+    h.until(lambda: h.state() == "backoff", "the 60 s wait")
+    path.answers = True
+    h.until(lambda: h.state() == "up", "the retry the probe started")
+    assert h.rng.ceilings == [60.0]
+
+
+def test_a_path_that_always_answered_does_not_end_the_wait(run: Callable[..., Harness]) -> None:
+    h = run([transient(), transient()], backoff=Backoff(base_s=60.0, cap_s=60.0))
+    h.until(lambda: h.state() == "backoff", "the 60 s wait")
+    time.sleep(0.6)  # two probe rounds that answer
+    assert h.state() == "backoff" and h.engine.calls == 2
+
+
+@pytest.mark.parametrize("how", ["SIGUSR1", "clock jump", "network change"])
+def test_a_wakeup_ends_the_backoff_wait(run: Callable[..., Harness], how: str) -> None:
+    jump = [0.0]
+    addresses = [frozenset({"192.0.2.1"})]
+    environment = Environment(wall=lambda: time.time() + jump[0], addresses=lambda: addresses[0], check_every_s=0.0)
+    h = run([transient(), transient()], backoff=Backoff(base_s=60.0, cap_s=60.0), environment=environment)
+    h.until(lambda: h.state() == "backoff", "the 60 s wait")
+    if how == "SIGUSR1":
+        h.wakeups.request_retry()
+    elif how == "clock jump":
+        jump[0] = 3600.0  # the wall clock moved an hour while the monotonic one did not: the machine slept
+    else:
+        addresses[0] = frozenset({"198.51.100.7"})
+    h.until(lambda: h.state() == "up", f"the retry after the {how}")
+
+
+def test_an_attempt_stuck_on_a_dead_path_is_abandoned_when_the_path_returns(run: Callable[..., Harness]) -> None:
+    path = Path(answers=False)
+    h = run([HANG], path=path)
+    h.until(lambda: h.engine.calls == 1, "the stuck attempt")
+    time.sleep(0.3)  # a probe fails: the path is dead
+    path.answers = True
+    h.until(lambda: h.state() == "up", "a fresh attempt once the path answers")
+    assert h.engine.cancelled == 1 and h.engine.calls == 2
+    assert h.recorder.last.reconnects == 0 and h.rng.ceilings == [], "an abandoned attempt is not a failure"
+
+
+def test_a_stalled_handshake_on_a_port_that_answers_is_retried_at_once(run: Callable[..., Harness]) -> None:
+    stalled = HandshakeStalledError("no SSH handshake within 10 s")
+    h = run([stalled, stalled, stalled], backoff=Backoff(base_s=60.0, cap_s=60.0))
+    h.until(lambda: h.state() == "up", "the link once the server answers")
+    assert h.engine.calls == 4 and h.rng.ceilings == []
+
+
+def test_stop_cancels_an_attempt_in_progress(run: Callable[..., Harness]) -> None:
+    h = run([HANG])
+    h.until(lambda: h.engine.calls == 1, "the attempt")
+    h.wakeups.request_stop()
+    h.thread.join(5)
+    assert h.result == [0] and h.engine.cancelled == 1 and h.state() == "stopped"
+
+
+def test_a_fatal_error_ends_after_one_attempt(run: Callable[..., Harness]) -> None:
+    h = run([AuthError("u@127.0.0.1:9 refused authentication: Permission denied")])
+    h.thread.join(5)
+    assert h.result == [78] and h.engine.calls == 1 and h.state() == "failed"
+
+
+def test_a_port_taken_is_fatal_at_start_but_retried_after_a_link(run: Callable[..., Harness]) -> None:
+    taken = PortInUseError("local port 5000 is already in use on ::1 by python3 (pid 4711)")
+    first = run([taken])
+    first.thread.join(5)
+    assert first.result == [78]
+    later = run([])
+    later.until(lambda: later.state() == "up", "the first link")
+    later.engine.script[:] = [taken, taken]
+    time.sleep(0.25)
+    later.engine.links[-1].end(ConnectError("Connection closed by remote host"))
+    later.until(lambda: len(later.engine.links) == 2 and later.state() == "up", "the link once the port is free")
+    assert later.engine.calls == 4 and later.recorder.last.reconnects == 1
+
+
+def test_fail_fast_ends_on_the_first_transient_failure(run: Callable[..., Harness]) -> None:
+    h = run([transient()], fail_fast=True)
+    h.thread.join(5)
+    assert h.result == [69] and h.engine.calls == 1
