@@ -20,6 +20,39 @@ import psutil
 
 SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd", "/opt/homebrew/sbin/sshd")
 READY_TIMEOUT_S = 10.0
+# One knob for a slow machine: every wait in the tests is multiplied by it (TUNNELD_TEST_TIMEOUT_FACTOR=2).
+TIMEOUT_FACTOR = float(os.environ.get("TUNNELD_TEST_TIMEOUT_FACTOR", "1"))
+PORT_ATTEMPTS = 5
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def scaled(seconds: float) -> float:
+    """Return a test timeout scaled by TUNNELD_TEST_TIMEOUT_FACTOR."""
+    return seconds * TIMEOUT_FACTOR
+
+
+def become_subreaper() -> bool:
+    """Adopt every orphan among our descendants (Linux): a detached daemon stays ours to find and stop."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_descendants() -> list[int]:
+    """SIGKILL every process this test process started that still runs, reap them all; return their pids."""
+    procs = psutil.Process().children(recursive=True)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(procs, timeout=5)
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:  # orphans adopted earlier that already ended
+            pass
+    return [proc.pid for proc in procs]
 
 
 def find_sshd() -> str | None:
@@ -44,6 +77,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def wait_for(predicate: object, timeout: float, what: str, interval: float = 0.05) -> None:
     """Poll `predicate()` until it is truthy; raise TimeoutError naming `what` after `timeout`."""
     assert callable(predicate)
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

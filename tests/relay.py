@@ -1,4 +1,7 @@
-"""A ProxyCommand for tests: relay stdin/stdout to HOST PORT (what `nc HOST PORT` would do)."""
+"""A ProxyCommand for tests: relay stdin/stdout to HOST PORT (what `nc HOST PORT` would do).
+
+With a third argument, first write "HOST PORT" to that file: proof that the relay carried the link.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,9 @@ import threading
 
 def main() -> None:
     host, port = sys.argv[1], int(sys.argv[2])
+    if len(sys.argv) > 3:
+        with open(sys.argv[3], "w") as marker:
+            marker.write(f"{host} {port}\n")
     sock = socket.create_connection((host, port))
 
     def upstream() -> None:

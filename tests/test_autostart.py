@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_state, run_cli, write_config
 from tests.harness import SshServer, free_port, wait_for
+from tests.helpers import read_state, run_cli, write_config
 from tunneld.autostart import enabled_hosts, read_manifest
 from tunneld.autostart.launchd import plist_path, render_plist
 from tunneld.autostart.manage import CommandResult, Launch, Runner, autostart_report, disable, enable

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, write_config
+from tests.helpers import run_cli, write_config
 from tunneld.config import DYNAMIC, LOCAL, REMOTE, Endpoint, list_hosts, resolve_host
 from tunneld.errors import EXIT_CONFIG, ConfigError, NoForwardsError
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ForegroundTunnel, read_log, read_state, run_cli, start, state_dir, write_config
 from tests.harness import (
     ControlledHttpServer,
     EchoServer,
@@ -23,6 +22,7 @@ from tests.harness import (
     ipv6_loopback,
     wait_for,
 )
+from tests.helpers import ForegroundTunnel, read_log, read_state, run_cli, start, state_dir, write_config
 from tunneld.errors import EXIT_CONFIG, EXIT_RUNTIME
 
 UP = ("up", "degraded")

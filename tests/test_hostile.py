@@ -14,9 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ForegroundTunnel, expect_fatal, read_log, run_cli, start, state_dir, write_config
 from tests.evil import AgentSnoopingServer, EscapeGreeter
 from tests.harness import EchoServer, FloodServer, SshServer, echo_roundtrip, free_port, keygen, wait_for
+from tests.helpers import ForegroundTunnel, expect_fatal, read_log, run_cli, start, state_dir, write_config
 from tunneld.errors import EXIT_CONFIG, EXIT_RUNTIME
 
 UP = ("up", "degraded")

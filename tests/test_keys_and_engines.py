@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
+from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port, keygen, wait_for
+from tests.helpers import (
     ForegroundTunnel,
     expect_fatal,
     read_log,
@@ -23,7 +24,6 @@ from tests.conftest import (
     tunneld_cmd,
     write_config,
 )
-from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port, keygen, wait_for
 from tunneld.errors import EXIT_CONFIG
 
 UP = ("up", "degraded")
@@ -156,11 +156,17 @@ def test_two_hop_proxyjump(
 def test_proxycommand(
     tmp_path: Path, sshd: SshServer, echo: EchoServer, engine: str, foreground: list[ForegroundTunnel]
 ) -> None:
-    port = free_port()
-    relay = f"ProxyCommand {sys.executable} {Path(__file__).parent / 'relay.py'} %h %p"
+    """HostName and Port lead nowhere: only the relay, which is told sshd's real port, reaches the server."""
+    port, nowhere = free_port(), free_port()
+    marker = tmp_path / "relay-used"
+    relay = f"ProxyCommand {sys.executable} {Path(__file__).parent / 'relay.py'} %h {sshd.port} {marker}"
     config = sshd.client_config("proxied", [f"LocalForward {port} 127.0.0.1:{echo.port}"], [relay])
+    config = config.replace(f"Port {sshd.port}", f"Port {nowhere}")
+    (tmp_path / "known_hosts_nowhere").write_text(f"[127.0.0.1]:{nowhere} {sshd.host_public_key()}\n")
+    config = config.replace(str(sshd.known_hosts), str(tmp_path / "known_hosts_nowhere"))
     start(foreground, "proxied", write_config(tmp_path, config), engine).wait_state(*UP)
     assert echo_roundtrip(("127.0.0.1", port), b"via ProxyCommand") == b"via ProxyCommand"
+    assert marker.read_text().strip() == f"127.0.0.1 {sshd.port}"
 
 
 async def _many_roundtrips(port: int, count: int, size: int) -> list[bool]:
@@ -279,3 +285,22 @@ def test_without_an_ssh_binary_paramiko_resolves_and_runs(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     assert "stopped" in read_log("nossh")
+
+
+def test_hold_connections_s_is_honoured(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, foreground: list[ForegroundTunnel]
+) -> None:
+    """A connection made while the server is down is closed after hold_connections_s, not the default 10 s."""
+    settings = Path(os.environ["TUNNELD_HOME"]) / "config" / "tunneld.toml"
+    settings.parent.mkdir(parents=True)
+    settings.write_text("[hosts.held]\nhold_connections_s = 1\n")
+    port = free_port()
+    config = write_config(tmp_path, sshd.client_config("held", [f"LocalForward {port} 127.0.0.1:{echo.port}"]))
+    tunnel = start(foreground, "held", config, "paramiko")
+    tunnel.wait_state(*UP)
+    sshd.stop()
+    tunnel.wait_state("lost", "backoff", "connecting")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.settimeout(6)  # well short of the default hold of 10 s
+        assert sock.recv(100) == b""  # closed by tunneld after the 1 s hold, the server still down
+    assert "closed a connection to" in read_log("held") and "that waited 1 s" in read_log("held")

@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import read_state, run_cli, state_dir, tunneld_cmd, write_config
 from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port, ipv6_loopback, wait_for
+from tests.helpers import read_log, read_state, run_cli, state_dir, tunneld_cmd, write_config
 from tunneld.errors import EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_RUNTIME, EXIT_UNAVAILABLE
 
 HOST = "mlflowserver"
@@ -62,32 +61,27 @@ def is_daemon(cmdline: list[str]) -> bool:
 
 
 def tunnel_processes(config: Path) -> list[psutil.Process]:
-    """Every process (tunneld run or ssh) started for this test's ssh_config."""
+    """Every live process (tunneld or ssh) this test started for its ssh_config.
+
+    Only our own descendants are looked at: the test process is the subreaper of everything it
+    starts (conftest), so a daemon that `start` detached is still found here, by pid.
+    """
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = proc.cmdline()
+        except psutil.Error:
+            continue
         if str(config) in cmdline and (is_daemon(cmdline) or "-N" in cmdline):
             found.append(proc)
     return found
 
 
 @pytest.fixture
-def stop_all() -> Iterator[list[Path]]:
-    """Configs whose processes are killed by pid after the test, whatever happened."""
-    configs: list[Path] = []
-    yield configs
-    for config in configs:
-        procs = tunnel_processes(config)
-        for proc in procs:
-            proc.kill()
-        psutil.wait_procs(procs, timeout=5)
-
-
-@pytest.fixture
-def config(tmp_path: Path, sshd: SshServer, echo: EchoServer, stop_all: list[Path]) -> Path:
-    path = write_config(tmp_path, sshd.client_config(HOST, [f"LocalForward {free_port()} 127.0.0.1:{echo.port}"]))
-    stop_all.append(path)
-    return path
+def config(tmp_path: Path, sshd: SshServer, echo: EchoServer) -> Path:
+    return write_config(tmp_path, sshd.client_config(HOST, [f"LocalForward {free_port()} 127.0.0.1:{echo.port}"]))
 
 
 def local_port(config: Path) -> int:
@@ -175,11 +169,10 @@ def test_concurrent_starts_leave_exactly_one_daemon(config: Path) -> None:
     ],
 )
 def test_start_fails_in_the_foreground_and_leaves_nothing(
-    tmp_path: Path, sshd: SshServer, stop_all: list[Path], case: str, code: int, needle: str
+    tmp_path: Path, sshd: SshServer, case: str, code: int, needle: str
 ) -> None:
     port = free_port()
     config = write_config(tmp_path, sshd.client_config(HOST, [f"LocalForward 127.0.0.1:{port} 127.0.0.1:9"]))
-    stop_all.append(config)
     holder = None
     if case == "refused key":
         sshd.authorized_keys.write_text("")
@@ -309,9 +302,8 @@ def test_check_names_the_process_holding_the_port(config: Path) -> None:
         holder.wait()
 
 
-def test_check_reports_a_refusing_target(tmp_path: Path, sshd: SshServer, stop_all: list[Path]) -> None:
+def test_check_reports_a_refusing_target(tmp_path: Path, sshd: SshServer) -> None:
     config = write_config(tmp_path, sshd.client_config(HOST, [f"LocalForward {free_port()} 127.0.0.1:{free_port()}"]))
-    stop_all.append(config)
     done = run_cli("check", HOST, "-F", str(config))
     assert done.returncode == 1
     assert "[FAIL] target" in done.stdout and "[ ok ] forwards" in done.stdout
@@ -372,3 +364,44 @@ def test_sigusr1_is_accepted_while_up(config: Path) -> None:
     wait_for(lambda: "retry requested, but the link is up" in (state_dir() / f"{HOST}.log").read_text(), 10, "log")
     assert run_cli("status", HOST).returncode == 0
     run_cli("stop", HOST)
+
+
+def test_restart_with_a_broken_config_leaves_the_running_tunnel_alone(config: Path) -> None:
+    assert run_cli("start", HOST, "-F", str(config)).returncode == 0
+    before = pid_of(HOST)
+    config.write_text(config.read_text() + "  Bogus yes\n")
+    broken = run_cli("restart", HOST, "-F", str(config))
+    assert broken.returncode == EXIT_CONFIG and "Bad configuration option: bogus" in broken.stderr, broken.stderr
+    assert pid_of(HOST) == before and not gone(before)
+    assert run_cli("status", HOST).returncode == 0
+
+
+def test_start_timeout_stops_the_child_and_exits_1(tmp_path: Path, sshd: SshServer) -> None:
+    import socket
+
+    with socket.socket() as silent:  # accepts TCP, never says a word: the handshake cannot finish in time
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        text = sshd.client_config(HOST, [f"LocalForward {free_port()} 127.0.0.1:9"], ["ConnectTimeout 30"])
+        config = write_config(tmp_path, text.replace(f"Port {sshd.port}", f"Port {silent.getsockname()[1]}"))
+        done = run_cli("start", HOST, "-F", str(config), "--timeout", "2")
+        assert done.returncode == EXIT_RUNTIME, done.stderr
+        assert "did not come up within 2 s" in done.stderr
+        assert tunnel_processes(config) == []
+        assert run_cli("status", HOST).returncode == EXIT_NOT_RUNNING
+
+
+def test_a_live_orphan_ssh_is_reaped_by_the_next_start(config: Path) -> None:
+    """SIGSTOP the ssh child (so its parent-death signal stays pending), SIGKILL the daemon, start again."""
+    assert run_cli("start", HOST, "-F", str(config)).returncode == 0
+    daemon = psutil.Process(pid_of(HOST))
+    (ssh,) = [p for p in daemon.children() if "ssh" in p.name()]
+    ssh.suspend()
+    daemon.kill()
+    psutil.wait_procs([daemon], timeout=5)
+    assert ssh.is_running() and ssh.status() == psutil.STATUS_STOPPED  # an orphan that still holds the port
+    restarted = run_cli("start", HOST, "-F", str(config))
+    assert restarted.returncode == 0, restarted.stderr
+    wait_for(lambda: gone(ssh.pid), 5, "the orphan to be stopped")
+    assert "left behind by a previous tunneld" in read_log(HOST)
+    assert echo_roundtrip(("127.0.0.1", local_port(config)), b"fresh") == b"fresh"

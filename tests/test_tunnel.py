@@ -6,13 +6,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import ForegroundTunnel, expect_fatal, read_log, read_state, start, write_config
 from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port, wait_for
+from tests.helpers import ForegroundTunnel, expect_fatal, read_log, read_state, run_cli, start, write_config
 
 UP = ("up", "degraded")
 
@@ -131,10 +132,15 @@ def test_frozen_server_is_detected_by_keepalive(
     config = sshd.client_config("frozen", [f"LocalForward {port} 127.0.0.1:{echo.port}"], extra)
     tunnel = start(foreground, "frozen", write_config(tmp_path, config), engine)
     tunnel.wait_state(*UP)
+    frozen_at = time.monotonic()
     sshd.freeze()
     try:
         tunnel.wait_state("lost", "backoff", "connecting", timeout=20)
-        assert "not responding" in read_log("frozen") or "Timeout" in read_log("frozen")
+        noticed_s = time.monotonic() - frozen_at
+        # 1 s x 2 without a reply is the budget (plus a reply's flight); both engines must stay within 2 s of it.
+        assert noticed_s <= 1 * 2 + 2 + 2, f"a hung server took {noticed_s:.1f} s to notice"
+        # The state is published before the log line is flushed: wait for it rather than read it once.
+        wait_for(lambda: "not responding" in read_log("frozen") or "Timeout" in read_log("frozen"), 5, "the log")
     finally:
         sshd.thaw()
     tunnel.wait_state(*UP, timeout=30)
@@ -203,6 +209,9 @@ def test_refusing_target_marks_the_forward_degraded(
         assert sock.recv(1) == b""  # ssh closes our side when the target refuses
     state = tunnel.wait_state("degraded", timeout=10)
     assert "connect failed" in str(state["forwards"][0]["detail"])  # type: ignore[index]
+    # degraded is still up: the link works, only the target refuses (scripts must not wait forever on it)
+    assert run_cli("status", "deg").returncode == 0
+    assert run_cli("wait", "deg", "--timeout", "5").returncode == 0
     target = EchoServer(port=dead_port)  # the service comes back: the next connection clears it
     try:
         assert echo_roundtrip(("127.0.0.1", port), b"back") == b"back"
