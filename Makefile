@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: dev sshd test lint format type check demo bench clean
+.PHONY: dev sshd test lint format type check demo bench faults clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench: dev sshd  ## tunneld against ssh -N -L and sshtunnel on loopback; writes 
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/report.py
+
+faults: dev sshd  ## real faults (restart, freeze, link down, blackhole, key change) in a network namespace; root only; writes docs/reliability.md (~10 min)
+	$(BIN)/python bench/faults.py $(FAULTS_ARGS)
 
 demo: dev sshd  ## start a throwaway sshd + MLflow stand-in and walk through start/status/restart/stop
 	$(BIN)/python scripts/demo.py

@@ -105,17 +105,27 @@ def read_banner(host: str, port: int, timeout: float = 1.0) -> bytes:
         return b""
 
 
+class PortTakenError(RuntimeError):
+    """sshd could not bind its port: someone took it after it was picked."""
+
+
 class SshServer:
     """An OpenSSH sshd on a loopback port, with its own host key and one authorized client key."""
 
-    def __init__(self, workdir: Path, port: int | None = None, ipv6: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, ipv6: bool = False, host: str = "127.0.0.1",
+        prefix: Sequence[str] = (),
+    ) -> None:  # fmt: skip
         sshd = find_sshd()
         if sshd is None:
             raise RuntimeError("sshd not found: install openssh-server (apt-get install openssh-server)")
         self.sshd = sshd
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.host = "127.0.0.1"
+        self.host = host
+        self.prefix = list(prefix)  # e.g. `ip netns exec NS`: run sshd in a network namespace (make faults)
+        self.fixed_port = port is not None
+        self.started_once = False
         self.port = port or free_port()
         self.ipv6 = ipv6
         self.user = getpass.getuser()
@@ -172,13 +182,31 @@ class SshServer:
         self.config.write_text("\n".join(lines) + "\n")
 
     def start(self) -> None:
-        """Start sshd and return once it sends its SSH banner."""
+        """Start sshd and return once it sends its SSH banner.
+
+        The first start binds with retry: a port picked free can be taken by someone else before
+        sshd binds it, and then another one is picked (known_hosts follows). A restart keeps its port.
+        """
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                self._start_once()
+            except PortTakenError:
+                if self.started_once or self.fixed_port or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                self.port = free_port()
+                self.write_known_hosts()
+            else:
+                self.started_once = True
+                return
+
+    def _start_once(self) -> None:
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         self._write_config()
+        mark = self.log.stat().st_size if self.log.exists() else 0
         log = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [self.sshd, "-D", "-e", "-f", str(self.config)],
+            [*self.prefix, self.sshd, "-D", "-e", "-f", str(self.config)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -188,7 +216,11 @@ class SshServer:
 
         def banner_or_exit() -> bool:
             if proc.poll() is not None:
-                raise RuntimeError(f"sshd exited with {proc.returncode}: {self.log.read_text()[-2000:]}")
+                said = self.log.read_bytes()[mark:].decode(errors="replace")
+                if "Address already in use" in said:
+                    self.proc = None
+                    raise PortTakenError(said)
+                raise RuntimeError(f"sshd exited with {proc.returncode}: {said[-2000:]}")
             return read_banner(self.host, self.port).startswith(b"SSH-2.0-")
 
         wait_for(banner_or_exit, READY_TIMEOUT_S, f"sshd on port {self.port}")
