@@ -319,6 +319,36 @@ def measure(bench: Bench, engine: str, name: str, fault: Fault, seconds: float) 
     return result
 
 
+def child_kills(bench: Bench, kills: int = 6) -> Result:
+    """SIGKILL the ssh child of a healthy tunnel `kills` times, each after the link held 6 s: outage each time."""
+    import psutil
+
+    host = "f-openssh"
+    bench.write_config(host, SSH_PORT, SERVER_IP)
+    bench.tunneld("start", host, "-F", str(bench.config), "--engine", "openssh")
+    outages = []
+    for _ in range(kills):
+        wait_for(bench.echo_works, 20, "the forward")
+        time.sleep(6)
+        children = bench.state(host).get("children")
+        pid = children[0]["pid"] if isinstance(children, list) and children else None
+        if not isinstance(pid, int):
+            break
+        killed = time.monotonic()
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+        time.sleep(0.05)  # let the listener close before timing the way back
+        recovered = bench.first_echo_after(killed)
+        outages.append(recovered if recovered is not None else RECOVERY_LIMIT_S)
+    state = bench.state(host)
+    bench.tunneld("stop", host, check=False)
+    shown = ", ".join(f"{o:.2f}" for o in outages)
+    return Result(
+        f"ssh child killed {len(outages)} times", "openssh", None, max(outages, default=None),
+        _count(state, "attempts"), 0, _count(state, "reconnects"), left_behind(bench), f"outages (s): {shown}",
+    )  # fmt: skip
+
+
 def slow_path(bench: Bench, engine: str, seconds: float) -> Result:
     """150 ms round trip through a delaying relay for `seconds`: no reconnect may happen."""
     host = f"slow-{engine}"
@@ -403,7 +433,9 @@ def report(results: list[Result], path: Path) -> None:
         "replies). Keepalive: tunneld's default 3 s x 3. *noticed*: from the start of the fault to",
         "state `lost`; *working again*: from the end of the fault to the first new connection",
         "through the forward that reaches the target; *attempts*: failed SSH attempts during the",
-        "fault; *handshakes*: TCP connections sshd saw from the start of the fault on.",
+        "fault; *handshakes*: SSH connections sshd saw from the start of the fault on (TCP probes that",
+        "closed before a banner are not counted). For the ssh-child kills, *working again* is the",
+        "longest of the outages, each from the SIGKILL to a working connection.",
         "",
         "| fault | engine | noticed | working again | attempts | handshakes | reconnects | left behind | note |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -452,6 +484,9 @@ def main() -> int:
                 results.append(result)
             if not args.quick:
                 results.append(slow_path(bench, engine, 60.0))
+                print(results[-1], flush=True)
+            if engine == "openssh" and args.only in "ssh child killed":
+                results.append(child_kills(bench))
                 print(results[-1], flush=True)
             results.append(changed_key(bench, engine))
             print(results[-1], flush=True)

@@ -17,7 +17,14 @@ import pytest
 from tests.harness import wait_for
 from tunneld.config import TunnelSpec
 from tunneld.engines import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback
-from tunneld.errors import AuthError, ConnectError, HandshakeStalledError, PortInUseError, TunneldError
+from tunneld.errors import (
+    AuthError,
+    ConnectError,
+    HandshakeStalledError,
+    PortInUseError,
+    TunneldError,
+    UnreachableError,
+)
 from tunneld.health import Stream
 from tunneld.probes import Environment, Wakeups
 from tunneld.supervisor import Backoff, Supervisor, TunnelStatus
@@ -243,6 +250,14 @@ def test_the_path_coming_back_ends_a_long_wait(run: Callable[..., Harness]) -> N
     path.answers = True
     h.until(lambda: h.state() == "up", "the retry the probe started")
     assert h.rng.ceilings == [60.0]
+
+
+def test_after_an_unreachable_attempt_the_first_answer_ends_the_wait(run: Callable[..., Harness]) -> None:
+    """The attempt found no route (a stale ARP failure, say) but the path is back: no probe has to fail first."""
+    unreachable = UnreachableError("connect to host 198.18.77.2 port 22: No route to host")
+    h = run([unreachable, unreachable], backoff=Backoff(base_s=60.0, cap_s=60.0))
+    h.until(lambda: h.state() == "up", "the retry the first answering probe started")
+    assert h.rng.ceilings == [60.0] and h.engine.calls == 3
 
 
 def test_a_path_that_always_answered_does_not_end_the_wait(run: Callable[..., Harness]) -> None:

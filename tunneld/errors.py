@@ -124,6 +124,10 @@ class ConnectError(TunneldError):
     retryable = True
 
 
+class UnreachableError(ConnectError):
+    """The first hop did not accept a TCP connection (refused, no route, timed out, name not resolved)."""
+
+
 class HandshakeStalledError(ConnectError):
     """The server accepted TCP but the SSH handshake did not complete in time (frozen, overloaded, not sshd)."""
 

@@ -112,6 +112,7 @@ class PathWatch:
         probe: Probe | None = None,
         every_s: float = PROBE_EVERY_S,
         monotonic: Callable[[], float] = time.monotonic,
+        known_down: bool = False,
     ) -> None:
         self.hop = hop
         self.on_change = on_change
@@ -120,7 +121,8 @@ class PathWatch:
         self.monotonic = monotonic
         self.came_back = threading.Event()
         self.failures = 0
-        self._first_failure_started: float | None = None
+        # known_down: the attempt that just failed could not reach the hop: the first answer means it is back
+        self._first_failure_started: float | None = monotonic() if known_down else None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

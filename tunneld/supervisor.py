@@ -12,7 +12,7 @@ from typing import Protocol
 
 from tunneld.config import TunnelSpec
 from tunneld.engines import ChildProcess, Engine, ForwardStatus, Link, LinkEvents
-from tunneld.errors import EXIT_OK, HandshakeStalledError, PortInUseError, TunneldError
+from tunneld.errors import EXIT_OK, HandshakeStalledError, PortInUseError, TunneldError, UnreachableError
 from tunneld.health import Health, HealthMonitor
 from tunneld.probes import Environment, PathWatch, Probe, Wakeups, tcp_answers
 from tunneld.settings import HostSettings
@@ -163,7 +163,8 @@ class Supervisor:
                     return self._fail(error)
                 log.warning("%s: %s", self.spec.alias, error.message)
                 first_try = False
-                self._pause(stalled=isinstance(error, HandshakeStalledError))
+                self._pause(stalled=isinstance(error, HandshakeStalledError),
+                            unreachable=isinstance(error, UnreachableError))  # fmt: skip
                 continue
             first_try = False
             reconnects = self.status.reconnects + (1 if had_link else 0)  # a first link is not a reconnect
@@ -275,7 +276,7 @@ class Supervisor:
         if self.status.state == UP:
             log.info("%s: every forward's target answers again", self.spec.alias)
 
-    def _pause(self, stalled: bool = False) -> None:
+    def _pause(self, stalled: bool = False, unreachable: bool = False) -> None:
         """Wait out one backoff step; end early on stop, on 'retry now', a machine change, or the path's return.
 
         After a stalled handshake on a port that still accepts TCP (a frozen or overloaded server),
@@ -295,15 +296,19 @@ class Supervisor:
             return
         log.info("%s: retrying in %.1f s", self.spec.alias, delay)
         self._set(state=BACKOFF, next_try_at=time.time() + delay)
-        reason = self._wait(delay)
+        reason = self._wait(delay, known_down=unreachable)
         if reason:
             log.info("%s: %s: retrying now", self.spec.alias, reason)
 
-    def _wait(self, delay: float) -> str | None:
-        """Sleep up to `delay`; return why it ended early (None when it ran out or a stop was requested)."""
+    def _wait(self, delay: float, known_down: bool = False) -> str | None:
+        """Sleep up to `delay`; return why it ended early (None when it ran out or a stop was requested).
+
+        `known_down`: the attempt that failed could not reach the first hop, so the first probe that
+        answers means the path is back (a path that answered all along never ends a wait early).
+        """
         deadline = time.monotonic() + delay
         hop = self.spec.first_hop()
-        watch = PathWatch(hop, self.wakeups.wake.set, self.probe).start()
+        watch = PathWatch(hop, self.wakeups.wake.set, self.probe, known_down=known_down).start()
         try:
             while not self.wakeups.stop.is_set():
                 remaining = deadline - time.monotonic()

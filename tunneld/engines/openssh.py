@@ -33,6 +33,7 @@ from tunneld.errors import (
     HandshakeStalledError,
     HostKeyError,
     TunneldError,
+    UnreachableError,
 )
 from tunneld.health import LocalProber, Stream
 from tunneld.listen import plan_spec
@@ -71,12 +72,15 @@ _FINGERPRINT_RE = re.compile(r"Server host key: \S+ (\S+)")
 # Lines that decide how a link ended; kept apart from the bounded tail so DEBUG chatter cannot push them out.
 _VERDICT_NEEDLES = ("HOST IDENTIFICATION HAS CHANGED", "REVOKED HOST KEY", "marked as revoked", "Offending ",
                     "host key check failure", "Server host key: ", "Host key verification failed")  # fmt: skip
-_CONNECT_FAILURES = (
+# ssh could not even open TCP to the first hop: the path (or the server) is down.
+_UNREACHABLE = (
     "Could not resolve hostname",
     "Connection refused",
     "Connection timed out",
     "No route to host",
     "Network is unreachable",
+)
+_CONNECT_FAILURES = (
     "Connection closed by",
     "Connection reset by",
     "closed by remote host",
@@ -266,6 +270,9 @@ def _connection_error(spec: TunnelSpec, returncode: int, lines: list[str], text:
     if "timed out during banner exchange" in text:
         needle = "banner exchange"
         return HandshakeStalledError(_last_matching(lines, needle), _connect_hint(spec, needle))
+    for needle in _UNREACHABLE:
+        if needle in text:
+            return UnreachableError(_last_matching(lines, needle), _connect_hint(spec, needle))
     for needle in _CONNECT_FAILURES:
         if needle in text:
             return ConnectError(_last_matching(lines, needle), _connect_hint(spec, needle))

@@ -19,7 +19,7 @@ from tunneld.config import Forward, TunnelSpec, expand_tokens, resolve_hop, toke
 from tunneld.engines import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback, algorithms
 from tunneld.engines.forwarding import DEFAULT_HOLD_S, Channel, Forwarder, unsupported_forwards
 from tunneld.engines.sshkeys import authenticate, preferred_key_types, verify_host_key
-from tunneld.errors import ConfigError, ConnectError, HandshakeStalledError, TunneldError
+from tunneld.errors import ConfigError, ConnectError, HandshakeStalledError, TunneldError, UnreachableError
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -93,7 +93,7 @@ def _tcp(host: str, port: int, timeout: float, abort: Abort) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise ConnectError(
+        raise UnreachableError(
             f"Could not resolve hostname {host}: {exc.strerror}", "check HostName and your network"
         ) from exc
     error: OSError | None = None
@@ -110,7 +110,7 @@ def _tcp(host: str, port: int, timeout: float, abort: Abort) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)
         return sock
-    raise ConnectError(f"connect to host {host} port {port}: {getattr(error, 'strerror', None) or error}")
+    raise UnreachableError(f"connect to host {host} port {port}: {getattr(error, 'strerror', None) or error}")
 
 
 Carrier = socket.socket | paramiko.Channel | paramiko.ProxyCommand
