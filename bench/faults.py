@@ -309,6 +309,7 @@ def measure(bench: Bench, engine: str, name: str, fault: Fault, seconds: float) 
         attempts = _count(bench.state(host), "attempts")
     ended = time.monotonic()
     recovered = bench.first_echo_after(ended)
+    bench.wait_state(host, ("up", "degraded"), 10)  # traffic flows before `up` is published (health check)
     state = bench.state(host)
     result = Result(
         name, engine, detected, recovered, attempts, bench.handshakes() - before,

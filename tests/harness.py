@@ -492,6 +492,67 @@ def free_port_both() -> int:
     raise RuntimeError("no port free on both loopback families")
 
 
+class SwitchableRelay:
+    """A TCP relay in front of a server whose path the test switches: "forward", "swallow" (accept and
+    say nothing, like a frozen server's backlog) or "closed" (nothing listens: refused)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.mode = "forward"
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._held: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.set_mode("forward")
+
+    def set_mode(self, mode: str) -> None:
+        """Switch the path; "closed" stops listening, the others listen again on the same port."""
+        with self._lock:
+            self.mode = mode
+            if mode == "closed" and self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            elif mode != "closed" and self._listener is None:
+                listener = socket.socket()
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind(("127.0.0.1", self.port))
+                listener.listen(64)
+                self._listener = listener
+                threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            if self.mode == "swallow":
+                self._held.append(client)  # never answered: the client waits for a banner
+                continue
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=_pipe, args=(src, dst), daemon=True).start()
+
+    def close(self) -> None:
+        """Stop listening and drop every connection it holds."""
+        self.set_mode("closed")
+        for sock in self._held:
+            sock.close()
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := src.recv(65536):
+            dst.sendall(data)
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)
+
+
 def echo_roundtrip(address: tuple[str, int] | str, payload: bytes, timeout: float = 5.0) -> bytes:
     """Send `payload` to an echo service at (host, port) or a unix socket path; return the echo."""
     family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET6 if ":" in address[0] else socket.AF_INET

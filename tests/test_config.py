@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import run_cli, write_config
-from tunneld.config import DYNAMIC, LOCAL, REMOTE, Endpoint, list_hosts, resolve_host
+from tunneld.config import list_hosts, resolve_host
 from tunneld.errors import EXIT_CONFIG, ConfigError, NoForwardsError
+from tunneld.spec import DYNAMIC, LOCAL, REMOTE, Endpoint
 
 ALL_FORMS = """\
 Host mlflowserver
@@ -134,7 +135,7 @@ def test_cli_errors_exit_78_with_file_and_line(tmp_path: Path) -> None:
 def test_list_shows_only_hosts_with_forwards(tmp_path: Path) -> None:
     config = "Host a b\n  LocalForward 5000 localhost:5000\nHost c\n  HostName x\nHost *.wild\n  LocalForward 1 h:1\n"
     path = write_config(tmp_path, config)
-    assert [spec.alias for spec in list_hosts(str(path))] == ["a", "b"]
+    assert [spec.alias for spec in list_hosts(str(path))[0]] == ["a", "b"]
     done = run_cli("list", "-F", str(path))
     assert done.returncode == 0
     assert done.stdout.splitlines() == ["a  localhost:5000 -> localhost:5000", "b  localhost:5000 -> localhost:5000"]

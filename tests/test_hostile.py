@@ -374,7 +374,7 @@ def test_a_tampered_manifest_removes_and_runs_nothing(tmp_path: Path) -> None:
 
 
 def test_systemd_lines_escape_specifiers_dollars_and_quotes() -> None:
-    from tunneld.autostart.manage import Launch
+    from tunneld.autostart.service import Launch
     from tunneld.autostart.systemd import render_dropin, render_template
 
     launch = Launch(("/opt/py 100%/$HOME/bin/python", "-m", "tunneld"), (("TUNNELD_SSH_CONFIG", '/c/50%"q\\'),))
@@ -385,7 +385,8 @@ def test_systemd_lines_escape_specifiers_dollars_and_quotes() -> None:
 
 @pytest.mark.parametrize("via", ["systemd", "xdg"])
 def test_a_newline_in_a_path_is_refused_for_autostart(via: str) -> None:
-    from tunneld.autostart.manage import Launch, mechanism
+    from tunneld.autostart.manage import mechanism
+    from tunneld.autostart.service import Launch
     from tunneld.errors import AutostartError
 
     launch = Launch(("/usr/bin/python3", "-m", "tunneld"), (("TUNNELD_SSH_CONFIG", "/tmp/a\nExecStartPre=/bin/evil"),))
@@ -395,7 +396,8 @@ def test_a_newline_in_a_path_is_refused_for_autostart(via: str) -> None:
 
 def test_a_failed_systemctl_leaves_no_unit_file_behind(tmp_path: Path) -> None:
     from tunneld.autostart import read_manifest
-    from tunneld.autostart.manage import CommandResult, Launch, Runner, enable
+    from tunneld.autostart.manage import enable
+    from tunneld.autostart.service import CommandResult, Launch, Runner
     from tunneld.autostart.systemd import unit_dir
     from tunneld.errors import AutostartError
 

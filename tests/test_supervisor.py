@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.harness import wait_for
-from tunneld.config import TunnelSpec
 from tunneld.engines import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback
 from tunneld.errors import (
     AuthError,
@@ -27,6 +26,7 @@ from tunneld.errors import (
 )
 from tunneld.health import Stream
 from tunneld.probes import Environment, Wakeups
+from tunneld.spec import TunnelSpec
 from tunneld.supervisor import Backoff, Supervisor, TunnelStatus
 
 SPEC = TunnelSpec(alias="fake", hostname="127.0.0.1", port=9, user="u", forwards=())

@@ -163,7 +163,13 @@ def test_changed_host_key_exits_78(
     sshd.regenerate_host_key()  # known_hosts still holds the old key
     sshd.start()
     config = write_config(tmp_path, sshd.client_config("changed", [f"LocalForward {free_port()} 127.0.0.1:9"]))
-    expect_fatal(start(foreground, "changed", config, engine), "has CHANGED", "ssh-keygen -R")
+    # The remedy names the known_hosts file ssh really uses here, and the -F file to test with.
+    expect_fatal(
+        start(foreground, "changed", config, engine),
+        "has CHANGED",
+        f"ssh-keygen -f {sshd.known_hosts} -R '[127.0.0.1]:{sshd.port}'",
+        f"ssh -F {config} changed",
+    )
 
 
 def test_unknown_host_key_with_strict_checking_exits_78(

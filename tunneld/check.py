@@ -7,14 +7,15 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tunneld.config import TunnelSpec, resolve_host
-from tunneld.engines import Link, LinkEvents, make_engine
+from tunneld.config import resolve_host
+from tunneld.engines import Link, LinkEvents, make_engine, select_engine_name
 from tunneld.errors import AuthError, HostKeyError, PortInUseError, TunneldError
 from tunneld.health import LocalProber, checks_for, run_check
 from tunneld.listen import ListenPlan, plan_spec
 from tunneld.ports import Listeners, listeners_of, port_in_use_error, port_is_free, unix_socket_answers
 from tunneld.probes import tcp_answers
 from tunneld.settings import host_settings
+from tunneld.spec import TunnelSpec
 from tunneld.status import HostReport, collect
 
 PASS = "ok"  # noqa: S105 - a verdict, not a password
@@ -32,12 +33,24 @@ class Step:
     hint: str | None = None
 
 
+STEPS = ("config", "local port", "dns", "tcp", "host key", "auth", "forwards", "target")
+
+
+def _skip_from(first: str, why: str) -> Iterator[Step]:
+    for name in STEPS[STEPS.index(first) :]:
+        yield Step(name, SKIP, why)
+
+
 def run_checks(host: str, ssh_config: str | None, engine_name: str) -> Iterator[Step]:
-    """Yield each step's verdict in order; later steps are skipped once one they need has failed."""
+    """Yield each step's verdict in order: a failure is reported at its own step, and every later step
+    that needs it is `[skip]`, so one problem is never reported twice under two names."""
     try:
         spec = resolve_host(host, ssh_config)
+        host_settings(host)  # tunneld.toml is part of the configuration
+        select_engine_name(engine_name, host)
     except TunneldError as error:
         yield Step("config", FAIL, error.message, error.hint)
+        yield from _skip_from("local port", "the configuration must be fixed first")
         return
     yield Step(
         "config",
@@ -49,16 +62,19 @@ def run_checks(host: str, ssh_config: str | None, engine_name: str) -> Iterator[
     ours = _ours(report)
     ports = list(_local_port_steps(spec, report, ours))
     yield from ports
-    yield from _network_steps(spec)
+    network = list(_network_steps(spec))
+    yield from network
     if report.is_up:
         yield Step("host key", PASS, f"accepted by the running tunnel (pid {report.pid})")
         yield Step("auth", PASS, f"the running tunnel is authenticated (pid {report.pid})")
         yield Step("forwards", PASS, "listening: " + "; ".join(_listen_of(f) for f in report.forwards))
         yield from _target_steps(spec, ours)
         return
+    if any(step.verdict == FAIL for step in network):
+        yield from _skip_from(STEPS[STEPS.index(network[-1].name) + 1], "the server cannot be reached")
+        return
     if any(step.verdict == FAIL for step in ports):
-        for name in ("host key", "auth", "forwards", "target"):
-            yield Step(name, SKIP, "a local port is taken; fix that first")
+        yield from _skip_from("host key", "a local port is taken; fix that first")
         return
     yield from _connect_steps(spec, engine_name)
 
@@ -126,7 +142,6 @@ def _network_steps(spec: TunnelSpec) -> Iterator[Step]:
         addresses = sorted({str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
     except OSError as exc:
         yield Step("dns", FAIL, f"{host} does not resolve: {exc}", "check HostName / ProxyJump and your network")
-        yield Step("tcp", SKIP, "no address to connect to")
         return
     yield Step("dns", PASS, f"{host} -> {', '.join(addresses)}")
     if tcp_answers(hop):
@@ -148,19 +163,22 @@ def _connect_steps(spec: TunnelSpec, engine_name: str) -> Iterator[Step]:
         link: Link = engine.connect(spec, lambda _text: None, events)
     except HostKeyError as error:
         yield Step("host key", FAIL, error.message, error.hint)
-        yield Step("auth", SKIP, "the host key must be accepted first")
+        yield from _skip_from("auth", "the host key must be accepted first")
         return
     except AuthError as error:
         yield Step("host key", PASS, f"{spec.hostname}'s key matches known_hosts")
         yield Step("auth", FAIL, error.message, error.hint)
+        yield from _skip_from("forwards", "authentication must succeed first")
         return
     except PortInUseError as error:
         yield Step("host key", PASS, f"{spec.hostname}'s key matches known_hosts")
         yield Step("auth", PASS, f"authenticated as {spec.user}")
         yield Step("forwards", FAIL, error.message, error.hint)
+        yield from _skip_from("target", "a forward could not listen")
         return
-    except TunneldError as error:
+    except TunneldError as error:  # the handshake itself failed (stalled, closed): the host-key step is where
         yield Step("host key", FAIL, error.message, error.hint)
+        yield from _skip_from("auth", "no SSH session could be opened")
         return
     try:
         yield Step("host key", PASS, f"{spec.hostname}'s key matches known_hosts")

@@ -10,6 +10,9 @@ from typing import Any, TypeVar
 import click
 
 from tunneld import __version__
+from tunneld.autostart.commands import autostart
+from tunneld.cliopts import CONTEXT, POSITIVE_S, engine_option, ssh_config_option, ssh_config_unused
+from tunneld.completion import complete_configured_hosts, complete_hosts_with_files
 from tunneld.errors import (
     EXIT_NOT_RUNNING,
     EXIT_OK,
@@ -20,7 +23,7 @@ from tunneld.errors import (
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class TunneldGroup(click.Group):
@@ -28,51 +31,21 @@ class TunneldGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
+            from tunneld.paths import check_home
+
+            check_home()
             return super().invoke(ctx)
         except TunneldError as error:
             import logging
 
             logging.getLogger(__name__).debug("%s", error.message, exc_info=True)  # the log, under `run`
             ctx.exit(report_error(error, _echo))
+        except KeyboardInterrupt:  # Ctrl-C on `logs -f`, `wait` or `start`: what the user asked for, quietly
+            ctx.exit(EXIT_INTERRUPTED)
 
 
 def _echo(text: str, to_stderr: bool) -> None:
     click.echo(text, err=to_stderr)
-
-
-def _ssh_config_option(help_text: str) -> Callable[[F], F]:
-    def decorate(func: F) -> F:
-        return click.option(
-            "-F",
-            "--ssh-config",
-            type=click.Path(dir_okay=False),
-            default=None,
-            envvar="TUNNELD_SSH_CONFIG",
-            help=help_text,
-        )(func)
-
-    return decorate
-
-
-ssh_config_option = _ssh_config_option(
-    "Read this ssh_config file instead of ~/.ssh/config (as ssh -F; also $TUNNELD_SSH_CONFIG)."
-)
-# Verbs that read only tunneld's own files take -F too, so one alias works everywhere.
-ssh_config_unused = _ssh_config_option("Accepted like every verb; this one reads only tunneld's own files.")
-
-
-def engine_option(func: F) -> F:
-    """Add --engine auto|openssh."""
-    from tunneld.settings import ENGINES
-
-    return click.option(
-        "--engine",
-        type=click.Choice(ENGINES),
-        default="auto",
-        show_default=True,
-        help="openssh supervises an `ssh -N` child; paramiko runs SSH in-process (counts bytes, holds connections "
-        "during reconnects); auto: the host's setting in tunneld.toml, else openssh when ssh exists.",
-    )(func)
 
 
 @click.group(cls=TunneldGroup, context_settings=CONTEXT)
@@ -91,7 +64,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("host")
+@click.argument("host", shell_complete=complete_configured_hosts)
 @ssh_config_option
 @engine_option
 @click.option("--fail-fast", is_flag=True, help="Exit 69 if the first connection attempt fails (instead of retrying).")
@@ -126,22 +99,28 @@ def run(
 
 
 @cli.command()
-@click.argument("host")
+@click.argument("host", shell_complete=complete_configured_hosts)
 @ssh_config_option
 @engine_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole resolved TunnelSpec as JSON.")
 def show(host: str, ssh_config: str | None, engine: str, as_json: bool) -> None:
-    """Print what tunneld would do for HOST: forwards, engine, keepalive, host-key policy."""
+    """Print what tunneld would do for HOST: forwards, engine, keepalive, host-key policy.
+
+    Shows every host `ssh -G` resolves, also one without forwards (with a warning: start would refuse it).
+    """
     from tunneld.config import resolve_host
     from tunneld.engines import select_engine_name
+    from tunneld.paths import is_valid_host
     from tunneld.render import spec_json, spec_lines
+    from tunneld.status import recorded_launch
 
-    spec = resolve_host(host, ssh_config)
+    spec = resolve_host(host, ssh_config, require_forwards=False)
     engine_name = select_engine_name(engine, host)
+    recorded = recorded_launch(host) if is_valid_host(host) else None
     if as_json:
-        click.echo(json.dumps(spec_json(spec, engine_name), indent=2))
+        click.echo(json.dumps(spec_json(spec, engine_name, recorded), indent=2))
         return
-    click.echo("\n".join(spec_lines(spec, engine_name)))
+    click.echo("\n".join(spec_lines(spec, engine_name, recorded)))
 
 
 @cli.command("list")
@@ -150,12 +129,18 @@ def list_(ssh_config: str | None) -> None:
     """List the hosts of the ssh_config that have forwards."""
     from tunneld.config import list_hosts
 
-    specs = list_hosts(ssh_config)
+    specs, skipped = list_hosts(ssh_config)
+    _warn_skipped(skipped)
     if not specs:
         click.echo("no host in the ssh_config has a LocalForward, RemoteForward or DynamicForward", err=True)
         return
     for spec in specs:
         click.echo(f"{spec.alias}  " + ", ".join(str(f) for f in spec.forwards))
+
+
+def _warn_skipped(skipped: list[str]) -> None:
+    for why in skipped:
+        click.echo(f"warning: {why}", err=True)
 
 
 def _hosts_or_all(hosts: tuple[str, ...], all_: bool, every: Callable[[], list[str]], verb: str) -> list[str]:
@@ -179,11 +164,13 @@ def _run_each(hosts: list[str], action: Callable[[str], int]) -> int:
 
 
 @cli.command()
-@click.argument("hosts", nargs=-1, metavar="HOST...")
+@click.argument("hosts", nargs=-1, metavar="HOST...", shell_complete=complete_configured_hosts)
 @click.option("--all", "all_", is_flag=True, help="Start every host of the ssh_config that has forwards.")
 @ssh_config_option
 @engine_option
-@click.option("--timeout", type=float, default=40.0, show_default=True, help="Seconds to wait for the tunnel to be up.")
+@click.option(
+    "--timeout", type=POSITIVE_S, default=40.0, show_default=True, help="Seconds to wait for the tunnel to be up."
+)
 @click.option("--foreground", is_flag=True, help="Do not detach: the same as `tunneld run HOST`.")
 @click.option(
     "--keep-trying",
@@ -213,7 +200,12 @@ def start(
     from tunneld.config import list_hosts
     from tunneld.daemon import run_tunnel
 
-    names = _hosts_or_all(hosts, all_, lambda: [s.alias for s in list_hosts(ssh_config)], "start")
+    def every() -> list[str]:
+        specs, skipped = list_hosts(ssh_config)
+        _warn_skipped(skipped)
+        return [spec.alias for spec in specs]
+
+    names = _hosts_or_all(hosts, all_, every, "start")
     if foreground:
         if len(names) != 1:
             raise click.UsageError("--foreground runs one host: tunneld start --foreground HOST")
@@ -277,34 +269,51 @@ def _stoppable_hosts() -> list[str]:
 
 
 @cli.command()
-@click.argument("hosts", nargs=-1, metavar="HOST...")
+@click.argument("hosts", nargs=-1, metavar="HOST...", shell_complete=complete_hosts_with_files)
 @click.option("--all", "all_", is_flag=True, help="Stop every running tunnel.")
 @ssh_config_unused
 @click.option(
-    "--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait after SIGTERM before SIGKILL."
+    "--timeout", type=POSITIVE_S, default=10.0, show_default=True, help="Seconds to wait after SIGTERM before SIGKILL."
 )
 def stop(hosts: tuple[str, ...], all_: bool, ssh_config: str | None, timeout: float) -> None:
     """Stop HOST's tunnel: SIGTERM, then SIGKILL after --timeout. Stopping a stopped host is fine."""
     names = _hosts_or_all(hosts, all_, _stoppable_hosts, "stop")
+    if all_ and not names:
+        click.echo("no tunnel is running")
+        return
     sys.exit(_run_each(names, lambda host: _stop_host(host, timeout)))
 
 
 @cli.command()
-@click.argument("host")
+@click.argument("host", shell_complete=complete_hosts_with_files)
 @ssh_config_option
 @engine_option
-@click.option("--timeout", type=float, default=40.0, show_default=True, help="Seconds to wait for the tunnel to be up.")
-def restart(host: str, ssh_config: str | None, engine: str, timeout: float) -> None:
-    """Stop HOST's tunnel if it runs, then start it again (a broken config leaves the running one alone)."""
-    from tunneld.config import resolve_host
+@click.option(
+    "--timeout", type=POSITIVE_S, default=40.0, show_default=True, help="Seconds to wait for the tunnel to be up."
+)
+@click.pass_context
+def restart(ctx: click.Context, host: str, ssh_config: str | None, engine: str, timeout: float) -> None:
+    """Stop HOST's tunnel if it runs, then start it again (a broken config leaves the running one alone).
 
+    Without -F or --engine, the ssh_config file and engine it was last started with are used again.
+    """
+    from tunneld.config import resolve_host
+    from tunneld.paths import validate_host
+    from tunneld.status import recorded_launch
+
+    recorded = recorded_launch(validate_host(host))
+    if recorded is not None:
+        if ssh_config is None:
+            ssh_config = recorded.ssh_config
+        if ctx.get_parameter_source("engine") == click.core.ParameterSource.DEFAULT and recorded.engine:
+            engine = recorded.engine
     resolve_host(host, ssh_config)
     _stop_host(host, timeout=10.0)
     sys.exit(_start_host(host, ssh_config, engine, timeout))
 
 
 @cli.command()
-@click.argument("hosts", nargs=-1, metavar="[HOST]...")
+@click.argument("hosts", nargs=-1, metavar="[HOST]...", shell_complete=complete_hosts_with_files)
 @ssh_config_unused
 @click.option("--json", "as_json", is_flag=True, help="Print the documented JSON schema (docs/usage.md).")
 def status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool) -> None:
@@ -333,7 +342,42 @@ def status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool) -> Non
 
 
 @cli.command()
-@click.argument("host")
+@click.argument("hosts", nargs=-1, metavar="HOST...", shell_complete=complete_hosts_with_files)
+@click.option("--stopped", is_flag=True, help="Forget every host that is not running (stopped, failed, dead).")
+@ssh_config_unused
+def forget(hosts: tuple[str, ...], stopped: bool, ssh_config: str | None) -> None:
+    """Remove the files (state, pid, log) of hosts that are not running, so `status` no longer lists them.
+
+    A running tunnel is never forgotten: stop it first.
+    """
+    from tunneld.daemon import forget_host
+    from tunneld.errors import AlreadyRunningError
+    from tunneld.paths import known_hosts_with_files
+    from tunneld.status import collect
+
+    def not_running() -> list[str]:
+        return [h for h in known_hosts_with_files() if not collect(h).running]
+
+    names = _hosts_or_all(hosts, stopped, not_running, "forget") if hosts or stopped else []
+    if not names:
+        if not hosts and not stopped:
+            raise click.UsageError("name a host (e.g. tunneld forget mlflowserver) or use --stopped")
+        click.echo("nothing to forget")
+        return
+
+    def one(host: str) -> int:
+        try:
+            removed = forget_host(host)
+        except AlreadyRunningError:
+            raise TunneldError(f"{host} is running: not forgetting it", f"stop it first: tunneld stop {host}") from None
+        click.echo(f"{host}  forgotten" + ("" if removed else " (it had no files)"))
+        return EXIT_OK
+
+    sys.exit(_run_each(names, one))
+
+
+@cli.command()
+@click.argument("host", shell_complete=complete_hosts_with_files)
 @ssh_config_unused
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines as they are written (Ctrl-C ends).")
 @click.option("-n", "--lines", "count", type=int, default=50, show_default=True, help="How many recent lines.")
@@ -344,7 +388,7 @@ def logs(host: str, ssh_config: str | None, follow: bool, count: int) -> None:
 
     files = HostFiles.of(host)
     if not files.log.exists():
-        raise NotRunningError(f"no log for {host} yet", f"start it with: tunneld start {host}")
+        raise TunneldError(f"no log for {host} yet", f"start it with: tunneld start {host}")
     for line in tail_lines(files.log, count):
         click.echo(line)
     if follow:
@@ -353,9 +397,9 @@ def logs(host: str, ssh_config: str | None, follow: bool, count: int) -> None:
 
 
 @cli.command()
-@click.argument("host")
+@click.argument("host", shell_complete=complete_hosts_with_files)
 @ssh_config_unused
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait.")
+@click.option("--timeout", type=POSITIVE_S, default=30.0, show_default=True, help="Seconds to wait.")
 def wait(host: str, ssh_config: str | None, timeout: float) -> None:
     """Block until HOST's tunnel is up and its configured health checks pass; exit 1 on timeout, or at once
     when HOST is not running (failed, stopped, never started). For scripts: tunneld wait mlflowserver && python train.py
@@ -383,7 +427,7 @@ def wait(host: str, ssh_config: str | None, timeout: float) -> None:
 
 
 @cli.command()
-@click.argument("host")
+@click.argument("host", shell_complete=complete_configured_hosts)
 @ssh_config_option
 @engine_option
 def check(host: str, ssh_config: str | None, engine: str) -> None:
@@ -405,77 +449,7 @@ def check(host: str, ssh_config: str | None, engine: str) -> None:
     sys.exit(EXIT_RUNTIME if failed else EXIT_OK)
 
 
-@cli.group(context_settings=CONTEXT)
-def autostart() -> None:
-    """Start tunnels at login: systemd user units, launchd agents, or XDG autostart entries."""
-
-
-def via_option(func: F) -> F:
-    """Add --via systemd|launchd|xdg."""
-    from tunneld.autostart import VIA_CHOICES
-
-    return click.option(
-        "--via",
-        type=click.Choice(VIA_CHOICES),
-        default=None,
-        help="Mechanism (default: launchd on macOS, systemd when a user manager runs, else xdg).",
-    )(func)
-
-
-@autostart.command("enable")
-@click.argument("host")
-@ssh_config_option
-@via_option
-@click.option("--now", is_flag=True, help="Also start the tunnel now through the service manager.")
-def autostart_enable(host: str, ssh_config: str | None, via: str | None, now: bool) -> None:
-    """Start HOST's tunnel at every login (enabling twice is harmless)."""
-    from tunneld.autostart.manage import Launch, Runner, default_via, enable
-    from tunneld.config import resolve_host
-
-    resolve_host(host, ssh_config)  # the same config step `check` runs: refuse a host that cannot work
-    manifest = enable(host, via or default_via(), Launch.current(ssh_config), Runner(), now)
-    click.echo(f"{host}  autostart enabled via {manifest.via}" + (" and started" if now else ""))
-    for name in manifest.files:
-        click.echo(f"  wrote {name}")
-    click.echo(f"undo with: tunneld autostart disable {host}")
-
-
-@autostart.command("disable")
-@click.argument("host")
-@ssh_config_unused
-@click.option("--now", is_flag=True, help="Also stop the running tunnel.")
-def autostart_disable(host: str, ssh_config: str | None, now: bool) -> None:
-    """Stop starting HOST at login; remove exactly the files enable wrote."""
-    from tunneld.autostart.manage import Runner, disable
-
-    manifest = disable(host, Runner(), now)
-    if manifest is None:
-        click.echo(f"{host}  autostart was not enabled")
-        return
-    click.echo(f"{host}  autostart disabled ({manifest.via})" + (" and stopped" if now else ""))
-    for name in manifest.files:
-        click.echo(f"  removed {name}")
-
-
-@autostart.command("status")
-@click.argument("hosts", nargs=-1, metavar="[HOST]...")
-@ssh_config_unused
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def autostart_status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool) -> None:
-    """Show which hosts start at login, how, and whether the tunneld they run still exists."""
-    from tunneld.autostart import enabled_hosts
-    from tunneld.autostart.manage import autostart_report
-
-    reports = [autostart_report(h) for h in hosts or enabled_hosts()]
-    if as_json:
-        click.echo(json.dumps({"version": 1, "hosts": [r.to_dict() for r in reports]}, indent=2))
-        return
-    if not reports:
-        click.echo("no host starts at login: tunneld autostart enable HOST")
-    for report in reports:
-        click.echo(f"{report.host}  {report.via or 'not enabled'}  {' '.join(report.launch)}".rstrip())
-        for warning in report.warnings:
-            click.echo(f"  warning: {warning}", err=True)
+cli.add_command(autostart)
 
 
 def main() -> None:

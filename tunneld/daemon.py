@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from tunneld.config import TunnelSpec, resolve_host
+from tunneld.config import resolve_host
 from tunneld.engines import make_engine
 from tunneld.errors import (
     EXIT_CONFIG,
@@ -44,6 +44,7 @@ from tunneld.pidfile import (
 from tunneld.probes import Wakeups
 from tunneld.safetext import printable
 from tunneld.settings import host_settings
+from tunneld.spec import TunnelSpec
 from tunneld.states import DEGRADED, FAILED, STOPPED, UP
 from tunneld.supervisor import Supervisor, TunnelStatus
 
@@ -460,6 +461,27 @@ def stop_tunnel(host: str, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopResul
         _mark_stopped(files)
     pidfile.remove(record.pid)
     return StopResult(host, record.pid, killed=killed)
+
+
+def forget_host(host: str) -> list[Path]:
+    """Remove the pid, state, lock and log files of a host that is not running; return what was removed.
+
+    The host's lock decides: a running tunneld holds it, and then nothing is touched.
+    """
+    files = HostFiles.of(host)
+    pidfile = PidFile(files)
+    fd = pidfile.lock()  # AlreadyRunningError while a tunneld runs for the host
+    try:
+        removed = []
+        logs = sorted(files.directory.glob(f"{host}.log.*"))
+        for path in (files.pid, files.state, files.log, *logs):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+        files.lock.unlink(missing_ok=True)
+        return removed
+    finally:
+        os.close(fd)
 
 
 def _state_or_empty(files: HostFiles) -> dict[str, object]:

@@ -65,15 +65,22 @@ class AuthError(FatalError):
     """The server refused every credential offered."""
 
     @classmethod
-    def refused(cls, where: str, alias: str, detail: str, locked_key: str | None = None) -> AuthError:
-        """`where` (user@host:port) refused us; `locked_key` is a key that needed a passphrase ("" if unnamed)."""
+    def refused(
+        cls, where: str, ssh_command: str, detail: str, locked_key: str | None = None, missing: tuple[str, ...] = ()
+    ) -> AuthError:
+        """`where` (user@host:port) refused us; `locked_key` needed a passphrase ("" if unnamed); `missing`:
+        configured IdentityFiles that do not exist; `ssh_command` tests the same config (`ssh -F FILE HOST`)."""
+        if missing:
+            detail += f"; IdentityFile {', '.join(missing)} does not exist"
+            hint = f"point IdentityFile at your private key (or create it), then try `{ssh_command}` by hand"
+            return cls(f"{where} refused authentication: {detail}", hint)
         if locked_key is not None:
             command = f"ssh-add {locked_key}".strip()
             hint = f"your key needs a passphrase and tunneld never prompts: load it with `{command}` first"
         else:
             hint = (
                 "check that your public key is in ~/.ssh/authorized_keys on the server and that IdentityFile "
-                f"points at it; a key with a passphrase must be loaded with `ssh-add`. Try `ssh {alias}` by hand"
+                f"points at it; a key with a passphrase must be loaded with `ssh-add`. Try `{ssh_command}` by hand"
             )
         return cls(f"{where} refused authentication: {detail}", hint)
 
@@ -82,12 +89,12 @@ class HostKeyError(FatalError):
     """The server's host key is unknown or differs from the one in known_hosts."""
 
     @classmethod
-    def changed(cls, hostname: str, alias: str, known_name: str, saved_in: str) -> HostKeyError:
-        """The key differs from the one saved for `known_name` (`saved_in`: where, when known)."""
+    def changed(cls, hostname: str, ssh_command: str, remove_command: str, saved_in: str) -> HostKeyError:
+        """The key differs from the saved one (`saved_in`: where, when known; `remove_command`: ssh-keygen -R ...)."""
         return cls(
             f"the host key of {hostname} has CHANGED since it was saved in known_hosts{saved_in}",
             f"if the server was reinstalled and you trust its new key, remove the old one with "
-            f"`ssh-keygen -R '{known_name}'` and connect once with `ssh {alias}`; "
+            f"`{remove_command}` and connect once with `{ssh_command}`; "
             "otherwise someone may be intercepting the connection",
         )
 
@@ -100,11 +107,11 @@ class HostKeyError(FatalError):
         )
 
     @classmethod
-    def unknown(cls, hostname: str, alias: str) -> HostKeyError:
+    def unknown(cls, hostname: str, ssh_command: str) -> HostKeyError:
         """No key is known and StrictHostKeyChecking forbids learning one."""
         return cls(
             f"the host key of {hostname} is not in known_hosts and StrictHostKeyChecking forbids adding it",
-            f"connect once with `ssh {alias}` to check and save the key, "
+            f"connect once with `{ssh_command}` to check and save the key, "
             "or set `StrictHostKeyChecking accept-new` for this host",
         )
 
@@ -171,24 +178,21 @@ def report_error(error: TunneldError, echo: Callable[[str, bool], None]) -> int:
 
 def error_from_dict(data: dict[str, object]) -> TunneldError:
     """Rebuild a TunneldError from `TunneldError.to_dict()` output (the other side of a pipe)."""
-    kinds: dict[str, type[TunneldError]] = {
-        cls.__name__: cls
-        for cls in (
-            ConfigError,
-            AuthError,
-            HostKeyError,
-            ConnectError,
-            HandshakeStalledError,
-            StartupError,
-            FatalError,
-            CorruptFileError,
-            NoForwardsError,
-        )
-    }
     message = str(data.get("message", "unknown error"))
     hint = data.get("hint")
     hint_text = str(hint) if hint else None
     kind = str(data.get("kind", ""))
     if kind == "PortInUseError":
         return PortInUseError(message, hint_text)
-    return kinds.get(kind, TunneldError)(message, hint_text)
+    cls = next((c for c in _error_classes(TunneldError) if c.__name__ == kind), TunneldError)
+    if cls in (AlreadyRunningError, PortInUseError, CorruptFileError):  # their constructors take other arguments
+        cls = ConfigError if cls is CorruptFileError else TunneldError
+    return cls(message, hint_text)
+
+
+def _error_classes(base: type[TunneldError]) -> list[type[TunneldError]]:
+    """Every class of the tree (each kind keeps its exit code and retryability across the pipe)."""
+    found = [base]
+    for sub in base.__subclasses__():
+        found += _error_classes(sub)
+    return found

@@ -18,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from tunneld.config import LOCAL, Forward, TunnelSpec
 from tunneld.errors import ConnectError, TunneldError
 from tunneld.settings import HostSettings
+from tunneld.spec import LOCAL, Forward, TunnelSpec
 
 log = logging.getLogger(__name__)
 

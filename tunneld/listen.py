@@ -11,8 +11,8 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from tunneld.config import Forward, TunnelSpec
 from tunneld.ports import format_address
+from tunneld.spec import Forward, TunnelSpec
 
 LOOPBACK = (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6))
 WILDCARD = (("0.0.0.0", socket.AF_INET), ("::", socket.AF_INET6))

@@ -42,6 +42,20 @@ def home() -> Path | None:
     return Path(value) if value else None
 
 
+def check_home() -> None:
+    """Refuse an unusable TUNNELD_HOME (a file, another user's or a read-only directory) before any verb runs."""
+    override = home()
+    if override is None or not os.path.lexists(override):
+        return
+    if not override.is_dir():
+        raise _unusable(override, "(TUNNELD_HOME) is not a directory")
+    info = override.stat()
+    if info.st_uid != os.getuid():
+        raise _unusable(override, f"(TUNNELD_HOME) belongs to uid {info.st_uid}, not to you (uid {os.getuid()})")
+    if not os.access(override, os.W_OK | os.X_OK):
+        raise _unusable(override, "(TUNNELD_HOME) is not writable")
+
+
 def state_dir() -> Path:
     """Return the directory of pid, state and log files (not created here)."""
     override = home()

@@ -8,13 +8,15 @@ from typing import TYPE_CHECKING
 
 from tunneld.safetext import printable
 from tunneld.states import BACKOFF, DEGRADED, FORWARD_DEGRADED, STOPPED, UP
-from tunneld.status import HostReport
+from tunneld.status import HostReport, Launch
+
+NO_FORWARDS_WARNING = "start would refuse: no forwards (no LocalForward, RemoteForward or DynamicForward)"
 
 if TYPE_CHECKING:
-    from tunneld.config import TunnelSpec
+    from tunneld.spec import TunnelSpec
 
 
-def spec_lines(spec: TunnelSpec, engine: str) -> list[str]:
+def spec_lines(spec: TunnelSpec, engine: str, recorded: Launch | None = None) -> list[str]:
     """Return `tunneld show`'s human-readable description of a spec."""
     from tunneld.listen import plan_spec
 
@@ -34,6 +36,13 @@ def spec_lines(spec: TunnelSpec, engine: str) -> list[str]:
         f"known_hosts {' '.join(spec.user_known_hosts_files) or 'none'}",
         f"resolved by {spec.resolver}" + (f" -F {spec.ssh_config}" if spec.ssh_config else ""),
     ]
+    if recorded is not None:
+        lines.append(
+            f"last start  engine {recorded.engine or '?'}, ssh_config {recorded.ssh_config or 'ssh default'} "
+            "(restart reuses them unless -F or --engine says otherwise)"
+        )
+    if not spec.forwards:
+        lines.append(f"warning     {NO_FORWARDS_WARNING}")
     reach_back = [
         f"{name} {spec.option(key)}"
         for key, name in (
@@ -68,11 +77,12 @@ def spec_lines(spec: TunnelSpec, engine: str) -> list[str]:
     return lines
 
 
-def spec_json(spec: TunnelSpec, engine: str) -> dict[str, object]:
+def spec_json(spec: TunnelSpec, engine: str, recorded: Launch | None = None) -> dict[str, object]:
     """Return `tunneld show --json`: the spec, the engine, and each forward's listen addresses and exposure."""
     from tunneld.listen import plan_spec
 
-    data = {**spec.to_dict(), "engine": engine}
+    data = {**spec.to_dict(), "engine": engine, "warnings": [] if spec.forwards else [NO_FORWARDS_WARNING]}
+    data["last_start"] = {"engine": recorded.engine, "ssh_config": recorded.ssh_config} if recorded else None
     plans = {plan.forward: plan for plan in plan_spec(spec)}
     forwards = []
     for forward in spec.forwards:
@@ -132,7 +142,8 @@ def forward_text(forward: dict[str, object]) -> str:
     """Return `listen, listen -> target` with every real listen address, exposure, health, and why it is degraded."""
     listen = forward.get("listen")
     shown = ", ".join(map(str, listen)) if isinstance(listen, list) and listen else "?"
-    text = f"{shown} -> {forward.get('target')}"
+    arrow = "<-" if str(forward.get("forward", "")).startswith("remote ") else "->"  # as `show` writes it
+    text = f"{shown} {arrow} {forward.get('target')}"
     if forward.get("exposed"):
         text += " (reachable from the network)"
     total, bytes_in, bytes_out = forward.get("total_connections"), forward.get("bytes_in"), forward.get("bytes_out")

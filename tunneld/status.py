@@ -159,6 +159,29 @@ def _autostart_of(host: str) -> str | None:
     return manifest.via if manifest else None
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How a host was last started: the engine it ran and the ssh_config file it read (None: ssh's default)."""
+
+    engine: str | None
+    ssh_config: str | None
+
+
+def recorded_launch(host: str) -> Launch | None:
+    """Return how `host` was last started, from its state file (None when it never ran or the file is bad)."""
+    try:
+        state = read_json(HostFiles.of(host).state, host)
+    except CorruptFileError:
+        return None
+    if not state:
+        return None
+    engine, ssh_config = state.get("engine"), state.get("ssh_config")
+    return Launch(
+        engine if engine in ("openssh", "paramiko") else None,
+        ssh_config if isinstance(ssh_config, str) and ssh_config else None,
+    )
+
+
 def host_owning_pid(pid: int) -> str | None:
     """Return the tunneld host whose live supervisor is `pid`, or whose supervisor is `pid`'s parent (ssh)."""
     import psutil

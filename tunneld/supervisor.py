@@ -10,12 +10,12 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from tunneld.config import TunnelSpec
 from tunneld.engines import ChildProcess, Engine, ForwardStatus, Link, LinkEvents
 from tunneld.errors import EXIT_OK, HandshakeStalledError, PortInUseError, TunneldError, UnreachableError
 from tunneld.health import Health, HealthMonitor
 from tunneld.probes import Environment, PathWatch, Probe, Wakeups, tcp_answers
 from tunneld.settings import HostSettings
+from tunneld.spec import TunnelSpec
 from tunneld.states import BACKOFF, CONNECTING, DEGRADED, FAILED, FORWARD_DEGRADED, LOST, STARTING, STOPPED, UP
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class TunnelStatus:
     forwards: tuple[ForwardStatus, ...] = ()
     children: tuple[ChildProcess, ...] = ()
     keepalive: str = ""
+    ssh_config: str | None = None  # the -F file it was started with, so `restart` can use it again
 
     def to_dict(self) -> dict[str, object]:
         """Return the snapshot as JSON-ready data."""
@@ -126,7 +127,9 @@ class Supervisor:
         self.environment = environment or Environment()
         keepalive = f"{spec.keepalive_interval_s}s x {spec.keepalive_count_max}"
         now = time.time()
-        self.status = TunnelStatus(spec.alias, engine.name, STARTING, now, now, keepalive=keepalive)
+        self.status = TunnelStatus(
+            spec.alias, engine.name, STARTING, now, now, keepalive=keepalive, ssh_config=spec.ssh_config
+        )
 
     def _set(self, **changes: object) -> None:
         if "state" in changes and changes["state"] != self.status.state:

@@ -6,7 +6,7 @@ import os
 import plistlib
 from pathlib import Path
 
-from tunneld.autostart.manage import Launch, Runner
+from tunneld.autostart.service import Launch, Runner
 from tunneld.paths import HostFiles
 
 THROTTLE_INTERVAL_S = 10

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tunneld.autostart.manage import Launch, Runner
+from tunneld.autostart.service import Launch, Runner
 from tunneld.errors import AutostartError
 
 

@@ -10,10 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tunneld.config import Forward, TunnelSpec, ssh_binary
+from tunneld.config import ssh_binary
 from tunneld.errors import ConfigError, TunneldError
 from tunneld.health import Stream
 from tunneld.settings import ENGINES, host_settings
+from tunneld.spec import Forward, TunnelSpec
 from tunneld.states import FORWARD_OK
 
 ENGINE_CHOICES = ENGINES

@@ -21,11 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tunneld.config import LOCAL, Forward, TunnelSpec
 from tunneld.engines import ForwardStatus
 from tunneld.errors import ConfigError, TunneldError
 from tunneld.listen import plan_spec
 from tunneld.ports import clear_stale_socket, format_address, port_in_use_error
+from tunneld.spec import LOCAL, Forward, TunnelSpec
 from tunneld.states import FORWARD_DEGRADED, FORWARD_OK
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import IO
 
 import psutil
 
-from tunneld.config import LOCAL, REMOTE, Forward, TunnelSpec, ssh_binary
+from tunneld.config import ssh_binary
 from tunneld.engines import (
     ChildProcess,
     ForwardStatus,
@@ -38,6 +38,7 @@ from tunneld.errors import (
 from tunneld.health import LocalProber, Stream
 from tunneld.listen import plan_spec
 from tunneld.ports import Listeners, clear_stale_socket, listeners_of, port_in_use_error
+from tunneld.spec import LOCAL, REMOTE, Forward, TunnelSpec
 from tunneld.states import FORWARD_DEGRADED, FORWARD_OK
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,8 @@ def classify_exit(spec: TunnelSpec, returncode: int, lines: list[str]) -> Tunnel
         return host_key
     if "Permission denied" in text or "Too many authentication failures" in text:
         locked = "" if "passphrase" in text else None  # ssh's debug lines do not always name the key
-        return AuthError.refused(where, spec.alias, _last_matching(lines, "Permission denied"), locked)
+        denied = _last_matching(lines, "Permission denied")
+        return AuthError.refused(where, spec.ssh_command, denied, locked, spec.missing_identity_files())
     if "Address already in use" in text or "Could not request local forwarding" in text:
         return _port_error(spec, text)
     return _connection_error(spec, returncode, lines, text)
@@ -289,9 +291,9 @@ def _host_key_error(spec: TunnelSpec, text: str) -> HostKeyError | None:
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or "host key check failure" in text:
         offending = _OFFENDING_RE.search(text)
         saved_in = f" ({offending[1]} line {offending[2]})" if offending else ""
-        return HostKeyError.changed(spec.hostname, spec.alias, spec.known_hosts_name, saved_in)
+        return HostKeyError.changed(spec.hostname, spec.ssh_command, spec.remove_key_command, saved_in)
     if "host key is known for" in text or "Host key verification failed" in text:
-        return HostKeyError.unknown(spec.hostname, spec.alias)
+        return HostKeyError.unknown(spec.hostname, spec.ssh_command)
     return None
 
 

@@ -15,11 +15,13 @@ from typing import TypeVar
 
 import paramiko
 
-from tunneld.config import Forward, TunnelSpec, expand_tokens, resolve_hop, token_table
+from tunneld.config import resolve_hop
 from tunneld.engines import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback, algorithms
 from tunneld.engines.forwarding import DEFAULT_HOLD_S, Channel, Forwarder, unsupported_forwards
 from tunneld.engines.sshkeys import authenticate, preferred_key_types, verify_host_key
 from tunneld.errors import ConfigError, ConnectError, HandshakeStalledError, TunneldError, UnreachableError
+from tunneld.spec import Forward, TunnelSpec
+from tunneld.tokens import expand_tokens, token_table
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import paramiko
 
-from tunneld.config import TunnelSpec
 from tunneld.engines.knownhosts import evaluate, hash_name, known_types
 from tunneld.errors import AuthError, ConnectError, HostKeyError
+from tunneld.spec import TunnelSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,12 @@ def verify_host_key(spec: TunnelSpec, key: paramiko.PKey) -> None:
     if verdict.matches:
         return
     if verdict.changed_in:
-        raise HostKeyError.changed(spec.hostname, spec.alias, name, f" ({verdict.changed_in})")
+        raise HostKeyError.changed(spec.hostname, spec.ssh_command, spec.remove_key_command, f" ({verdict.changed_in})")
     if verdict.other_types:
         raise HostKeyError(
             f"{spec.hostname} offered a {key.get_name()} host key, but known_hosts holds only "
             f"{', '.join(verdict.other_types)} for {name}",
-            f"connect once with `ssh {spec.alias}` to check and save the new key type",
+            f"connect once with `{spec.ssh_command}` to check and save the new key type",
         )
     if verdict.cert_authority_in:
         raise HostKeyError(
@@ -53,13 +53,13 @@ def verify_host_key(spec: TunnelSpec, key: paramiko.PKey) -> None:
             'use --engine openssh for this host (or engine = "openssh" under [hosts.NAME] in tunneld.toml)',
         )
     if spec.strict_host_key_checking not in ("accept-new", "no"):
-        raise HostKeyError.unknown(spec.hostname, spec.alias)
+        raise HostKeyError.unknown(spec.hostname, spec.ssh_command)
     undecidable = _undecidable(spec)
     if undecidable:
         raise HostKeyError(
             f"the host key of {spec.hostname} is not in known_hosts, and your ssh_config sets {undecidable}, "
             "which the paramiko engine cannot evaluate: it will not trust a key on first use",
-            f"use --engine openssh, or connect once with `ssh {spec.alias}` to save the key",
+            f"use --engine openssh, or connect once with `{spec.ssh_command}` to save the key",
         )
     _remember(spec, name, key)
 
@@ -180,5 +180,6 @@ def authenticate(transport: paramiko.Transport, spec: TunnelSpec) -> None:
     where = f"{spec.user}@{spec.hostname}:{spec.port}"
     if locked:
         detail = f"{', '.join(locked)} needs a passphrase and no agent holds it"
-        raise AuthError.refused(where, spec.alias, detail, locked[0])
-    raise AuthError.refused(where, spec.alias, f"Permission denied (publickey) after {offered} key(s)")
+        raise AuthError.refused(where, spec.ssh_command, detail, locked[0])
+    detail = f"Permission denied (publickey) after {offered} key(s)"
+    raise AuthError.refused(where, spec.ssh_command, detail, missing=spec.missing_identity_files())

@@ -1,0 +1,89 @@
+"""`tunneld autostart enable|disable|status`: the command-line verbs over `manage` (parse, call, render)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from tunneld.cliopts import CONTEXT, ssh_config_option, ssh_config_unused
+from tunneld.completion import complete_configured_hosts, complete_hosts_with_files
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@click.group(context_settings=CONTEXT)
+def autostart() -> None:
+    """Start tunnels at login: systemd user units, launchd agents, or XDG autostart entries."""
+
+
+def via_option(func: F) -> F:
+    """Add --via systemd|launchd|xdg."""
+    from tunneld.autostart import VIA_CHOICES
+
+    return click.option(
+        "--via",
+        type=click.Choice(VIA_CHOICES),
+        default=None,
+        help="Mechanism (default: launchd on macOS, systemd when a user manager runs, else xdg).",
+    )(func)
+
+
+@autostart.command("enable")
+@click.argument("host", shell_complete=complete_configured_hosts)
+@ssh_config_option
+@via_option
+@click.option("--now", is_flag=True, help="Also start the tunnel now through the service manager.")
+def autostart_enable(host: str, ssh_config: str | None, via: str | None, now: bool) -> None:
+    """Start HOST's tunnel at every login (enabling twice is harmless)."""
+    from tunneld.autostart.manage import default_via, enable
+    from tunneld.autostart.service import Launch, Runner
+    from tunneld.config import resolve_host
+
+    resolve_host(host, ssh_config)  # the same config step `check` runs: refuse a host that cannot work
+    manifest = enable(host, via or default_via(), Launch.current(ssh_config), Runner(), now)
+    click.echo(f"{host}  autostart enabled via {manifest.via}" + (" and started" if now else ""))
+    for name in manifest.files:
+        click.echo(f"  wrote {name}")
+    click.echo(f"undo with: tunneld autostart disable {host}")
+
+
+@autostart.command("disable")
+@click.argument("host", shell_complete=complete_hosts_with_files)
+@ssh_config_unused
+@click.option("--now", is_flag=True, help="Also stop the running tunnel.")
+def autostart_disable(host: str, ssh_config: str | None, now: bool) -> None:
+    """Stop starting HOST at login; remove exactly the files enable wrote."""
+    from tunneld.autostart.manage import disable
+    from tunneld.autostart.service import Runner
+
+    manifest = disable(host, Runner(), now)
+    if manifest is None:
+        click.echo(f"{host}  autostart was not enabled")
+        return
+    click.echo(f"{host}  autostart disabled ({manifest.via})" + (" and stopped" if now else ""))
+    for name in manifest.files:
+        click.echo(f"  removed {name}")
+
+
+@autostart.command("status")
+@click.argument("hosts", nargs=-1, metavar="[HOST]...")
+@ssh_config_unused
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def autostart_status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool) -> None:
+    """Show which hosts start at login, how, and whether the tunneld they run still exists."""
+    from tunneld.autostart import enabled_hosts
+    from tunneld.autostart.manage import autostart_report
+
+    reports = [autostart_report(h) for h in hosts or enabled_hosts()]
+    if as_json:
+        click.echo(json.dumps({"version": 1, "hosts": [r.to_dict() for r in reports]}, indent=2))
+        return
+    if not reports:
+        click.echo("no host starts at login: tunneld autostart enable HOST")
+    for report in reports:
+        click.echo(f"{report.host}  {report.via or 'not enabled'}  {' '.join(report.launch)}".rstrip())
+        for warning in report.warnings:
+            click.echo(f"  warning: {warning}", err=True)
