@@ -21,6 +21,7 @@ from tunneld.errors import (
     TunneldError,
     report_error,
 )
+from tunneld.lookup import check, list_, show, warn_skipped
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -98,51 +99,6 @@ def run(
     sys.exit(run_tunnel(host, ssh_config, engine, fail_fast, notify_fd, lock_fd, verbose, managed_by))
 
 
-@cli.command()
-@click.argument("host", shell_complete=complete_configured_hosts)
-@ssh_config_option
-@engine_option
-@click.option("--json", "as_json", is_flag=True, help="Print the whole resolved TunnelSpec as JSON.")
-def show(host: str, ssh_config: str | None, engine: str, as_json: bool) -> None:
-    """Print what tunneld would do for HOST: forwards, engine, keepalive, host-key policy.
-
-    Shows every host `ssh -G` resolves, also one without forwards (with a warning: start would refuse it).
-    """
-    from tunneld.config import resolve_host
-    from tunneld.engines import select_engine_name
-    from tunneld.paths import is_valid_host
-    from tunneld.render import spec_json, spec_lines
-    from tunneld.status import recorded_launch
-
-    spec = resolve_host(host, ssh_config, require_forwards=False)
-    engine_name = select_engine_name(engine, host)
-    recorded = recorded_launch(host) if is_valid_host(host) else None
-    if as_json:
-        click.echo(json.dumps(spec_json(spec, engine_name, recorded), indent=2))
-        return
-    click.echo("\n".join(spec_lines(spec, engine_name, recorded)))
-
-
-@cli.command("list")
-@ssh_config_option
-def list_(ssh_config: str | None) -> None:
-    """List the hosts of the ssh_config that have forwards."""
-    from tunneld.config import list_hosts
-
-    specs, skipped = list_hosts(ssh_config)
-    _warn_skipped(skipped)
-    if not specs:
-        click.echo("no host in the ssh_config has a LocalForward, RemoteForward or DynamicForward", err=True)
-        return
-    for spec in specs:
-        click.echo(f"{spec.alias}  " + ", ".join(str(f) for f in spec.forwards))
-
-
-def _warn_skipped(skipped: list[str]) -> None:
-    for why in skipped:
-        click.echo(f"warning: {why}", err=True)
-
-
 def _hosts_or_all(hosts: tuple[str, ...], all_: bool, every: Callable[[], list[str]], verb: str) -> list[str]:
     if all_ and hosts:
         raise click.UsageError(f"give host names or --all, not both: tunneld {verb} --all")
@@ -202,7 +158,7 @@ def start(
 
     def every() -> list[str]:
         specs, skipped = list_hosts(ssh_config)
-        _warn_skipped(skipped)
+        warn_skipped(skipped)
         return [spec.alias for spec in specs]
 
     names = _hosts_or_all(hosts, all_, every, "start")
@@ -426,30 +382,8 @@ def wait(host: str, ssh_config: str | None, timeout: float) -> None:
     sys.exit(EXIT_RUNTIME)
 
 
-@cli.command()
-@click.argument("host", shell_complete=complete_configured_hosts)
-@ssh_config_option
-@engine_option
-def check(host: str, ssh_config: str | None, engine: str) -> None:
-    """Diagnose HOST step by step: config, local ports, DNS, TCP, host key, auth, forwards, target.
-
-    Works whether or not the tunnel runs. Exit 0 only when every step passes.
-    """
-    from tunneld.check import FAIL, run_checks
-    from tunneld.paths import validate_host
-    from tunneld.render import step_line
-
-    validate_host(host)
-    failed = False
-    for step in run_checks(host, ssh_config, engine):
-        click.echo(step_line(step.name, step.verdict, step.detail))
-        if step.hint:
-            click.echo(f"{'':18}hint: {step.hint}")
-        failed = failed or step.verdict == FAIL
-    sys.exit(EXIT_RUNTIME if failed else EXIT_OK)
-
-
-cli.add_command(autostart)
+for _verb in (autostart, check, list_, show):
+    cli.add_command(_verb)
 
 
 def main() -> None:

@@ -1,0 +1,82 @@
+"""The verbs that look and change nothing: `show` (what would be done), `list` (hosts with forwards),
+`check` (a step-by-step diagnosis)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from tunneld.cliopts import engine_option, ssh_config_option
+from tunneld.completion import complete_configured_hosts
+from tunneld.errors import EXIT_OK, EXIT_RUNTIME
+
+
+@click.command()
+@click.argument("host", shell_complete=complete_configured_hosts)
+@ssh_config_option
+@engine_option
+@click.option("--json", "as_json", is_flag=True, help="Print the whole resolved TunnelSpec as JSON.")
+def show(host: str, ssh_config: str | None, engine: str, as_json: bool) -> None:
+    """Print what tunneld would do for HOST: forwards, engine, keepalive, host-key policy.
+
+    Shows every host `ssh -G` resolves, also one without forwards (with a warning: start would refuse it).
+    """
+    from tunneld.config import resolve_host
+    from tunneld.engines import select_engine_name
+    from tunneld.paths import is_valid_host
+    from tunneld.render import spec_json, spec_lines
+    from tunneld.status import recorded_launch
+
+    spec = resolve_host(host, ssh_config, require_forwards=False)
+    engine_name = select_engine_name(engine, host)
+    recorded = recorded_launch(host) if is_valid_host(host) else None
+    if as_json:
+        click.echo(json.dumps(spec_json(spec, engine_name, recorded), indent=2))
+        return
+    click.echo("\n".join(spec_lines(spec, engine_name, recorded)))
+
+
+@click.command("list")
+@ssh_config_option
+def list_(ssh_config: str | None) -> None:
+    """List the hosts of the ssh_config that have forwards."""
+    from tunneld.config import list_hosts
+
+    specs, skipped = list_hosts(ssh_config)
+    warn_skipped(skipped)
+    if not specs:
+        click.echo("no host in the ssh_config has a LocalForward, RemoteForward or DynamicForward", err=True)
+        return
+    for spec in specs:
+        click.echo(f"{spec.alias}  " + ", ".join(str(f) for f in spec.forwards))
+
+
+def warn_skipped(skipped: list[str]) -> None:
+    """Say on stderr which ssh_config hosts were passed over, and why."""
+    for why in skipped:
+        click.echo(f"warning: {why}", err=True)
+
+
+@click.command()
+@click.argument("host", shell_complete=complete_configured_hosts)
+@ssh_config_option
+@engine_option
+def check(host: str, ssh_config: str | None, engine: str) -> None:
+    """Diagnose HOST step by step: config, local ports, DNS, TCP, host key, auth, forwards, target.
+
+    Works whether or not the tunnel runs. Exit 0 only when every step passes.
+    """
+    from tunneld.check import FAIL, run_checks
+    from tunneld.paths import validate_host
+    from tunneld.render import step_line
+
+    validate_host(host)
+    failed = False
+    for step in run_checks(host, ssh_config, engine):
+        click.echo(step_line(step.name, step.verdict, step.detail))
+        if step.hint:
+            click.echo(f"{'':18}hint: {step.hint}")
+        failed = failed or step.verdict == FAIL
+    sys.exit(EXIT_RUNTIME if failed else EXIT_OK)
