@@ -260,13 +260,18 @@ def sleeper(user: int | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL, user=user)
 
 
+def forge_pid_file(host: str, pid: int) -> None:
+    """Write a pid file naming `pid` with its true create time, as an attacker editing it would."""
+    created = psutil.Process(pid).create_time()
+    state_dir().mkdir(parents=True)
+    record = {"pid": pid, "create_time": created, "host": host, "engine": "openssh", "started_at": 0}
+    (state_dir() / f"{host}.pid").write_text(json.dumps(record))
+
+
 def test_a_forged_pid_file_never_gets_another_process_killed() -> None:
     victim = sleeper()
     try:
-        created = psutil.Process(victim.pid).create_time()
-        state_dir().mkdir(parents=True)
-        record = {"pid": victim.pid, "create_time": created, "host": "h", "engine": "openssh", "started_at": 0}
-        (state_dir() / "h.pid").write_text(json.dumps(record))
+        forge_pid_file("h", victim.pid)
         done = run_cli("stop", "h")
         assert done.returncode == 0 and "stale" in done.stdout, done.stdout + done.stderr
         assert victim.poll() is None
@@ -293,10 +298,7 @@ def test_a_forged_state_file_never_gets_its_children_killed(config: Path) -> Non
 def test_a_pid_of_another_user_is_a_clear_error() -> None:
     victim = sleeper(65534)
     try:
-        created = psutil.Process(victim.pid).create_time()
-        state_dir().mkdir(parents=True)
-        record = {"pid": victim.pid, "create_time": created, "host": "h", "engine": "openssh", "started_at": 0}
-        (state_dir() / "h.pid").write_text(json.dumps(record))
+        forge_pid_file("h", victim.pid)
         done = run_cli("stop", "h")
         assert done.returncode == EXIT_RUNTIME and "another user's process" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr and victim.poll() is None

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port, wait_for
+from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port, ipv6_loopback, wait_for
 from tests.helpers import ForegroundTunnel, expect_fatal, read_log, read_state, run_cli, start, write_config
 
 UP = ("up", "degraded")
@@ -49,16 +49,7 @@ def test_several_local_forwards_all_listen(
             target.close()
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback")
 def test_ipv6_bind_forward(tmp_path: Path, sshd: SshServer, engine: str, foreground: list[ForegroundTunnel]) -> None:
     target = EchoServer("::1")
     try:
