@@ -209,3 +209,16 @@ def test_ctrl_c_on_logs_follow_exits_130_quietly(tmp_path: Path, sshd: SshServer
         follow.kill()
         follow.wait(5)
         run_cli("stop", "f")
+
+
+def test_remote_forwards_read_the_same_everywhere(tmp_path: Path, sshd: SshServer, echo: EchoServer) -> None:
+    """`show`, `start`, `status` and `check` all write a RemoteForward as `remote LISTEN <- TARGET`."""
+    remote = free_port()
+    config = write_config(tmp_path, sshd.client_config("rf", [f"RemoteForward {remote} 127.0.0.1:{echo.port}"]))
+    expected = f"remote localhost:{remote} <- 127.0.0.1:{echo.port}"
+    assert expected in run_cli("show", "rf", "-F", str(config)).stdout
+    started = run_cli("start", "rf", "-F", str(config), "--engine", "openssh")
+    assert started.returncode == 0 and expected in started.stdout, started.stdout + started.stderr
+    assert expected in run_cli("status").stdout
+    assert expected in run_cli("check", "rf", "-F", str(config)).stdout
+    run_cli("stop", "rf")
