@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness import SshServer, become_subreaper, free_port, wait_for
+from tests.harness import DelayRelay, SshServer, become_subreaper, free_port, wait_for
 from tunneld.pidfile import is_tunneld
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,7 +102,7 @@ class Bench:
         self.sshd = SshServer(workdir / "sshd", port=SSH_PORT, host=SERVER_IP, prefix=ns.prefix())
         self.target: subprocess.Popen[str] | None = None
         self.target_port = 0
-        self.relay: Relay | None = None
+        self.relay: DelayRelay | None = None
         self.config = workdir / "ssh_config"
         self.local_port = free_port()
 
@@ -188,60 +188,6 @@ class Bench:
         if self.target is not None:
             self.target.kill()
             self.target.wait(5)
-
-
-class Relay:
-    """A TCP relay on 127.0.0.1 that delays every chunk by `delay_ms` each way (no netem in this kernel)."""
-
-    def __init__(self, upstream: tuple[str, int], delay_ms: int) -> None:
-        self.upstream = upstream
-        self.delay_s = delay_ms / 1000
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
-        self.closed = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.upstream)
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        import queue
-
-        chunks: queue.Queue[tuple[float, bytes]] = queue.Queue()
-
-        def writer() -> None:
-            while True:
-                due, data = chunks.get()
-                time.sleep(max(0.0, due - time.monotonic()))
-                if not data:
-                    with contextlib.suppress(OSError):
-                        dst.shutdown(socket.SHUT_WR)
-                    return
-                try:
-                    dst.sendall(data)
-                except OSError:
-                    return
-
-        threading.Thread(target=writer, daemon=True).start()
-        while True:
-            try:
-                data = src.recv(65536)
-            except OSError:
-                data = b""
-            chunks.put((time.monotonic() + self.delay_s, data))
-            if not data:
-                return
-
-    def close(self) -> None:
-        self.closed.set()
-        self.listener.close()
 
 
 Fault = Callable[[Bench], contextlib.AbstractContextManager[None]]
@@ -353,7 +299,7 @@ def child_kills(bench: Bench, kills: int = 6) -> Result:
 def slow_path(bench: Bench, engine: str, seconds: float) -> Result:
     """150 ms round trip through a delaying relay for `seconds`: no reconnect may happen."""
     host = f"slow-{engine}"
-    relay = bench.relay or Relay((SERVER_IP, SSH_PORT), DELAY_MS)
+    relay = bench.relay or DelayRelay((SERVER_IP, SSH_PORT), DELAY_MS)
     bench.relay = relay
     bench.write_config(host, relay.port, "127.0.0.1")
     bench.tunneld("start", host, "-F", str(bench.config), "--engine", engine)

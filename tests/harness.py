@@ -6,6 +6,8 @@ import contextlib
 import getpass
 import http.server
 import os
+import queue
+import random
 import shutil
 import signal
 import socket
@@ -138,6 +140,7 @@ class SshServer:
         self.config = self.dir / "sshd_config"
         self.extra_config: list[str] = []
         self.log_level = "VERBOSE"  # DEBUG2 logs each client's KEXINIT proposal
+        self.max_startups = "100:30:200"  # sshd's own default is 10:30:100
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.dir / "sshd.log"
 
@@ -175,7 +178,7 @@ class SshServer:
             "PermitRootLogin prohibit-password",
             "PermitTTY no",
             f"LogLevel {self.log_level}",
-            "MaxStartups 100:30:200",
+            f"MaxStartups {self.max_startups}",
             "MaxSessions 100",
             *self.extra_config,
         ]
@@ -551,6 +554,76 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
             dst.sendall(data)
     with contextlib.suppress(OSError):
         dst.shutdown(socket.SHUT_WR)
+
+
+class DelayRelay:
+    """A TCP relay on 127.0.0.1 that delays every chunk by `delay_ms` each way: a long path without netem.
+
+    TCP itself stays unconstrained (the relay acknowledges at once), so only SSH's own window sees the delay.
+    """
+
+    def __init__(self, upstream: tuple[str, int], delay_ms: int) -> None:
+        self.upstream = upstream
+        self.delay_s = delay_ms / 1000
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        chunks: queue.Queue[tuple[float, bytes]] = queue.Queue()
+
+        def writer() -> None:
+            while True:
+                due, data = chunks.get()
+                time.sleep(max(0.0, due - time.monotonic()))
+                if not data:
+                    with contextlib.suppress(OSError):
+                        dst.shutdown(socket.SHUT_WR)
+                    return
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    return
+
+        threading.Thread(target=writer, daemon=True).start()
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            chunks.put((time.monotonic() + self.delay_s, data))
+            if not data:
+                return
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+
+
+class DownloadServer(_ServedInThread):
+    """A target that sends every client the same `size` pseudo-random bytes, then closes."""
+
+    def __init__(self, size: int, seed: int = 7) -> None:
+        self.payload = random.Random(seed).randbytes(size)
+        payload = self.payload
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                with contextlib.suppress(OSError):
+                    self.request.sendall(payload)
+
+        super().__init__(_ThreadingTCPServer(("127.0.0.1", 0), Handler), "127.0.0.1")
 
 
 def echo_roundtrip(address: tuple[str, int] | str, payload: bytes, timeout: float = 5.0) -> bytes:

@@ -405,3 +405,25 @@ def test_a_live_orphan_ssh_is_reaped_by_the_next_start(config: Path) -> None:
     wait_for(lambda: gone(ssh.pid), 5, "the orphan to be stopped")
     assert "left behind by a previous tunneld" in read_log(HOST)
     assert echo_roundtrip(("127.0.0.1", local_port(config)), b"fresh") == b"fresh"
+
+
+def test_start_all_brings_up_more_hosts_than_it_starts_at_once(tmp_path: Path, echo: EchoServer) -> None:
+    """12 hosts on one sshd with OpenSSH's default MaxStartups (10): started 8 at a time, none dropped."""
+    from tunneld.starting import START_CONCURRENCY
+
+    server = SshServer(tmp_path / "sshd")
+    server.max_startups = "10:30:100"
+    server.start()
+    try:
+        hosts = [f"h{i:02d}" for i in range(12)]
+        assert len(hosts) > START_CONCURRENCY
+        text = "".join(server.client_config(h, [f"LocalForward {free_port()} 127.0.0.1:{echo.port}"]) for h in hosts)
+        config = write_config(tmp_path, text)
+        done = run_cli("start", "--all", "-F", str(config), timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "[12/12] " in done.stdout and done.stdout.count("  up  ") == 12, done.stdout
+        reports = json.loads(run_cli("status", "--json").stdout)["hosts"]
+        assert sorted(r["host"] for r in reports if r["state"] == "up") == hosts
+        assert run_cli("stop", "--all").returncode == 0
+    finally:
+        server.stop()

@@ -22,6 +22,7 @@ from tunneld.errors import (
     report_error,
 )
 from tunneld.lookup import check, list_, show, warn_skipped
+from tunneld.starting import StartOptions, start_hosts
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -166,35 +167,7 @@ def start(
         if len(names) != 1:
             raise click.UsageError("--foreground runs one host: tunneld start --foreground HOST")
         sys.exit(run_tunnel(names[0], ssh_config, engine, verbose=verbose))
-    sys.exit(_run_each(names, lambda host: _start_host(host, ssh_config, engine, timeout, verbose, keep_trying)))
-
-
-def _start_host(
-    host: str, ssh_config: str | None, engine: str, timeout: float, verbose: bool = False, keep_trying: bool = False
-) -> int:
-    from tunneld.config import resolve_host
-    from tunneld.daemon import start_tunnel
-    from tunneld.render import forward_text
-    from tunneld.safetext import printable
-
-    spec = resolve_host(host, ssh_config)
-    progress = (lambda text: click.echo(f"  {host}: {text}...", err=True)) if sys.stderr.isatty() else None
-    result = start_tunnel(spec, engine, timeout, progress, verbose, keep_trying)
-    if result.pending:
-        click.echo(
-            f"{host}  {result.state.get('state', 'starting')}: not up yet, still trying in the background "
-            f"(pid {result.pid}); see: tunneld status {host}"
-        )
-        return EXIT_OK
-    forwards = result.state.get("forwards")
-    shown = (
-        printable(", ".join(forward_text(f) for f in forwards if isinstance(f, dict)))
-        if isinstance(forwards, list)
-        else ""
-    )
-    click.echo(f"{host}  {result.state.get('state')}  {shown}  (pid {result.pid}, {result.elapsed_s:.1f} s)")
-    click.echo(f"stop it with: tunneld stop {host}")
-    return EXIT_OK
+    sys.exit(start_hosts(names, StartOptions(ssh_config, engine, timeout, verbose, keep_trying), _echo))
 
 
 def _stop_host(host: str, timeout: float) -> int:
@@ -265,7 +238,7 @@ def restart(ctx: click.Context, host: str, ssh_config: str | None, engine: str, 
             engine = recorded.engine
     resolve_host(host, ssh_config)
     _stop_host(host, timeout=10.0)
-    sys.exit(_start_host(host, ssh_config, engine, timeout))
+    sys.exit(start_hosts([host], StartOptions(ssh_config, engine, timeout), _echo))
 
 
 @cli.command()

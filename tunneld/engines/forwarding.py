@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from tunneld.engines import ForwardStatus
+from tunneld.engines.windows import MIN_SAMPLE_S, WindowGrowth
 from tunneld.errors import ConfigError, TunneldError
 from tunneld.listen import plan_spec
 from tunneld.ports import clear_stale_socket, format_address, port_in_use_error
@@ -100,6 +101,8 @@ class Pair:
     channel: Channel
     counters: Counters
     window: int = 0  # the receive window granted to the channel (the buffer budget's share)
+    sample_at: float = 0.0  # when the current throughput sample began (window growth)
+    sample_bytes: int = 0
     to_channel: bytearray = field(default_factory=bytearray)
     to_local: bytearray = field(default_factory=bytearray)
     local_eof: bool = False
@@ -142,6 +145,9 @@ class Forwarder:
         self.fd_budget = max(FDS_PER_CONNECTION, fd_limit() - FD_RESERVE)
         self.on_change: Callable[[], None] = lambda: None
         self.on_failure: Callable[[Exception], None] = lambda _exc: None
+        self.growth = WindowGrowth()
+        self.rtt_s = 0.0  # the link's keepalive round trip (0 until measured: no growth before)
+        self.widen: Callable[[Channel, int], None] | None = None  # grants a channel more window (the engine)
 
     def bind(self) -> None:
         """Bind every address OpenSSH would listen on (tunneld.listen); raise PortInUseError naming a holder.
@@ -440,6 +446,7 @@ class Forwarder:
                     pair.to_local += data
                     pair.counters.bytes_in += len(data)
                     self._flush_to_local(pair)
+                    self._maybe_grow(pair, len(data))
                 else:
                     pair.channel_eof = True
                     if not pair.to_local:
@@ -450,6 +457,26 @@ class Forwarder:
             self._drop(pair)
             return
         self._settle(pair)
+
+    def _maybe_grow(self, pair: Pair, received: int) -> None:
+        """Widen a busy channel's window when it, not the path, limits the download (engines/windows.py)."""
+        now = time.monotonic()
+        if not pair.sample_at:
+            pair.sample_at, pair.sample_bytes = now, 0
+            return
+        pair.sample_bytes += received
+        elapsed = now - pair.sample_at
+        if elapsed < max(self.rtt_s, MIN_SAMPLE_S):
+            return
+        with self._lock:
+            left = BUFFER_BUDGET_BYTES - self._granted
+        extra = self.growth.bytes_to_add(pair.window, pair.sample_bytes, elapsed, self.rtt_s, left, not pair.to_local)
+        pair.sample_at, pair.sample_bytes = now, 0
+        if extra > 0 and self.widen is not None:
+            with self._lock:
+                self._granted += extra
+            pair.window += extra
+            self.widen(pair.channel, extra)
 
     def _flush_to_channel(self, pair: Pair) -> None:
         try:

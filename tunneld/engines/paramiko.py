@@ -259,11 +259,18 @@ class ParamikoLink:
         return channel
 
     def _ping(self) -> None:
-        """Send keepalive@openssh.com with want_reply; any reply (even a refusal) proves the peer is alive."""
-        while not self._closing.wait(self.spec.keepalive_interval_s):
+        """Send keepalive@openssh.com with want_reply; any reply (even a refusal) proves the peer is alive.
+
+        The first goes out at once: its round trip is what window growth needs to know.
+        """
+        wait_s = 0.0
+        while not self._closing.wait(wait_s):
+            wait_s = self.spec.keepalive_interval_s
+            sent = time.monotonic()
             self.transport.global_request("keepalive@openssh.com", wait=True)
             if self.transport.is_active():
                 self._last_reply = time.monotonic()
+                self.forwarder.rtt_s = self._last_reply - sent
 
     def _watch(self) -> None:
         while not self._closing.wait(WATCH_S):
@@ -314,6 +321,23 @@ class ParamikoLink:
             return []
 
 
+def widen_window(channel: Channel, extra: int) -> None:
+    """Grant the server `extra` more bytes on `channel` now (a CHANNEL_WINDOW_ADJUST beyond what was read)."""
+    assert isinstance(channel, paramiko.Channel)
+    with channel.lock:
+        if channel.closed or not channel.active:
+            return
+        channel.in_window_size += extra
+        channel.in_window_threshold = channel.in_window_size // 10
+    message = paramiko.Message()
+    message.add_byte(paramiko.common.cMSG_CHANNEL_WINDOW_ADJUST)
+    message.add_int(channel.remote_chanid)
+    message.add_int(extra)
+    transport = channel.transport
+    if transport is not None:  # paramiko has no public call to grant window beyond what was read
+        transport._send_user_message(message)  # type: ignore[attr-defined]
+
+
 class ParamikoEngine:
     """Runs the SSH connection in this process; keeps the local listeners bound across reconnects."""
 
@@ -352,6 +376,7 @@ class ParamikoEngine:
         progress("listening")
         link = ParamikoLink(spec, transports, proxy, self.forwarder, events)
         self.forwarder.on_failure = lambda exc: link.lose(ConnectError(f"the forwarding loop failed: {exc}"))
+        self.forwarder.widen = widen_window
         self.forwarder.attach(link.open_channel)
         return link
 
