@@ -105,11 +105,41 @@ def markdown(results: dict[str, object]) -> str:
         status = cli.get("tunneld status (5 tunnels)")
         ratio = f" (status / import click, psutil = {status / base:.2f}x)" if base and status else ""
         out.append(f"- CLI wall time, median of runs: {shown}{ratio}")
+    out += _long_path_lines(results) + _many_lines(results)
     skipped = results.get("skipped")
     if isinstance(skipped, list) and skipped:
         out.append(f"- not measured (time budget spent): {', '.join(str(s) for s in skipped)}")
     out += ["", "![throughput and latency per forwarder](benchmarks.png)", ""]
     return "\n".join(out)
+
+
+def _long_path_lines(results: dict[str, object]) -> list[str]:
+    rows: dict[str, dict[str, float]] = results.get("long_path_mbs", {})  # type: ignore[assignment]
+    if not rows:
+        return []
+    base = rows.get("ssh -N -L", {}).get("down_mbs")
+    out = ["", "### Long fat path: 40 ms round trip (a relay adds 20 ms each way in front of sshd)", "",
+           "| forwarder | download MB/s | upload MB/s | download vs ssh -N -L |", "|---|---|---|---|"]  # fmt: skip
+    for name, row in rows.items():
+        ratio = f"{row['down_mbs'] / base:.2f}x" if base else "-"
+        out.append(f"| {name} | {row['down_mbs']:.0f} | {row['up_mbs']:.0f} | {ratio} |")
+    return out
+
+
+def _many_lines(results: dict[str, object]) -> list[str]:
+    many: dict[str, float] = results.get("many_tunnels", {})  # type: ignore[assignment]
+    if not many:
+        return []
+    count = int(many["count"])
+    per_tunnel = many["tunneld_total_mib"] / count
+    plain = many["plain_ssh_total_mib"] / count
+    return [
+        "", f"### {count} tunnels on one sshd (OpenSSH's default MaxStartups 10:30:100, OpenSSH engine)", "",
+        f"- `tunneld start` of {count} hosts: {int(many['up'])} up in {many['start_wall_s']:.1f} s",
+        f"- memory after 5 s idle: tunneld {many['tunneld_total_mib']:.0f} MiB in all ({per_tunnel:.1f} MiB per "
+        f"tunnel: supervisor {many['supervisor_median_mib']:.1f} + ssh {many['ssh_median_mib']:.1f}), "
+        f"{count} x `ssh -fN` {many['plain_ssh_total_mib']:.0f} MiB ({plain:.1f} MiB each)",
+    ]  # fmt: skip
 
 
 def chart(results: dict[str, object], path: Path) -> None:

@@ -25,7 +25,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import workload  # noqa: E402
+from bench import scale, workload  # noqa: E402
 from tests.harness import SshServer, free_port, wait_for  # noqa: E402
 
 MIB = 1 << 20
@@ -60,6 +60,7 @@ class Bench:
         self.env = dict(os.environ, TUNNELD_HOME=str(self.workdir / "tunneld"), PYTHONPATH=str(ROOT))
         self.env.pop("SSH_AUTH_SOCK", None)
         self.sshd = SshServer(self.workdir / "sshd")
+        self.sshd.max_startups = "10:30:100"  # OpenSSH's default: what `start` of many hosts must live with
         self.config = self.workdir / "ssh_config"
         self.target: subprocess.Popen[str] | None = None
         self.target_port = 0
@@ -287,6 +288,10 @@ class Bench:
             if self.left("cli timing", 30):
                 self.results["cli_s"] = self.cli_timing()
                 print(f"  cli: {self.results['cli_s']}", flush=True)
+            if self.left("long path", 240):
+                self.results["long_path_mbs"] = scale.long_path(self)
+            if self.left("50 tunnels", 180):
+                self.results["many_tunnels"] = scale.many_tunnels(self)
         finally:
             for fwd in reversed(self.started):
                 with contextlib.suppress(Exception):

@@ -213,6 +213,8 @@ class HealthMonitor:
 
     def start(self) -> None:
         """Check again every interval: configured forwards always, others while their last check failed."""
+        if not self.checks:
+            return
         self._thread = threading.Thread(target=self._loop, name="health", daemon=True)
         self._thread.start()
 

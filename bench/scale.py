@@ -1,0 +1,152 @@
+"""`make bench`, the sections beyond loopback: a long fat path (40 ms round trip) and 50 tunnels at once."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psutil
+
+from bench import workload
+from tests.harness import DelayRelay, free_port, wait_for
+
+if TYPE_CHECKING:
+    from bench.run import Bench
+
+MIB = 1 << 20
+DELAY_MS = 20  # each way: 40 ms round trip
+IDLE_SETTLE_S = 5.0
+
+
+@contextlib.contextmanager
+def _ssh_l(bench: Bench, port: int, ssh_port: int, local: int) -> Iterator[int]:
+    """Plain `ssh -N -L` through `ssh_port` (the relay); stopped by pid."""
+    proc = subprocess.Popen(
+        ["ssh", "-N", "-F", str(bench.config), "-o", "ExitOnForwardFailure=yes", "-o", f"Port={ssh_port}",
+         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+         "-L", f"{local}:127.0.0.1:{port}", "plain"],
+        stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: workload.echo_once(local, 2), 30, "ssh -L over the long path")
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def long_path(bench: Bench, size_mib: int = 96) -> dict[str, dict[str, float]]:
+    """Download and upload MB/s over a 40 ms relay for ssh -N -L, both tunneld engines and sshtunnel."""
+    relay = DelayRelay(("127.0.0.1", bench.sshd.port), DELAY_MS)
+    out: dict[str, dict[str, float]] = {}
+    try:
+        known = bench.workdir / "known_long"
+        known.write_text(f"[127.0.0.1]:{relay.port} {bench.sshd.host_public_key()}\n")
+        blocks = ""
+        for engine in ("openssh", "paramiko"):
+            block = bench.host_block(f"long-{engine}", [f"LocalForward {free_port()} 127.0.0.1:{bench.target_port}"])
+            blocks += block.replace(f"Port {bench.sshd.port}", f"Port {relay.port}").replace(
+                str(bench.sshd.known_hosts), str(known)
+            )
+        config = bench.workdir / "ssh_config_long"
+        config.write_text(bench.config.read_text() + blocks)
+
+        def measure(name: str, port: int) -> None:
+            down = workload.bulk_down(port, size_mib * MIB)
+            up = workload.bulk_up(port, size_mib // 2 * MIB)
+            out[name] = {"down_mbs": down, "up_mbs": up}
+            print(f"  long path {name:18} down {down:6.0f} MB/s  up {up:6.0f} MB/s", flush=True)
+
+        local = free_port()
+        with _ssh_l(bench, bench.target_port, relay.port, local):
+            measure("ssh -N -L", local)
+        for engine in ("openssh", "paramiko"):
+            host = f"long-{engine}"
+            bench.tunneld("start", host, "-F", str(config), "--engine", engine)
+            try:
+                text = config.read_text().split(f"Host {host}\n", 1)[1]
+                port = int(next(line for line in text.splitlines() if "LocalForward" in line).split()[1])
+                measure(f"tunneld ({engine})", port)
+            finally:
+                bench.tunneld("stop", host, check=False)
+        local = free_port()
+        peer = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "sshtunnel_peer.py"), str(relay.port), bench.sshd.user,
+             str(bench.sshd.client_key), str(bench.target_port), str(local)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        try:
+            assert peer.stdout is not None
+            if peer.stdout.readline().strip() == "ready":
+                measure("sshtunnel", local)
+        finally:
+            peer.kill()
+            peer.wait(5)
+    finally:
+        relay.close()
+    return out
+
+
+def _rss_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            total += psutil.Process(pid).memory_info().rss
+    return total / MIB
+
+
+def many_tunnels(bench: Bench, count: int = 50) -> dict[str, float]:
+    """`tunneld start` of `count` hosts on one sshd (default MaxStartups): wall time to all up, and memory
+    per tunnel next to `count` plain `ssh -fN` processes."""
+    hosts = [f"many{i:02d}" for i in range(count)]
+    config = bench.workdir / "ssh_config_many"
+    config.write_text(
+        bench.config.read_text()
+        + "".join(bench.host_block(h, [f"LocalForward {free_port()} 127.0.0.1:{bench.target_port}"]) for h in hosts)
+    )
+    began = time.perf_counter()
+    done = bench.tunneld("start", *hosts, "-F", str(config), "--engine", "openssh", check=False)
+    wall = time.perf_counter() - began
+    up = sum(1 for h in hosts if bench.state(h).get("state") in ("up", "degraded"))
+    print(f"  {count} tunnels: {up} up in {wall:.1f} s (exit {done.returncode})", flush=True)
+    try:
+        time.sleep(IDLE_SETTLE_S)
+        supervisors, children = [], []
+        for host in hosts:
+            state = bench.state(host)
+            pid = state.get("pid")
+            if isinstance(pid, int):
+                supervisors.append(pid)
+            for child in state.get("children") or []:  # type: ignore[attr-defined]
+                children.append(int(child["pid"]))
+        tunneld_total = _rss_mib(supervisors) + _rss_mib(children)
+        per_supervisor = statistics.median(_rss_mib([p]) for p in supervisors) if supervisors else 0.0
+        per_ssh = statistics.median(_rss_mib([p]) for p in children) if children else 0.0
+    finally:
+        bench.tunneld("stop", *hosts, check=False)
+    plain: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in hosts:
+            plain.append(subprocess.Popen(
+                ["ssh", "-N", "-F", str(bench.config), "-L", f"{free_port()}:127.0.0.1:{bench.target_port}", "plain"],
+                stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))  # fmt: skip
+        time.sleep(IDLE_SETTLE_S)
+        plain_total = _rss_mib([p.pid for p in plain])
+    finally:
+        for proc in plain:
+            proc.kill()
+        for proc in plain:
+            proc.wait(5)
+    result = {
+        "count": float(count), "up": float(up), "start_wall_s": wall, "tunneld_total_mib": tunneld_total,
+        "supervisor_median_mib": per_supervisor, "ssh_median_mib": per_ssh, "plain_ssh_total_mib": plain_total,
+    }  # fmt: skip
+    print(f"  {count} tunnels: tunneld {tunneld_total:.0f} MiB, plain ssh -N {plain_total:.0f} MiB", flush=True)
+    return result
