@@ -222,3 +222,17 @@ def test_remote_forwards_read_the_same_everywhere(tmp_path: Path, sshd: SshServe
     assert expected in run_cli("status").stdout
     assert expected in run_cli("check", "rf", "-F", str(config)).stdout
     run_cli("stop", "rf")
+
+
+def test_show_says_what_is_probed_while_reconnecting(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        "Host direct\n  HostName 192.0.2.5\n  LocalForward 5000 h:1\n"
+        "Host jumped\n  HostName 192.0.2.6\n  ProxyJump bastion.example:2222\n  LocalForward 5001 h:1\n"
+        "Host piped\n  ProxyCommand nc %h %p\n  LocalForward 5002 h:1\n",
+    )
+    assert "TCP to 192.0.2.5:22 (the server)" in run_cli("show", "direct", "-F", str(config)).stdout
+    assert (
+        "TCP to bastion.example:2222 (the first ProxyJump hop)" in run_cli("show", "jumped", "-F", str(config)).stdout
+    )
+    assert "probes      none: behind a ProxyCommand" in run_cli("show", "piped", "-F", str(config)).stdout

@@ -36,6 +36,12 @@ def spec_lines(spec: TunnelSpec, engine: str, recorded: Launch | None = None) ->
         f"known_hosts {' '.join(spec.user_known_hosts_files) or 'none'}",
         f"resolved by {spec.resolver}" + (f" -F {spec.ssh_config}" if spec.ssh_config else ""),
     ]
+    hop = spec.first_hop()
+    if hop is None:
+        lines.append("probes      none: behind a ProxyCommand only SSH attempts can tell when the server is back")
+    else:
+        which = "the first ProxyJump hop" if spec.proxy_jump else "the server"
+        lines.append(f"probes      TCP to {hop[0]}:{hop[1]} ({which}) every 0.25 s while reconnecting")
     if recorded is not None:
         lines.append(
             f"last start  engine {recorded.engine or '?'}, ssh_config {recorded.ssh_config or 'ssh default'} "
