@@ -234,7 +234,7 @@ def test_a_planted_symlink_is_never_written_through(tmp_path: Path, config: Path
 
 
 def test_the_log_stays_private_after_rotation(tmp_path: Path) -> None:
-    from tunneld.daemon import LOG_FORMAT, PrivateRotatingFileHandler, SafeFormatter
+    from tunneld.logfile import LOG_FORMAT, PrivateRotatingFileHandler, SafeFormatter
 
     path = tmp_path / "h.log"
     handler = PrivateRotatingFileHandler(path, maxBytes=200, backupCount=2)

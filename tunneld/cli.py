@@ -171,7 +171,7 @@ def start(
 
 
 def _stop_host(host: str, timeout: float) -> int:
-    from tunneld.daemon import stop_tunnel
+    from tunneld.stopping import stop_tunnel
 
     try:
         result = stop_tunnel(host, timeout)
@@ -279,10 +279,10 @@ def forget(hosts: tuple[str, ...], stopped: bool, ssh_config: str | None) -> Non
 
     A running tunnel is never forgotten: stop it first.
     """
-    from tunneld.daemon import forget_host
     from tunneld.errors import AlreadyRunningError
     from tunneld.paths import known_hosts_with_files
     from tunneld.status import collect
+    from tunneld.stopping import forget_host
 
     def not_running() -> list[str]:
         return [h for h in known_hosts_with_files() if not collect(h).running]

@@ -1,9 +1,8 @@
-"""Run a host's supervisor in the foreground, detach it with a readiness handshake, stop it by signal."""
+"""Run a host's supervisor in the foreground, and detach it with a readiness handshake (`start`)."""
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import logging.handlers
@@ -26,77 +25,27 @@ from tunneld.errors import (
     AlreadyRunningError,
     CorruptFileError,
     FatalError,
-    NotRunningError,
     StartupError,
     TunneldError,
     error_from_dict,
 )
+from tunneld.logfile import configure_logging
 from tunneld.paths import HostFiles, ensure_private_dir, open_private
 from tunneld.pidfile import (
     PidFile,
     PidRecord,
-    foreign_owner,
-    process_matches,
-    read_json,
-    terminate,
     write_json_atomic,
 )
 from tunneld.probes import Wakeups
-from tunneld.safetext import printable
 from tunneld.settings import host_settings
 from tunneld.spec import TunnelSpec
-from tunneld.states import DEGRADED, FAILED, STOPPED, UP
+from tunneld.states import DEGRADED, FAILED, UP
+from tunneld.stopping import DEFAULT_STOP_TIMEOUT_S, reap_orphans, state_or_empty
 from tunneld.supervisor import Supervisor, TunnelStatus
 
 log = logging.getLogger(__name__)
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
-LOG_MAX_BYTES = 1_000_000
-LOG_BACKUPS = 3
 DEFAULT_START_TIMEOUT_S = 40.0
-DEFAULT_STOP_TIMEOUT_S = 10.0
-ORPHAN_GRACE_S = 3.0
-
-
-class SafeFormatter(logging.Formatter):
-    """Log lines never carry control characters (a newline from a server would forge a line)."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        record.message = printable(record.message)
-        return super().formatMessage(record)
-
-
-class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    """A rotating log that is 0600 from its first byte and after every rotation, and never follows a link."""
-
-    def _open(self) -> io.TextIOWrapper:
-        fd = open_private(Path(self.baseFilename), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        return open(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
-
-
-def configure_logging(files: HostFiles, verbose: bool = False) -> None:
-    """Log to the host's rotating log file and to stderr (unless stderr already is that file)."""
-    ensure_private_dir(files.directory)
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    # paramiko logs every refused channel and reset socket at ERROR; tunneld reports those itself.
-    logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
-    formatter = SafeFormatter(LOG_FORMAT)
-    file_handler = PrivateRotatingFileHandler(files.log, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
-    file_handler.setFormatter(formatter)
-    root.addHandler(file_handler)
-    if not _stderr_is(files.log):
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(formatter)
-        root.addHandler(stream)
-
-
-def _stderr_is(path: Path) -> bool:
-    try:
-        mine, theirs = os.fstat(sys.stderr.fileno()), os.stat(path)
-    except (OSError, ValueError, AttributeError):
-        return False
-    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 class Notifier:
@@ -145,29 +94,6 @@ class StateReporter:
     def progress(self, text: str) -> None:
         """Forward a progress step to a waiting `tunneld start`."""
         self.notifier.send("progress", text)
-
-
-def reap_orphans(files: HostFiles) -> None:
-    """Stop helper processes (ssh) that a previous, killed tunneld of this host left running.
-
-    Only a process that is still exactly what was recorded (pid, create time, user, command line) is
-    signalled: an edited state file cannot get another process killed.
-    """
-    try:
-        previous = read_json(files.state, files.host) or {}
-    except CorruptFileError as error:
-        log.warning("%s: %s: not looking for processes left behind", files.host, error.message)
-        return
-    children = previous.get("children")
-    for child in children if isinstance(children, list) else []:
-        pid, created, cmdline = child.get("pid"), child.get("create_time"), child.get("cmdline")
-        if not (isinstance(pid, int) and isinstance(created, float) and isinstance(cmdline, list) and cmdline):
-            continue
-        if process_matches(pid, created, [str(arg) for arg in cmdline]):
-            log.warning(
-                "%s: stopping %s (pid %d) left behind by a previous tunneld", files.host, child.get("name"), pid
-            )
-            terminate(pid, created, ORPHAN_GRACE_S, [str(arg) for arg in cmdline])
 
 
 def run_tunnel(
@@ -334,7 +260,7 @@ def start_tunnel(
         state = _await_ready(spec.alias, child, read_fd, timeout - (time.monotonic() - began), on_progress)
     except StartupError:
         if keep_trying and child.poll() is None:
-            return StartResult(child.pid, _state_or_empty(files), time.monotonic() - began, pending=True)
+            return StartResult(child.pid, state_or_empty(files), time.monotonic() - began, pending=True)
         _terminate(child)
         raise
     except BaseException:
@@ -411,88 +337,3 @@ def _terminate(child: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-
-
-@dataclass(frozen=True)
-class StopResult:
-    """What `stop` did for one host."""
-
-    host: str
-    pid: int | None
-    killed: bool = False
-    stale: bool = False
-
-
-def stop_tunnel(host: str, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopResult:
-    """SIGTERM the host's tunnel, SIGKILL it after `timeout`; raise NotRunningError when none runs.
-
-    Only the process the pid file names *and* that is still that tunneld (create time, user,
-    command line) is signalled; anything else is a stale pid file, removed and reported.
-    """
-    files = HostFiles.of(host)
-    pidfile = PidFile(files)
-    try:
-        record = pidfile.read()
-    except CorruptFileError as error:
-        if pidfile.held_by_someone():
-            raise CorruptFileError(
-                files.pid,
-                f"{error.message.split(': ', 1)[-1]}; and a tunneld of {host} is running (it holds {files.lock})",
-            ) from error
-        pidfile.remove(0)
-        _mark_stopped(files)
-        return StopResult(host, None, stale=True)
-    if record is not None and (owner := foreign_owner(record.pid, record.create_time)):
-        raise TunneldError(
-            f"{files.pid} names pid {record.pid}, a process of user {owner}: "
-            "tunneld never signals another user's process",
-            f"if no tunnel of yours runs for {host}, remove {files.pid}",
-        )
-    if record is None or not record.is_live():
-        if not pidfile.exists():
-            raise NotRunningError(f"{host} is not running")
-        reap_orphans(files)
-        pidfile.remove(record.pid if record else 0)
-        _mark_stopped(files)
-        return StopResult(host, record.pid if record else None, stale=True)
-    killed = terminate(record.pid, record.create_time, timeout)
-    if killed:
-        reap_orphans(files)
-        _mark_stopped(files)
-    pidfile.remove(record.pid)
-    return StopResult(host, record.pid, killed=killed)
-
-
-def forget_host(host: str) -> list[Path]:
-    """Remove the pid, state, lock and log files of a host that is not running; return what was removed.
-
-    The host's lock decides: a running tunneld holds it, and then nothing is touched.
-    """
-    files = HostFiles.of(host)
-    pidfile = PidFile(files)
-    fd = pidfile.lock()  # AlreadyRunningError while a tunneld runs for the host
-    try:
-        removed = []
-        logs = sorted(files.directory.glob(f"{host}.log.*"))
-        for path in (files.pid, files.state, files.log, *logs):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed.append(path)
-        files.lock.unlink(missing_ok=True)
-        return removed
-    finally:
-        os.close(fd)
-
-
-def _state_or_empty(files: HostFiles) -> dict[str, object]:
-    try:
-        return read_json(files.state, files.host) or {}
-    except CorruptFileError:
-        return {}
-
-
-def _mark_stopped(files: HostFiles) -> None:
-    data = _state_or_empty(files)
-    if data.get("state") != STOPPED:
-        data.update(host=files.host, state=STOPPED, since=time.time(), forwards=[], children=[])
-        write_json_atomic(files.state, data)

@@ -1,13 +1,18 @@
-"""Read a host's log: the last N lines, and follow new ones across rotation (`tunneld logs`)."""
+"""A host's log: written private and escaped by the supervisor; read back (last N lines, follow) by `logs`."""
 
 from __future__ import annotations
 
 import collections
+import io
+import logging
+import logging.handlers
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tunneld.paths import HostFiles, ensure_private_dir, open_private
 from tunneld.safetext import printable
 
 FOLLOW_POLL_S = 0.25
@@ -40,3 +45,49 @@ def follow_lines(path: Path) -> Iterator[str]:
                 continue
     finally:
         handle.close()
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+LOG_MAX_BYTES = 1_000_000
+LOG_BACKUPS = 3
+
+
+class SafeFormatter(logging.Formatter):
+    """Log lines never carry control characters (a newline from a server would forge a line)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log that is 0600 from its first byte and after every rotation, and never follows a link."""
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = open_private(Path(self.baseFilename), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        return open(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+
+
+def configure_logging(files: HostFiles, verbose: bool = False) -> None:
+    """Log to the host's rotating log file and to stderr (unless stderr already is that file)."""
+    ensure_private_dir(files.directory)
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # paramiko logs every refused channel and reset socket at ERROR; tunneld reports those itself.
+    logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    formatter = SafeFormatter(LOG_FORMAT)
+    file_handler = PrivateRotatingFileHandler(files.log, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
+    file_handler.setFormatter(formatter)
+    root.addHandler(file_handler)
+    if not _stderr_is(files.log):
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(formatter)
+        root.addHandler(stream)
+
+
+def _stderr_is(path: Path) -> bool:
+    try:
+        mine, theirs = os.fstat(sys.stderr.fileno()), os.stat(path)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)

@@ -1,0 +1,130 @@
+"""Stop a host's tunnel by its pid file (only ever the process recorded there), reap what a killed tunneld left
+behind, and forget the files of hosts that are not running."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunneld.errors import CorruptFileError, NotRunningError, TunneldError
+from tunneld.paths import HostFiles
+from tunneld.pidfile import PidFile, foreign_owner, process_matches, read_json, terminate, write_json_atomic
+from tunneld.states import STOPPED
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STOP_TIMEOUT_S = 10.0
+ORPHAN_GRACE_S = 3.0
+
+
+def reap_orphans(files: HostFiles) -> None:
+    """Stop helper processes (ssh) that a previous, killed tunneld of this host left running.
+
+    Only a process that is still exactly what was recorded (pid, create time, user, command line) is
+    signalled: an edited state file cannot get another process killed.
+    """
+    try:
+        previous = read_json(files.state, files.host) or {}
+    except CorruptFileError as error:
+        log.warning("%s: %s: not looking for processes left behind", files.host, error.message)
+        return
+    children = previous.get("children")
+    for child in children if isinstance(children, list) else []:
+        pid, created, cmdline = child.get("pid"), child.get("create_time"), child.get("cmdline")
+        if not (isinstance(pid, int) and isinstance(created, float) and isinstance(cmdline, list) and cmdline):
+            continue
+        if process_matches(pid, created, [str(arg) for arg in cmdline]):
+            log.warning(
+                "%s: stopping %s (pid %d) left behind by a previous tunneld", files.host, child.get("name"), pid
+            )
+            terminate(pid, created, ORPHAN_GRACE_S, [str(arg) for arg in cmdline])
+
+
+@dataclass(frozen=True)
+class StopResult:
+    """What `stop` did for one host."""
+
+    host: str
+    pid: int | None
+    killed: bool = False
+    stale: bool = False
+
+
+def stop_tunnel(host: str, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopResult:
+    """SIGTERM the host's tunnel, SIGKILL it after `timeout`; raise NotRunningError when none runs.
+
+    Only the process the pid file names *and* that is still that tunneld (create time, user,
+    command line) is signalled; anything else is a stale pid file, removed and reported.
+    """
+    files = HostFiles.of(host)
+    pidfile = PidFile(files)
+    try:
+        record = pidfile.read()
+    except CorruptFileError as error:
+        if pidfile.held_by_someone():
+            raise CorruptFileError(
+                files.pid,
+                f"{error.message.split(': ', 1)[-1]}; and a tunneld of {host} is running (it holds {files.lock})",
+            ) from error
+        pidfile.remove(0)
+        _mark_stopped(files)
+        return StopResult(host, None, stale=True)
+    if record is not None and (owner := foreign_owner(record.pid, record.create_time)):
+        raise TunneldError(
+            f"{files.pid} names pid {record.pid}, a process of user {owner}: "
+            "tunneld never signals another user's process",
+            f"if no tunnel of yours runs for {host}, remove {files.pid}",
+        )
+    if record is None or not record.is_live():
+        if not pidfile.exists():
+            raise NotRunningError(f"{host} is not running")
+        reap_orphans(files)
+        pidfile.remove(record.pid if record else 0)
+        _mark_stopped(files)
+        return StopResult(host, record.pid if record else None, stale=True)
+    killed = terminate(record.pid, record.create_time, timeout)
+    if killed:
+        reap_orphans(files)
+        _mark_stopped(files)
+    pidfile.remove(record.pid)
+    return StopResult(host, record.pid, killed=killed)
+
+
+def forget_host(host: str) -> list[Path]:
+    """Remove the pid, state, lock and log files of a host that is not running; return what was removed.
+
+    The host's lock decides: a running tunneld holds it, and then nothing is touched.
+    """
+    files = HostFiles.of(host)
+    pidfile = PidFile(files)
+    fd = pidfile.lock()  # AlreadyRunningError while a tunneld runs for the host
+    try:
+        removed = []
+        logs = sorted(files.directory.glob(f"{host}.log.*"))
+        for path in (files.pid, files.state, files.log, *logs):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+        files.lock.unlink(missing_ok=True)
+        return removed
+    finally:
+        os.close(fd)
+
+
+def state_or_empty(files: HostFiles) -> dict[str, object]:
+    """Return the host's state file, or {} when there is none or it is corrupt."""
+    try:
+        return read_json(files.state, files.host) or {}
+    except CorruptFileError:
+        return {}
+
+
+def _mark_stopped(files: HostFiles) -> None:
+    data = state_or_empty(files)
+    if data.get("state") != STOPPED:
+        data.update(host=files.host, state=STOPPED, since=time.time(), forwards=[], children=[])
+        write_json_atomic(files.state, data)
