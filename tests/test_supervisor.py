@@ -128,11 +128,14 @@ class Recorder:
 
 @dataclass
 class Path:
-    """The probe's answer, switched by the test."""
+    """The probe's answer, switched by the test; counts the probes that found it dead."""
 
     answers: bool = True
+    failures: int = 0
 
     def __call__(self, hop: tuple[str, int]) -> bool:
+        if not self.answers:
+            self.failures += 1
         return self.answers
 
 
@@ -247,6 +250,9 @@ def test_the_path_coming_back_ends_a_long_wait(run: Callable[..., Harness]) -> N
     path = Path(answers=False)
     h = run([transient(), transient()], backoff=Backoff(base_s=60.0, cap_s=60.0), path=path)
     h.until(lambda: h.state() == "backoff", "the 60 s wait")
+    # Each of the two attempts' watches may still finish one probe late; a third failure is the wait's own.
+    seen = path.failures
+    h.until(lambda: path.failures >= seen + 3, "a probe during the wait to find the path dead")
     path.answers = True
     h.until(lambda: h.state() == "up", "the retry the probe started")
     assert h.rng.ceilings == [60.0]
@@ -287,7 +293,7 @@ def test_an_attempt_stuck_on_a_dead_path_is_abandoned_when_the_path_returns(run:
     path = Path(answers=False)
     h = run([HANG], path=path)
     h.until(lambda: h.engine.calls == 1, "the stuck attempt")
-    time.sleep(0.3)  # a probe fails: the path is dead
+    h.until(lambda: path.failures > 0, "a probe to find the path dead")
     path.answers = True
     h.until(lambda: h.state() == "up", "a fresh attempt once the path answers")
     assert h.engine.cancelled == 1 and h.engine.calls == 2
