@@ -34,7 +34,7 @@ type: dev
 
 check: lint type test
 
-bench: dev sshd  ## tunneld against ssh -N -L and sshtunnel on loopback; writes docs/benchmarks.md (~10 min)
+bench: dev sshd  ## tunneld against ssh -N -L and sshtunnel: loopback, a 40 ms path, 50 tunnels; writes docs/benchmarks.md (~20 min)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/report.py
