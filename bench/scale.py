@@ -101,6 +101,16 @@ def _rss_mib(pids: list[int]) -> float:
     return total / MIB
 
 
+def _pss_mib(pids: list[int]) -> float:
+    """Proportional set size: shared pages (the python binary, libraries) split among the processes sharing them,
+    so a sum over many processes is what they really cost together; VmRSS counts shared pages once per process."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            total += psutil.Process(pid).memory_full_info().pss
+    return total / MIB
+
+
 def many_tunnels(bench: Bench, count: int = 50) -> dict[str, float]:
     """`tunneld start` of `count` hosts on one sshd (default MaxStartups): wall time to all up, and memory
     per tunnel next to `count` plain `ssh -fN` processes."""
@@ -126,6 +136,7 @@ def many_tunnels(bench: Bench, count: int = 50) -> dict[str, float]:
             for child in state.get("children") or []:  # type: ignore[attr-defined]
                 children.append(int(child["pid"]))
         tunneld_total = _rss_mib(supervisors) + _rss_mib(children)
+        tunneld_pss = _pss_mib(supervisors) + _pss_mib(children)
         per_supervisor = statistics.median(_rss_mib([p]) for p in supervisors) if supervisors else 0.0
         per_ssh = statistics.median(_rss_mib([p]) for p in children) if children else 0.0
     finally:
@@ -139,6 +150,7 @@ def many_tunnels(bench: Bench, count: int = 50) -> dict[str, float]:
             ))  # fmt: skip
         time.sleep(IDLE_SETTLE_S)
         plain_total = _rss_mib([p.pid for p in plain])
+        plain_pss = _pss_mib([p.pid for p in plain])
     finally:
         for proc in plain:
             proc.kill()
@@ -147,6 +159,8 @@ def many_tunnels(bench: Bench, count: int = 50) -> dict[str, float]:
     result = {
         "count": float(count), "up": float(up), "start_wall_s": wall, "tunneld_total_mib": tunneld_total,
         "supervisor_median_mib": per_supervisor, "ssh_median_mib": per_ssh, "plain_ssh_total_mib": plain_total,
+        "tunneld_total_pss_mib": tunneld_pss, "plain_ssh_total_pss_mib": plain_pss,
     }  # fmt: skip
-    print(f"  {count} tunnels: tunneld {tunneld_total:.0f} MiB, plain ssh -N {plain_total:.0f} MiB", flush=True)
+    print(f"  {count} tunnels: tunneld {tunneld_total:.0f} MiB RSS ({tunneld_pss:.0f} PSS), "
+          f"plain ssh -N {plain_total:.0f} MiB RSS ({plain_pss:.0f} PSS)", flush=True)  # fmt: skip
     return result

@@ -237,7 +237,7 @@ def test_the_log_stays_private_after_rotation(tmp_path: Path) -> None:
     from tunneld.logfile import LOG_FORMAT, PrivateRotatingFileHandler, SafeFormatter
 
     path = tmp_path / "h.log"
-    handler = PrivateRotatingFileHandler(path, maxBytes=200, backupCount=2)
+    handler = PrivateRotatingFileHandler(path, max_bytes=200, backups=2)
     handler.setFormatter(SafeFormatter(LOG_FORMAT))
     logger = logging.getLogger("test.rotation")
     logger.addHandler(handler)
@@ -253,6 +253,9 @@ def test_the_log_stays_private_after_rotation(tmp_path: Path) -> None:
         assert stat.S_IMODE(file.stat().st_mode) == 0o600, file
         text = file.read_text()
         assert "\x1b" not in text and "\x07" not in text and "forged\\x0anewline" in text
+        assert len(file.read_bytes()) <= 200, file
+    assert "line 39 " in path.read_text()  # the newest line is in the live file, older ones rotated out
+    assert "line 0 " not in "".join(file.read_text() for file in files)
 
 
 def sleeper(user: int | None = None) -> subprocess.Popen[bytes]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tunneld.errors import ConnectError, TunneldError
+from tunneld.probes import name_for_lookup
 from tunneld.settings import HostSettings
 from tunneld.spec import LOCAL, Forward, TunnelSpec
 
@@ -158,7 +159,7 @@ def probe_local(address: tuple[str, int] | str, timeout: float, settle: bool, ta
             sock.settimeout(timeout)
             sock.connect(address)
         else:
-            sock = socket.create_connection(address, timeout=timeout)
+            sock = socket.create_connection((name_for_lookup(address[0]), address[1]), timeout=timeout)  # type: ignore[arg-type]
     except OSError as exc:
         raise ConnectError(f"cannot connect to the local end {address}: {exc.strerror or exc}") from exc
     if not settle:

@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass
 
 from tunneld.ports import format_address
+from tunneld.probes import name_for_lookup
 from tunneld.spec import Forward, TunnelSpec
 
 LOOPBACK = (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6))
@@ -99,7 +100,7 @@ def plan_forward(forward: Forward, gateway_ports: bool, address_family: str = "a
 
 def _resolve(host: str, port: int) -> tuple[tuple[str, int], ...]:
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(name_for_lookup(host), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError:
         return ((host, socket.AF_INET6 if ":" in host else socket.AF_INET),)
     found: list[tuple[str, int]] = []

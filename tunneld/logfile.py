@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import io
 import logging
-import logging.handlers
 import os
 import sys
 import time
@@ -60,12 +59,49 @@ class SafeFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    """A rotating log that is 0600 from its first byte and after every rotation, and never follows a link."""
+class PrivateRotatingFileHandler(logging.FileHandler):
+    """A log that rotates at `max_bytes` into `backups` numbered files (as logging.handlers' rotating one).
+
+    It is 0600 from its first byte and after every rotation and never follows a link. It is written
+    here rather than loaded from logging.handlers, which would bring socket-logging and pickle
+    (~0.6 MiB) into every supervisor.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self.max_bytes = max_bytes
+        self.backups = backups
+        super().__init__(path, encoding="utf-8", delay=True)
 
     def _open(self) -> io.TextIOWrapper:
         fd = open_private(Path(self.baseFilename), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         return open(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if self._full(self.format(record)):
+                self._rotate()
+        except Exception:  # logging must never take the supervisor down
+            self.handleError(record)
+            return
+        super().emit(record)
+
+    def _full(self, line: str) -> bool:
+        if self.stream is None:
+            self.stream = self._open()
+        return self.stream.tell() + len(line.encode(errors="replace")) + 1 > self.max_bytes
+
+    def _rotate(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None  # FileHandler reopens a None stream on the next emit
+        base = self.baseFilename
+        for number in range(self.backups - 1, 0, -1):
+            if os.path.exists(f"{base}.{number}"):
+                os.replace(f"{base}.{number}", f"{base}.{number + 1}")
+        if self.backups > 0:
+            os.replace(base, f"{base}.1")
+        else:
+            os.truncate(base, 0)
 
 
 def configure_logging(files: HostFiles, verbose: bool = False) -> None:
@@ -76,7 +112,7 @@ def configure_logging(files: HostFiles, verbose: bool = False) -> None:
     # paramiko logs every refused channel and reset socket at ERROR; tunneld reports those itself.
     logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     formatter = SafeFormatter(LOG_FORMAT)
-    file_handler = PrivateRotatingFileHandler(files.log, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
+    file_handler = PrivateRotatingFileHandler(files.log, LOG_MAX_BYTES, LOG_BACKUPS)
     file_handler.setFormatter(formatter)
     root.addHandler(file_handler)
     if not _stderr_is(files.log):

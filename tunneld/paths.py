@@ -9,8 +9,6 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
-
 from tunneld.errors import ConfigError
 
 APP_NAME = "tunneld"
@@ -56,11 +54,24 @@ def check_home() -> None:
         raise _unusable(override, "(TUNNELD_HOME) is not writable")
 
 
+# Set by a detached supervisor from its parent's answer, so that it need not load platformdirs (~1.1 MiB).
+_pinned: dict[str, Path] = {}
+
+
+def pin_dirs(state: Path, config: Path) -> None:
+    """Use these directories from now on (what `tunneld start` resolved for the supervisor it detaches)."""
+    _pinned.update(state=state, config=config)
+
+
 def state_dir() -> Path:
     """Return the directory of pid, state and log files (not created here)."""
     override = home()
     if override is not None:
         return override / "state"
+    if "state" in _pinned:
+        return _pinned["state"]
+    import platformdirs
+
     return Path(platformdirs.user_state_dir(APP_NAME))
 
 
@@ -69,6 +80,10 @@ def config_dir() -> Path:
     override = home()
     if override is not None:
         return override / "config"
+    if "config" in _pinned:
+        return _pinned["config"]
+    import platformdirs
+
     return Path(platformdirs.user_config_dir(APP_NAME))
 
 

@@ -19,12 +19,21 @@ Hop = tuple[str, int]
 Probe = Callable[[Hop], bool]
 
 
+def name_for_lookup(host: str) -> str | bytes:
+    """Return `host` as getaddrinfo takes it most cheaply: an ASCII name as bytes.
+
+    getaddrinfo passes every str through the idna codec, whose tables (unicodedata, stringprep) would
+    stay in every supervisor (~0.5 MiB); an ASCII name needs no conversion. Others stay str.
+    """
+    return host.encode() if host.isascii() else host
+
+
 def tcp_answers(target: Hop | None, timeout: float = PROBE_TIMEOUT_S) -> bool | None:
     """Return whether a TCP connection to `target` succeeds (None when there is nothing to probe)."""
     if target is None:
         return None
     try:
-        with socket.create_connection(target, timeout=timeout):
+        with socket.create_connection((name_for_lookup(target[0]), target[1]), timeout=timeout):  # type: ignore[arg-type]
             return True
     except OSError:
         return False

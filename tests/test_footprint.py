@@ -1,0 +1,62 @@
+"""A supervisor lives all day, one per host: what it loads is kept few, and stays so.
+
+Each module named here was once loaded by every supervisor for a side purpose (click for argument
+parsing, platformdirs for two paths, shutil for a terminal width, the idna tables for an ASCII name,
+logging.handlers for log rotation). `python -X importtime` lists what a process imported, so these
+tests see the real processes' imports, not a model of them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.harness import EchoServer, SshServer, free_port
+from tests.helpers import read_log, run_cli, write_config
+from tunneld.errors import EXIT_CONFIG
+
+HEAVY = ("click", "platformdirs", "shutil", "logging.handlers", "encodings.idna", "paramiko")
+
+
+def imported(importtime_output: str) -> set[str]:
+    """Return the module names in `python -X importtime` lines."""
+    return {m.group(1) for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)$", importtime_output, re.M)}
+
+
+def test_a_detached_supervisor_loads_none_of_the_heavy_modules(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path, sshd.client_config("light", [f"LocalForward {port} 127.0.0.1:{echo.port}"]))
+    env = dict(os.environ, PYTHONPROFILEIMPORTTIME="1")  # the detached child's stderr is its log
+    started = run_cli("start", "light", "-F", str(config), "--engine", "openssh", env=env)
+    try:
+        assert started.returncode == 0, started.stderr
+        modules = imported(read_log("light"))
+        assert {"tunneld.daemon", "tunneld.engines.openssh", "psutil"} <= modules  # the listing is real
+        assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+    finally:
+        run_cli("stop", "light")
+
+
+def test_the_command_service_managers_run_skips_click_and_says_the_same(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "Host other\n  LocalForward 5000 localhost:5000\n")
+    env = dict(os.environ, TUNNELD_SSH_CONFIG=str(config))
+    light = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "tunneld", "run", "nosuchhost"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    through_click = run_cli("run", "nosuchhost", "--engine", "auto", env=env)  # any other argument: the CLI
+    assert light.returncode == through_click.returncode == EXIT_CONFIG
+    said = [line for line in light.stderr.splitlines() if not line.startswith("import time:")]
+    assert said == through_click.stderr.splitlines() and "nosuchhost" in through_click.stderr
+    assert "click" not in imported(light.stderr) and "tunneld.detached" in imported(light.stderr)
+
+
+def test_a_broken_ssh_config_in_the_environment_goes_through_the_cli(tmp_path: Path) -> None:
+    env = dict(os.environ, TUNNELD_SSH_CONFIG=str(tmp_path / "missing"))
+    done = run_cli("run", "somehost", env=env)
+    assert done.returncode == EXIT_CONFIG and "does not exist" in done.stderr, done.stderr
