@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING
 import psutil
 
 from bench import workload
-from tests.harness import DelayRelay, free_port, wait_for
+from tests.harness import free_port, wait_for
 
 if TYPE_CHECKING:
     from bench.run import Bench
 
 MIB = 1 << 20
 DELAY_MS = 20  # each way: 40 ms round trip
+LONG_PATH_RUNS = 3
 IDLE_SETTLE_S = 5.0
 
 
@@ -42,29 +43,37 @@ def _ssh_l(bench: Bench, port: int, ssh_port: int, local: int) -> Iterator[int]:
 
 
 def long_path(bench: Bench, size_mib: int = 96) -> dict[str, dict[str, float]]:
-    """Download and upload MB/s over a 40 ms relay for ssh -N -L, both tunneld engines and sshtunnel."""
-    relay = DelayRelay(("127.0.0.1", bench.sshd.port), DELAY_MS)
+    """Download and upload MB/s over a 40 ms relay for ssh -N -L, both tunneld engines and sshtunnel
+    (each the median of LONG_PATH_RUNS transfers on one tunnel; every transfer is a new connection)."""
+    relay = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "delay_relay.py"), "127.0.0.1", str(bench.sshd.port),
+         str(DELAY_MS)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
     out: dict[str, dict[str, float]] = {}
     try:
+        assert relay.stdout is not None
+        relay_port = int(relay.stdout.readline())
         known = bench.workdir / "known_long"
-        known.write_text(f"[127.0.0.1]:{relay.port} {bench.sshd.host_public_key()}\n")
+        known.write_text(f"[127.0.0.1]:{relay_port} {bench.sshd.host_public_key()}\n")
         blocks = ""
         for engine in ("openssh", "paramiko"):
             block = bench.host_block(f"long-{engine}", [f"LocalForward {free_port()} 127.0.0.1:{bench.target_port}"])
-            blocks += block.replace(f"Port {bench.sshd.port}", f"Port {relay.port}").replace(
+            blocks += block.replace(f"Port {bench.sshd.port}", f"Port {relay_port}").replace(
                 str(bench.sshd.known_hosts), str(known)
             )
         config = bench.workdir / "ssh_config_long"
         config.write_text(bench.config.read_text() + blocks)
 
         def measure(name: str, port: int) -> None:
-            down = workload.bulk_down(port, size_mib * MIB)
-            up = workload.bulk_up(port, size_mib // 2 * MIB)
+            # The median of three: one transfer lasts a second or two, and a busy moment would decide it.
+            down = statistics.median(workload.bulk_down(port, size_mib * MIB) for _ in range(LONG_PATH_RUNS))
+            up = statistics.median(workload.bulk_up(port, size_mib // 2 * MIB) for _ in range(LONG_PATH_RUNS))
             out[name] = {"down_mbs": down, "up_mbs": up}
             print(f"  long path {name:18} down {down:6.0f} MB/s  up {up:6.0f} MB/s", flush=True)
 
         local = free_port()
-        with _ssh_l(bench, bench.target_port, relay.port, local):
+        with _ssh_l(bench, bench.target_port, relay_port, local):
             measure("ssh -N -L", local)
         for engine in ("openssh", "paramiko"):
             host = f"long-{engine}"
@@ -77,7 +86,7 @@ def long_path(bench: Bench, size_mib: int = 96) -> dict[str, dict[str, float]]:
                 bench.tunneld("stop", host, check=False)
         local = free_port()
         peer = subprocess.Popen(
-            [sys.executable, str(Path(__file__).parent / "sshtunnel_peer.py"), str(relay.port), bench.sshd.user,
+            [sys.executable, str(Path(__file__).parent / "sshtunnel_peer.py"), str(relay_port), bench.sshd.user,
              str(bench.sshd.client_key), str(bench.target_port), str(local)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )  # fmt: skip
@@ -89,7 +98,8 @@ def long_path(bench: Bench, size_mib: int = 96) -> dict[str, dict[str, float]]:
             peer.kill()
             peer.wait(5)
     finally:
-        relay.close()
+        relay.kill()
+        relay.wait(5)
     return out
 
 

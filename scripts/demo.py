@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.harness import ControlledHttpServer, SshServer, free_port
 
 HOST = "mlflowserver"
+ON_DEMAND = "tensorboard"
+IDLE_TIMEOUT_S = 3
 
 
 def say(text: str) -> None:
@@ -69,28 +71,59 @@ def show_health_check(mlflow: ControlledHttpServer, env: dict[str, str]) -> None
     tunneld("wait", HOST, "--timeout", "20", env=env)
 
 
+def sessions(sshd: SshServer) -> int:
+    """How many SSH connections the server holds (one forked sshd each)."""
+    import psutil
+
+    return len(psutil.Process(sshd.proc.pid).children()) if sshd.proc else 0
+
+
+def show_on_demand(sshd: SshServer, port: int, env: dict[str, str], f: tuple[str, str]) -> None:
+    """An on-demand host: listening from `start`, an SSH session only while a client uses it."""
+    say(f"On demand: {ON_DEMAND} listens from `start` but opens its SSH session only for a client")
+    if tunneld("start", ON_DEMAND, *f, env=env) != 0:
+        return
+    time.sleep(0.5)
+    print(f"SSH sessions on the server: {sessions(sshd)} ({HOST}'s; {ON_DEMAND} checked its login and closed)",
+          flush=True)  # fmt: skip
+    say("The first client connects: it waits while the link comes up, and is served")
+    fetch(port)
+    print(f"SSH sessions on the server: {sessions(sshd)} ({HOST}'s and {ON_DEMAND}'s)", flush=True)
+    say(f"No connection for {IDLE_TIMEOUT_S} s: the link closes, the port keeps listening")
+    deadline = time.monotonic() + IDLE_TIMEOUT_S + 15
+    while sessions(sshd) > 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    tunneld("status", "@ml", env=env)
+
+
 def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tunneld-demo-"))
     env = dict(os.environ, TUNNELD_HOME=str(workdir / "tunneld"))
     sshd = SshServer(workdir / "server")
     mlflow = ControlledHttpServer()
-    local_port = free_port()
+    local_port, demand_port = free_port(), free_port()
     config = workdir / "ssh_config"
     try:
         say("A throwaway OpenSSH server and an MLflow stand-in, both on loopback (nothing touches ~/.ssh)")
         sshd.start()
         print(f"sshd on 127.0.0.1:{sshd.port} (pid {sshd.proc.pid if sshd.proc else '?'}), "
               f"MLflow stand-in on 127.0.0.1:{mlflow.port}")  # fmt: skip
-        config.write_text(sshd.client_config(HOST, [f"LocalForward {local_port} localhost:{mlflow.port}"]))
+        config.write_text(
+            sshd.client_config(HOST, [f"LocalForward {local_port} localhost:{mlflow.port}"])
+            + sshd.client_config(ON_DEMAND, [f"LocalForward {demand_port} localhost:{mlflow.port}"])
+        )
         say(f"The demo's ssh_config ({config}); on your machine this is ~/.ssh/config with LocalForward 5000 ...")
         print(textwrap.indent(config.read_text(), "    "), end="")
         f = ("-F", str(config))
         settings = workdir / "tunneld" / "config" / "tunneld.toml"
         settings.parent.mkdir(parents=True)
         settings.write_text(
-            f'[hosts.{HOST}]\nhealth_interval_s = 2\n\n[hosts.{HOST}.health]\n"{local_port}" = "/health"\n'
+            f'[hosts.{HOST}]\nhealth_interval_s = 2\n\n[hosts.{HOST}.health]\n"{local_port}" = "/health"\n\n'
+            f"[hosts.{ON_DEMAND}]\non_demand = true\nidle_timeout_s = {IDLE_TIMEOUT_S}\n\n"
+            f'[groups]\nml = ["{HOST}", "{ON_DEMAND}"]\n'
         )
-        say(f"A health check through the tunnel: GET /health every 2 s ({settings})")
+        say(f"tunneld's settings ({settings}): a health check through the tunnel (GET /health every 2 s), "
+            f"an on-demand host, a group")  # fmt: skip
         print(textwrap.indent(settings.read_text(), "    "), end="")
 
         say("What tunneld would do")
@@ -115,13 +148,17 @@ def main() -> int:
 
         say("Diagnose it step by step")
         tunneld("check", HOST, *f, env=env)
-        say("Stop it: no ps | grep, no pkill")
-        tunneld("stop", HOST, env=env)
-        tunneld("status", HOST, env=env)
+
+        show_on_demand(sshd, demand_port, env, f)
+
+        say("Stop the whole group: no ps | grep, no pkill")
+        tunneld("stop", "@ml", env=env)
+        tunneld("status", env=env)
         print("\nDemo done: everything it started is stopped and its files are removed.")
         return 0
     finally:
-        subprocess.run([sys.executable, "-m", "tunneld", "stop", HOST], env=env, capture_output=True, check=False)
+        subprocess.run([sys.executable, "-m", "tunneld", "stop", HOST, ON_DEMAND], env=env, capture_output=True,
+                       check=False)  # fmt: skip
         sshd.stop()
         mlflow.close()
         shutil.rmtree(workdir, ignore_errors=True)

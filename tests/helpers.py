@@ -149,6 +149,14 @@ def expect_fatal(tunnel: ForegroundTunnel, *needles: str) -> str:
     return stderr
 
 
+def write_settings(text: str) -> Path:
+    """Write tunneld.toml for the CLI under test and return its path."""
+    path = Path(os.environ["TUNNELD_HOME"]) / "config" / "tunneld.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
 def write_config(tmp_path: Path, text: str) -> Path:
     """Write an ssh_config for the test and return its path."""
     path = tmp_path / "ssh_config"

@@ -22,7 +22,16 @@ from tests.harness import (
     ipv6_loopback,
     wait_for,
 )
-from tests.helpers import ForegroundTunnel, read_log, read_state, run_cli, start, state_dir, write_config
+from tests.helpers import (
+    ForegroundTunnel,
+    read_log,
+    read_state,
+    run_cli,
+    start,
+    state_dir,
+    write_config,
+    write_settings,
+)
 from tunneld.errors import EXIT_CONFIG, EXIT_RUNTIME
 
 UP = ("up", "degraded")
@@ -45,9 +54,7 @@ def stopped_hosts() -> Iterator[list[str]]:
 
 def settings(text: str) -> None:
     """Write tunneld.toml for the CLI under test."""
-    path = Path(os.environ["TUNNELD_HOME"]) / "config" / "tunneld.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_settings(text)
 
 
 @contextlib.contextmanager

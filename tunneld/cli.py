@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -23,6 +23,9 @@ from tunneld.errors import (
 )
 from tunneld.lookup import check, list_, show, warn_skipped
 from tunneld.starting import StartOptions, start_hosts
+
+if TYPE_CHECKING:
+    from tunneld.status import HostReport
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -105,7 +108,9 @@ def _hosts_or_all(hosts: tuple[str, ...], all_: bool, every: Callable[[], list[s
         raise click.UsageError(f"give host names or --all, not both: tunneld {verb} --all")
     if not all_ and not hosts:
         raise click.UsageError(f"name a host (e.g. tunneld {verb} mlflowserver) or use --all")
-    return every() if all_ else list(hosts)
+    from tunneld.settings import expand_groups
+
+    return every() if all_ else expand_groups(hosts)
 
 
 def _run_each(hosts: list[str], action: Callable[[str], int]) -> int:
@@ -147,6 +152,8 @@ def start(
     verbose: bool,
 ) -> None:
     """Bring up HOST's forwards in the background; return once they work or with the reason they do not.
+
+    HOST may be @GROUP, a group of tunneld.toml's [groups] (`tunneld start @ml`).
 
     \b
     Example:
@@ -205,7 +212,10 @@ def _stoppable_hosts() -> list[str]:
     "--timeout", type=POSITIVE_S, default=10.0, show_default=True, help="Seconds to wait after SIGTERM before SIGKILL."
 )
 def stop(hosts: tuple[str, ...], all_: bool, ssh_config: str | None, timeout: float) -> None:
-    """Stop HOST's tunnel: SIGTERM, then SIGKILL after --timeout. Stopping a stopped host is fine."""
+    """Stop HOST's tunnel: SIGTERM, then SIGKILL after --timeout. Stopping a stopped host is fine.
+
+    HOST may be @GROUP, a group of tunneld.toml's [groups].
+    """
     names = _hosts_or_all(hosts, all_, _stoppable_hosts, "stop")
     if all_ and not names:
         click.echo("no tunnel is running")
@@ -245,21 +255,37 @@ def restart(ctx: click.Context, host: str, ssh_config: str | None, engine: str, 
 @click.argument("hosts", nargs=-1, metavar="[HOST]...", shell_complete=complete_hosts_with_files)
 @ssh_config_unused
 @click.option("--json", "as_json", is_flag=True, help="Print the documented JSON schema (docs/usage.md).")
-def status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool) -> None:
+@click.option("--watch", is_flag=True, help="Redraw the table in place every --interval seconds until Ctrl-C.")
+@click.option("--interval", type=POSITIVE_S, default=2.0, show_default=True, help="Seconds between --watch redraws.")
+def status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool, watch: bool, interval: float) -> None:
     """Show each tunnel: state, pid, uptime, forwards, reconnects, last error.
 
     Exit 0 when every named host is up, 3 when one is not (as `systemctl is-active`).
+    HOST may be @GROUP, a group of tunneld.toml's [groups]. With --watch: retry countdowns and byte
+    rates (paramiko engine) live; plain frames when stdout is not a terminal; NO_COLOR turns colour off.
     """
     from tunneld.autostart import enabled_hosts
     from tunneld.paths import hosts_with_files, validate_host
     from tunneld.render import status_lines
+    from tunneld.settings import expand_groups
     from tunneld.status import STATUS_SCHEMA_VERSION, collect
 
-    with_files, stray = hosts_with_files()
-    for name in stray:
-        click.echo(f"warning: skipping {name} in the state directory: not a file name tunneld creates", err=True)
-    names = [validate_host(h) for h in hosts] or sorted({*with_files, *enabled_hosts()})
-    reports = [collect(h) for h in names]
+    if watch and as_json:
+        raise click.UsageError("--watch draws the table; for JSON, poll `tunneld status --json`")
+    named = [validate_host(h) for h in expand_groups(hosts)]
+
+    def current(warn: bool = False) -> list[HostReport]:
+        with_files, stray = hosts_with_files()
+        for name in stray if warn else ():
+            click.echo(f"warning: skipping {name} in the state directory: not a file name tunneld creates", err=True)
+        return [collect(h) for h in named or sorted({*with_files, *enabled_hosts()})]
+
+    if watch:
+        from tunneld.watch import draw_until_interrupted
+
+        draw_until_interrupted(current, interval, sys.stdout)
+        return
+    reports = current(warn=True)
     if as_json:
         click.echo(json.dumps({"version": STATUS_SCHEMA_VERSION, "hosts": [r.to_dict() for r in reports]}, indent=2))
     elif reports:

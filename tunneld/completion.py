@@ -18,11 +18,21 @@ def complete_configured_hosts(ctx: click.Context, param: click.Parameter, incomp
         specs, _ = list_hosts(ssh_config)
     except TunneldError:
         return []
-    return [spec.alias for spec in specs if spec.alias.startswith(incomplete)]
+    return [name for name in [*(spec.alias for spec in specs), *_group_names()] if name.startswith(incomplete)]
 
 
 def complete_hosts_with_files(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     """Complete HOST from the hosts tunneld has files for (what `status` shows)."""
     from tunneld.paths import known_hosts_with_files
 
-    return [host for host in known_hosts_with_files() if host.startswith(incomplete)]
+    return [name for name in [*known_hosts_with_files(), *_group_names()] if name.startswith(incomplete)]
+
+
+def _group_names() -> list[str]:
+    """Return `@group` for every group of tunneld.toml (none when the file is unreadable)."""
+    from tunneld.settings import groups
+
+    try:
+        return [f"@{name}" for name in groups()]
+    except TunneldError:
+        return []

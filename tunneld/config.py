@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tunneld.errors import ConfigError, NoForwardsError
-from tunneld.paths import is_valid_host, validate_host
+from tunneld.paths import find_program, is_valid_host, validate_host
 from tunneld.spec import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_KEEPALIVE_COUNT_MAX,
@@ -43,15 +43,8 @@ def resolve_hop(hop: str, ssh_config: str | None) -> TunnelSpec:
 
 
 def ssh_binary() -> str | None:
-    """Return the path of the OpenSSH client on PATH, or None when there is none.
-
-    shutil.which does the same, but shutil brings the compression modules (~0.5 MiB) into every supervisor.
-    """
-    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
-        candidate = os.path.join(directory, "ssh")
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    """Return the path of the OpenSSH client on PATH, or None when there is none."""
+    return find_program("ssh")
 
 
 def run_ssh_g(alias: str, ssh_config: str | None) -> list[tuple[str, str]]:

@@ -29,6 +29,7 @@ from tunneld.errors import (
     error_from_dict,
 )
 from tunneld.logfile import configure_logging
+from tunneld.notices import DesktopNotices
 from tunneld.paths import HostFiles, config_dir, ensure_private_dir, open_private, state_dir
 from tunneld.pidfile import (
     PidFile,
@@ -38,7 +39,7 @@ from tunneld.pidfile import (
 from tunneld.probes import Wakeups
 from tunneld.settings import host_settings
 from tunneld.spec import TunnelSpec
-from tunneld.states import DEGRADED, FAILED, UP
+from tunneld.states import FAILED, READY_STATES
 from tunneld.stopping import DEFAULT_STOP_TIMEOUT_S, reap_orphans, state_or_empty
 from tunneld.supervisor import Supervisor, TunnelStatus
 
@@ -82,13 +83,16 @@ class StateReporter:
         self.files = files
         self.notifier = notifier
         self.pid = os.getpid()
+        self.notices: DesktopNotices | None = None
 
     def publish(self, status: TunnelStatus) -> None:
         """Write the state file; settle the handshake on the first up or on failure."""
         data = status.to_dict()
         data["pid"] = self.pid
         write_json_atomic(self.files.state, data)
-        if status.state in (UP, DEGRADED):
+        if self.notices is not None:
+            self.notices.observe(status.state, status.last_error)
+        if status.state in READY_STATES:
             if self.notifier.open:
                 release_free_memory()
             self.notifier.send("ready", data)
@@ -167,6 +171,8 @@ def _run_supervised(
             write_json_atomic(files.state, {**failed, "pid": os.getpid(), "forwards": [], "children": []})
         raise
     reap_orphans(files)
+    if settings.notify if settings.notify is not None else not fail_fast:  # default: on when it keeps trying
+        reporter.notices = DesktopNotices(host, settings.notify_after_s)
     pidfile.write(PidRecord.of_current_process(host, engine.name))
     wakeups = Wakeups()
     _install_signal_handlers(wakeups)
@@ -196,6 +202,8 @@ def _run_supervised(
         raise
     finally:
         notifier.close()
+        if reporter.notices is not None:
+            reporter.notices.close()
         pidfile.remove(os.getpid())
         os.close(fd)
 

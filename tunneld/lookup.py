@@ -27,30 +27,44 @@ def show(host: str, ssh_config: str | None, engine: str, as_json: bool) -> None:
     from tunneld.engines import select_engine_name
     from tunneld.paths import is_valid_host
     from tunneld.render import spec_json, spec_lines
+    from tunneld.settings import host_settings
     from tunneld.status import recorded_launch
 
     spec = resolve_host(host, ssh_config, require_forwards=False)
     engine_name = select_engine_name(engine, host)
     recorded = recorded_launch(host) if is_valid_host(host) else None
+    settings = host_settings(host)
     if as_json:
-        click.echo(json.dumps(spec_json(spec, engine_name, recorded), indent=2))
+        data = spec_json(spec, engine_name, recorded)
+        data["on_demand"] = settings.on_demand
+        data["idle_timeout_s"] = settings.idle_timeout_s if settings.on_demand else None
+        click.echo(json.dumps(data, indent=2))
         return
     click.echo("\n".join(spec_lines(spec, engine_name, recorded)))
+    if settings.on_demand:
+        click.echo(
+            f"on demand   listens from `start`, connects when the first client does, disconnects after "
+            f"{settings.idle_timeout_s:g} s without connections (needs the paramiko engine)"
+        )
 
 
 @click.command("list")
 @ssh_config_option
 def list_(ssh_config: str | None) -> None:
-    """List the hosts of the ssh_config that have forwards."""
+    """List the hosts of the ssh_config that have forwards, then tunneld.toml's groups (`start @GROUP`)."""
     from tunneld.config import list_hosts
+    from tunneld.settings import groups
 
     specs, skipped = list_hosts(ssh_config)
     warn_skipped(skipped)
     if not specs:
         click.echo("no host in the ssh_config has a LocalForward, RemoteForward or DynamicForward", err=True)
-        return
     for spec in specs:
         click.echo(f"{spec.alias}  " + ", ".join(str(f) for f in spec.forwards))
+    listed = {spec.alias for spec in specs}
+    for name, members in groups().items():
+        shown = ", ".join(m if m in listed else f"{m} (no forwards in the ssh_config)" for m in members)
+        click.echo(f"@{name}  {shown}")
 
 
 def warn_skipped(skipped: list[str]) -> None:

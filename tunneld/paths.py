@@ -34,6 +34,15 @@ def validate_host(host: str) -> str:
     return host
 
 
+def find_program(name: str) -> str | None:
+    """Return the path of the executable `name` on PATH, or None (shutil.which, without loading shutil)."""
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
 def home() -> Path | None:
     """Return TUNNELD_HOME when set (tests and demos use it), else None."""
     value = os.environ.get("TUNNELD_HOME")

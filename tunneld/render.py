@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tunneld.safetext import printable
-from tunneld.states import BACKOFF, DEGRADED, FORWARD_DEGRADED, STOPPED, UP
+from tunneld.states import BACKOFF, DEGRADED, FORWARD_DEGRADED, IDLE, STOPPED, UP
 from tunneld.status import HostReport, Launch
 
 NO_FORWARDS_WARNING = "start would refuse: no forwards (no LocalForward, RemoteForward or DynamicForward)"
@@ -172,6 +172,8 @@ def status_row(report: HostReport) -> list[str]:
         if len(error) > LAST_ERROR_WIDTH:
             error = error[: LAST_ERROR_WIDTH - 3] + "..."
     state = report.state
+    if report.state == IDLE:
+        state += " (on demand)"
     if report.next_try_at and report.state == BACKOFF:
         state += f" (retry in {max(0.0, report.next_try_at - time.time()):.0f}s)"
     return [

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -23,6 +25,13 @@ class HostSettings:
     health_interval_s: float = 30.0
     # (forward's local port or socket path, "tcp" or an HTTP path such as "/health")
     health: tuple[tuple[str, str], ...] = ()
+    # Desktop notifications on loss and restore; None: on for supervisors that keep trying from the start
+    # (`run`, `start --keep-trying`: what autostart runs), off for a plain `start`.
+    notify: bool | None = None
+    notify_after_s: float = 10.0
+    # Listen at start, connect on the first client, disconnect after idle_timeout_s without connections.
+    on_demand: bool = False
+    idle_timeout_s: float = 600.0
 
     def health_check(self, listen: str) -> str | None:
         """Return the periodic check configured for the forward listening on `listen` (a port or a path)."""
@@ -35,7 +44,14 @@ def settings_path() -> Path:
 
 
 # Numeric settings: (lowest, highest) in seconds.
-_RANGES_S = {"hold_connections_s": (0.0, 3600.0), "health_interval_s": (1.0, 3600.0)}
+_RANGES_S = {
+    "hold_connections_s": (0.0, 3600.0),
+    "health_interval_s": (1.0, 3600.0),
+    "notify_after_s": (0.0, 86400.0),
+    "idle_timeout_s": (1.0, 86400.0),
+}
+_BOOLEANS = ("notify", "on_demand")
+GROUP_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def _validate(table: dict[str, object], where: str, base: HostSettings) -> HostSettings:
@@ -53,6 +69,10 @@ def _validate(table: dict[str, object], where: str, base: HostSettings) -> HostS
                     f"{where}: {key} must be a number of seconds from {low:g} to {high:g}, not {_toml(value)}"
                 )
             values[key] = float(value)
+        elif key in _BOOLEANS:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: {key} must be true or false, not {_toml(value)}")
+            values[key] = value
         elif key == "health":
             values[key] = _validate_health(value, where)
         else:
@@ -86,11 +106,10 @@ def _toml(value: object) -> str:
     return str(value)
 
 
-def host_settings(host: str, path: Path | None = None) -> HostSettings:
-    """Return the settings of `host`; a malformed or invalid file is a ConfigError naming the file and key."""
-    path = path or settings_path()
+def _load(path: Path) -> dict[str, object]:
+    """Return the settings file's parsed TOML ({} when there is none); a bad file is a ConfigError naming it."""
     if not path.is_file():
-        return HostSettings()
+        return {}
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
@@ -102,19 +121,72 @@ def host_settings(host: str, path: Path | None = None) -> HostSettings:
             raw = handle.read(MAX_SETTINGS_BYTES + 1)
         if len(raw) > MAX_SETTINGS_BYTES:
             raise ConfigError(f"{path}: larger than {MAX_SETTINGS_BYTES} bytes; tunneld.toml is a short file", hint)
-        data = tomllib.loads(raw.decode("utf-8"))
+        data: dict[str, object] = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text", hint) from exc
     except (OSError, tomllib.TOMLDecodeError, RecursionError) as exc:
         raise ConfigError(f"{path}: {exc}", hint) from exc
+    return data
+
+
+def host_settings(host: str, path: Path | None = None) -> HostSettings:
+    """Return the settings of `host`; a malformed or invalid file is a ConfigError naming the file and key."""
+    path = path or settings_path()
+    data = _load(path)
+    data.pop("groups", None)  # validated by groups()
     hosts = data.pop("hosts", {})
     if not isinstance(hosts, dict):
         raise ConfigError(f"{path}: 'hosts' must be a table of [hosts.NAME] sections")
     defaults = _validate(data, str(path), HostSettings())
+    found = defaults
     for name, table in hosts.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: hosts.{_toml(name)} must be a table")
+        checked = _validate(table, f"{path} [hosts.{name}]", defaults)
         if name == host:
-            return _validate(table, f"{path} [hosts.{name}]", defaults)
-        _validate(table, f"{path} [hosts.{name}]", defaults)
-    return defaults
+            found = checked
+    return found
+
+
+def groups(path: Path | None = None) -> dict[str, tuple[str, ...]]:
+    """Return the `[groups]` of tunneld.toml: name -> member hosts, in the file's order."""
+    from tunneld.paths import is_valid_host
+
+    path = path or settings_path()
+    table = _load(path).get("groups", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f'{path}: groups must be a table such as  [groups]  ml = ["mlflowserver", "jupyter"]')
+    found: dict[str, tuple[str, ...]] = {}
+    for name, members in table.items():
+        if not GROUP_NAME.fullmatch(name):
+            raise ConfigError(f"{path}: group name {_toml(name)} must be letters, digits and . _ -")
+        if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+            raise ConfigError(f"{path}: groups.{name} must be a non-empty list of host names, not {_toml(members)}")
+        for member in members:
+            if not is_valid_host(member):
+                raise ConfigError(f"{path}: groups.{name} names {_toml(member)}, which is not a usable host name")
+        found[name] = tuple(dict.fromkeys(members))
+    return found
+
+
+def expand_groups(names: Iterable[str], path: Path | None = None) -> list[str]:
+    """Replace every `@group` among `names` by its members (first mention wins); other names stay as given."""
+    names = list(names)
+    if not any(name.startswith("@") for name in names):
+        return names
+    path = path or settings_path()
+    defined = groups(path)
+    hosts: list[str] = []
+    for name in names:
+        if not name.startswith("@"):
+            hosts.append(name)
+            continue
+        members = defined.get(name[1:])
+        if members is None:
+            known = ", ".join(f"@{g}" for g in defined) or "none"
+            raise ConfigError(
+                f"no group {_toml(name)} in {path} (groups there: {known})",
+                f'define it there:  [groups]  {name[1:] or "ml"} = ["host1", "host2"]',
+            )
+        hosts.extend(members)
+    return list(dict.fromkeys(hosts))

@@ -6,9 +6,11 @@ UP = "up"
 DEGRADED = "degraded"
 LOST = "lost"
 BACKOFF = "backoff"
+IDLE = "idle"  # on demand: listening, not connected; the first client brings the link up
 FAILED = "failed"
 STOPPED = "stopped"
-RUNNING_STATES = (STARTING, CONNECTING, UP, DEGRADED, LOST, BACKOFF)
+RUNNING_STATES = (STARTING, CONNECTING, UP, DEGRADED, LOST, BACKOFF, IDLE)
+READY_STATES = (UP, DEGRADED, IDLE)  # what `start` waits for and `wait` accepts
 ALL_STATES = (*RUNNING_STATES, FAILED, STOPPED)
 
 # What a single forward is while its link is up.

@@ -9,7 +9,7 @@ from tunneld.autostart import read_manifest
 from tunneld.errors import CorruptFileError
 from tunneld.paths import HostFiles, known_hosts_with_files, state_dir
 from tunneld.pidfile import PidFile, read_json
-from tunneld.states import ALL_STATES, DEGRADED, RUNNING_STATES, UP
+from tunneld.states import ALL_STATES, READY_STATES, RUNNING_STATES
 
 STATUS_SCHEMA_VERSION = 1
 STALE = "dead (stale pid file)"
@@ -42,8 +42,9 @@ class HostReport:
 
     @property
     def is_up(self) -> bool:
-        """Return True when the tunnel runs and every forward listens (degraded counts: the link is up)."""
-        return self.running and self.state in (UP, DEGRADED)
+        """Return True when the tunnel runs and every forward listens (degraded counts: the link is up; idle
+        counts: an on-demand tunnel listens and connects at the first client)."""
+        return self.running and self.state in READY_STATES
 
     @property
     def health_ok(self) -> bool:

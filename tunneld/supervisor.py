@@ -10,13 +10,24 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from tunneld.engines import ChildProcess, Engine, ForwardStatus, Link, LinkEvents
+from tunneld.engines import ChildProcess, Engine, ForwardStatus, Link, LinkEvents, OnDemandEngine
 from tunneld.errors import EXIT_OK, HandshakeStalledError, PortInUseError, TunneldError, UnreachableError
 from tunneld.health import Health, HealthMonitor
 from tunneld.probes import Environment, PathWatch, Probe, Wakeups, tcp_answers
 from tunneld.settings import HostSettings
 from tunneld.spec import TunnelSpec
-from tunneld.states import BACKOFF, CONNECTING, DEGRADED, FAILED, FORWARD_DEGRADED, LOST, STARTING, STOPPED, UP
+from tunneld.states import (
+    BACKOFF,
+    CONNECTING,
+    DEGRADED,
+    FAILED,
+    FORWARD_DEGRADED,
+    IDLE,
+    LOST,
+    STARTING,
+    STOPPED,
+    UP,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +141,11 @@ class Supervisor:
         self.status = TunnelStatus(
             spec.alias, engine.name, STARTING, now, now, keepalive=keepalive, ssh_config=spec.ssh_config
         )
+        # On demand: the engine keeps listening without a link; the link lives while clients use it.
+        self.on_demand = engine if self.settings.on_demand and isinstance(engine, OnDemandEngine) else None
+        self._closed_for_idleness = False
+        self._verified = False  # on demand: the first link checked host key and login, and was closed
+        self._verified = False  # on demand: the first link checked host key and login, and was closed
 
     def _set(self, **changes: object) -> None:
         if "state" in changes and changes["state"] != self.status.state:
@@ -148,6 +164,10 @@ class Supervisor:
         self._set(state=STARTING)
         first_try, had_link = True, False
         while not self.wakeups.stop.is_set():
+            if self._unwanted():
+                if not self._idle(self.on_demand):  # type: ignore[arg-type]  # _unwanted: on demand
+                    break
+                had_link = False  # a link brought up for a client is not a reconnect
             self._set(state=CONNECTING, next_try_at=None)
             self._progress(f"connecting to {self.spec.user}@{self.spec.hostname}:{self.spec.port}")
             try:
@@ -159,28 +179,30 @@ class Supervisor:
             except TunneldError as error:
                 if self.wakeups.stop.is_set():
                     break
-                self._set(attempts=self.status.attempts + 1, last_error=_error_record(error))
-                # A port taken while the link was down may be freed again: only at the very start is it fatal.
-                retryable = error.retryable or (isinstance(error, PortInUseError) and had_link)
-                if not retryable or (first_try and self.fail_fast):
-                    return self._fail(error)
-                log.warning("%s: %s", self.spec.alias, error.message)
+                code = self._after_failed_attempt(error, first_try, had_link)
+                if code is not None:
+                    return code
                 first_try = False
-                self._pause(stalled=isinstance(error, HandshakeStalledError),
-                            unreachable=isinstance(error, UnreachableError))  # fmt: skip
                 continue
             first_try = False
+            if self.on_demand is not None and not self._verified:
+                self._verified_only(link)
+                continue
             reconnects = self.status.reconnects + (1 if had_link else 0)  # a first link is not a reconnect
             had_link = True
             uptime, lost = self._serve(link, reconnects)
             self.backoff = self.backoff.after_link(uptime)
             if lost is None:
+                if self._closed_for_idleness:
+                    self._closed_for_idleness = False
+                    continue
                 break
             self._set(state=LOST, last_error=_error_record(lost), forwards=(), children=())
             if not lost.retryable:
                 return self._fail(lost)
             log.warning("%s: link lost after %.1f s: %s", self.spec.alias, uptime, lost.message)
-            self._pause()
+            if not self._unwanted():  # else nobody waits: idle, and the next client brings it up
+                self._pause()
         self._set(state=STOPPED, forwards=(), children=(), next_try_at=None)
         log.info("%s: stopped", self.spec.alias)
         return EXIT_OK
@@ -248,12 +270,23 @@ class Supervisor:
         for forward in self.status.forwards:
             log.info("%s: forward %s is up on %s", self.spec.alias, forward.forward, ", ".join(forward.listen))
         last_beat = time.monotonic()
+        unused_since: float | None = None
+        tick = SETTLE_TICK_S if link.settling() else HEARTBEAT_S
+        if self.on_demand is not None:
+            tick = min(tick, max(WAIT_TICK_S, self.settings.idle_timeout_s / 4))
         while not self.wakeups.stop.is_set():
-            self.wakeups.wake.wait(SETTLE_TICK_S if link.settling() else HEARTBEAT_S)
+            self.wakeups.wake.wait(tick)
             self.wakeups.wake.clear()
             lost = link.wait(0)
             if lost is not None:
                 return time.monotonic() - started, lost.error
+            if self.on_demand is not None:
+                unused_since = None if self.on_demand.busy() else unused_since or time.monotonic()
+                if unused_since is not None and time.monotonic() - unused_since >= self.settings.idle_timeout_s:
+                    log.info("%s: no connection for %.0f s: closing the link (on demand; still listening)",
+                             self.spec.alias, self.settings.idle_timeout_s)  # fmt: skip
+                    self._closed_for_idleness = True
+                    return time.monotonic() - started, None
             if self.wakeups.retry_now.is_set():
                 self.wakeups.retry_now.clear()
                 log.info("%s: retry requested, but the link is up", self.spec.alias)
@@ -263,6 +296,50 @@ class Supervisor:
             if self.status.state != before:
                 self._log_forward_health()
         return time.monotonic() - started, None
+
+    def _after_failed_attempt(self, error: TunneldError, first_try: bool, had_link: bool) -> int | None:
+        """Record a failed attempt; return the exit code when it is fatal, else wait out the backoff and None."""
+        self._set(attempts=self.status.attempts + 1, last_error=_error_record(error))
+        # A port taken while the link was down may be freed again: only at the very start is it fatal.
+        retryable = error.retryable or (isinstance(error, PortInUseError) and had_link)
+        if not retryable or (first_try and self.fail_fast):
+            return self._fail(error)
+        log.warning("%s: %s", self.spec.alias, error.message)
+        if not self._unwanted():  # else nobody waits for this link any more: idle until the next client
+            self._pause(stalled=isinstance(error, HandshakeStalledError),
+                        unreachable=isinstance(error, UnreachableError))  # fmt: skip
+        return None
+
+    def _unwanted(self) -> bool:
+        """Return True for an on-demand tunnel that no client waits for (it idles instead of connecting)."""
+        return self.on_demand is not None and self._verified and not self.on_demand.wanted()
+
+    def _verified_only(self, link: Link) -> None:
+        """On demand, the first link only proves host key and login (a broken host fails in the foreground)."""
+        self._verified = True
+        link.close()
+        self._set(attempts=0, last_error=None)
+        log.info("%s: host key and login verified; the link opens when a client connects (on demand)",
+                 self.spec.alias)  # fmt: skip
+
+    def _idle(self, engine: OnDemandEngine) -> bool:
+        """Listen without a link until a client arrives or SIGUSR1 asks (True), or a stop is requested (False)."""
+        self._set(state=IDLE, forwards=tuple(engine.listening()), children=(), next_try_at=None)
+        log.info("%s: idle: listening; the first client brings the link up", self.spec.alias)
+        while not self.wakeups.stop.is_set():
+            if engine.wanted():
+                log.info("%s: a client connected: bringing the link up", self.spec.alias)
+                return True
+            if self.wakeups.retry_now.is_set():
+                self.wakeups.retry_now.clear()
+                log.info("%s: connect requested (SIGUSR1)", self.spec.alias)
+                return True
+            self.wakeups.wake.wait(HEARTBEAT_S)
+            self.wakeups.wake.clear()
+            forwards = tuple(engine.listening())
+            if forwards != self.status.forwards:
+                self._set(forwards=forwards)
+        return False
 
     def _publish_up(self, link: Link, health: HealthMonitor, force: bool = True, **changes: object) -> bool:
         forwards = tuple(_with_health(f, health.result(f.forward)) for f in link.stats())

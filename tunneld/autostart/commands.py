@@ -37,17 +37,21 @@ def via_option(func: F) -> F:
 @via_option
 @click.option("--now", is_flag=True, help="Also start the tunnel now through the service manager.")
 def autostart_enable(host: str, ssh_config: str | None, via: str | None, now: bool) -> None:
-    """Start HOST's tunnel at every login (enabling twice is harmless)."""
+    """Start HOST's tunnel at every login (enabling twice is harmless). HOST may be @GROUP: each member."""
     from tunneld.autostart.manage import default_via, enable
     from tunneld.autostart.service import Launch, Runner
     from tunneld.config import resolve_host
+    from tunneld.settings import expand_groups
 
-    resolve_host(host, ssh_config)  # the same config step `check` runs: refuse a host that cannot work
-    manifest = enable(host, via or default_via(), Launch.current(ssh_config), Runner(), now)
-    click.echo(f"{host}  autostart enabled via {manifest.via}" + (" and started" if now else ""))
-    for name in manifest.files:
-        click.echo(f"  wrote {name}")
-    click.echo(f"undo with: tunneld autostart disable {host}")
+    hosts = expand_groups([host])
+    for name in hosts:  # every member is checked before any is enabled: a group is enabled whole or not at all
+        resolve_host(name, ssh_config)  # the same config step `check` runs: refuse a host that cannot work
+    for name in hosts:
+        manifest = enable(name, via or default_via(), Launch.current(ssh_config), Runner(), now)
+        click.echo(f"{name}  autostart enabled via {manifest.via}" + (" and started" if now else ""))
+        for written in manifest.files:
+            click.echo(f"  wrote {written}")
+        click.echo(f"undo with: tunneld autostart disable {name}")
 
 
 @autostart.command("disable")
@@ -55,17 +59,19 @@ def autostart_enable(host: str, ssh_config: str | None, via: str | None, now: bo
 @ssh_config_unused
 @click.option("--now", is_flag=True, help="Also stop the running tunnel.")
 def autostart_disable(host: str, ssh_config: str | None, now: bool) -> None:
-    """Stop starting HOST at login; remove exactly the files enable wrote."""
+    """Stop starting HOST at login; remove exactly the files enable wrote. HOST may be @GROUP: each member."""
     from tunneld.autostart.manage import disable
     from tunneld.autostart.service import Runner
+    from tunneld.settings import expand_groups
 
-    manifest = disable(host, Runner(), now)
-    if manifest is None:
-        click.echo(f"{host}  autostart was not enabled")
-        return
-    click.echo(f"{host}  autostart disabled ({manifest.via})" + (" and stopped" if now else ""))
-    for name in manifest.files:
-        click.echo(f"  removed {name}")
+    for name in expand_groups([host]):
+        manifest = disable(name, Runner(), now)
+        if manifest is None:
+            click.echo(f"{name}  autostart was not enabled")
+            continue
+        click.echo(f"{name}  autostart disabled ({manifest.via})" + (" and stopped" if now else ""))
+        for removed in manifest.files:
+            click.echo(f"  removed {removed}")
 
 
 @autostart.command("status")

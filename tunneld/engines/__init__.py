@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from tunneld.config import ssh_binary
 from tunneld.errors import ConfigError, TunneldError
@@ -106,6 +106,20 @@ class Link(Protocol):
         """Return a connection to `forward`'s target through this link (health checks); ConnectError if none."""
 
 
+@runtime_checkable
+class OnDemandEngine(Protocol):
+    """An engine whose listeners outlive its links: it can sit idle and connect when a client arrives."""
+
+    def wanted(self) -> bool:
+        """Return True when a client asked for a link (or waits for one)."""
+
+    def busy(self) -> bool:
+        """Return True while a connection is open, being opened, or waiting."""
+
+    def listening(self) -> list[ForwardStatus]:
+        """Return the forwards while no link is attached (listeners and counters)."""
+
+
 class Engine(Protocol):
     """Turns a TunnelSpec into a Link."""
 
@@ -136,8 +150,16 @@ def select_engine_name(requested: str, host: str | None = None) -> str:
     """
     if requested not in ENGINE_CHOICES:
         raise ConfigError(f"unknown engine {requested!r}", f"choose one of: {', '.join(ENGINE_CHOICES)}")
+    on_demand = host is not None and host_settings(host).on_demand
     if requested == "auto" and host is not None:
         requested = host_settings(host).engine
+    if on_demand and requested == "auto":
+        requested = "paramiko"  # only it can listen without a link (docs/engines.md, on demand)
+    if on_demand and requested == "openssh":
+        raise ConfigError(
+            f"{host}: on_demand = true needs the paramiko engine: ssh -N cannot adopt listeners that wait for a client",
+            f'use --engine paramiko or engine = "auto" for {host} in tunneld.toml, or set on_demand = false',
+        )
     if requested == "auto":
         requested = "openssh" if ssh_binary() is not None else "paramiko"
     if requested == "openssh" and ssh_binary() is None:

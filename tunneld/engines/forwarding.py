@@ -148,6 +148,7 @@ class Forwarder:
         self.growth = WindowGrowth()
         self.rtt_s = 0.0  # the link's keepalive round trip (0 until measured: no growth before)
         self.widen: Callable[[Channel, int], None] | None = None  # grants a channel more window (the engine)
+        self.on_demand: Callable[[], None] = lambda: None  # a client arrived while no link is attached
 
     def bind(self) -> None:
         """Bind every address OpenSSH would listen on (tunneld.listen); raise PortInUseError naming a holder.
@@ -285,6 +286,14 @@ class Forwarder:
     def _connections(self) -> int:
         return len(self._pairs) + len(self._waiting) + self._in_flight
 
+    def busy(self) -> bool:
+        """Return True while any connection is open, being opened, or waiting for a link."""
+        return self._connections() > 0
+
+    def has_waiting(self) -> bool:
+        """Return True while a connection waits for a link."""
+        return bool(self._waiting)
+
     def _out_of_room(self) -> bool:
         return (self._connections() + 1) * FDS_PER_CONNECTION > self.fd_budget
 
@@ -349,6 +358,7 @@ class Forwarder:
                 opener = self._opener
                 if opener is None:
                     self._waiting.append((sock, listener.forward, peer_addr, time.monotonic() + self.hold_s))
+                    self.on_demand()
                     continue
                 self._in_flight += 1
             self._pool.submit(self._open, opener, sock, listener.forward, peer_addr)
@@ -471,6 +481,9 @@ class Forwarder:
         with self._lock:
             left = BUFFER_BUDGET_BYTES - self._granted
         extra = self.growth.bytes_to_add(pair.window, pair.sample_bytes, elapsed, self.rtt_s, left, not pair.to_local)
+        log.debug("%s: window %d, %.0f of it per round trip (%.1f ms), reader %s: %+d", self.spec.alias, pair.window,
+                  pair.sample_bytes / elapsed * self.rtt_s, self.rtt_s * 1000,
+                  "keeps up" if not pair.to_local else "behind", extra)  # fmt: skip
         pair.sample_at, pair.sample_bytes = now, 0
         if extra > 0 and self.widen is not None:
             with self._lock:

@@ -346,10 +346,26 @@ class ParamikoEngine:
     def __init__(self, hold_s: float = DEFAULT_HOLD_S) -> None:
         self.hold_s = hold_s
         self.forwarder: Forwarder | None = None
+        self.demand = threading.Event()  # on demand: a client arrived while no link was attached
+
+    # -- on demand: the listeners outlive links, so the link can be closed while nobody uses it -------
+
+    def wanted(self) -> bool:
+        """Return True when a client asked for a link since it was last brought up, or still waits for one."""
+        return self.demand.is_set() or (self.forwarder is not None and self.forwarder.has_waiting())
+
+    def busy(self) -> bool:
+        """Return True while a connection is open, being opened, or waiting."""
+        return self.forwarder is not None and self.forwarder.busy()
+
+    def listening(self) -> list[ForwardStatus]:
+        """Return the forwards' listeners and counters while no link is attached."""
+        return self.forwarder.stats() if self.forwarder is not None else []
 
     def connect(self, spec: TunnelSpec, progress: ProgressCallback, events: LinkEvents) -> ParamikoLink:
         """Connect, verify, authenticate; bind the listeners on the first link; serve connections through it."""
         check_supported(spec)
+        self.demand.clear()  # this attempt answers whoever asked; a failed one leaves only the waiting clients
         abort = Abort(events.stop)
         try:
             abort.check()
@@ -366,6 +382,12 @@ class ParamikoEngine:
         if self.forwarder is None:
             forwarder = Forwarder(spec, self.hold_s)
             forwarder.on_change = events.changed.set
+
+            def demanded() -> None:
+                self.demand.set()
+                events.changed.set()
+
+            forwarder.on_demand = demanded
             try:
                 forwarder.bind()
             except BaseException:

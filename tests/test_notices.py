@@ -1,0 +1,134 @@
+"""Desktop notifications: one "down" and one "back" around an outage longer than notify_after_s, none for a blip.
+
+The real test puts a fake `notify-send` first on PATH (the one OS edge faked) and restarts a real sshd.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import EchoServer, SshServer, free_port, wait_for
+from tests.helpers import ForegroundTunnel, run_cli, start, write_config, write_settings
+from tunneld.notices import DesktopNotices, notifier_argv
+from tunneld.states import BACKOFF, CONNECTING, FAILED, IDLE, LOST, STARTING, STOPPED, UP
+
+NOTIFY_AFTER_S = 3
+
+
+@pytest.fixture
+def notify_send(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake notify-send first on PATH; each call appends its arguments as one line to the returned file."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    record = tmp_path / "notifications"
+    record.touch()
+    script = bindir / "notify-send"
+    script.write_text(f'#!/bin/sh\nprintf "%s|" "$@" >> {record}\necho >> {record}\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    return record
+
+
+def test_a_long_outage_notifies_lost_and_restored_once_a_blip_says_nothing(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, notify_send: Path, foreground: list[ForegroundTunnel]
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path, sshd.client_config("noisy", [f"LocalForward {port} 127.0.0.1:{echo.port}"]))
+    write_settings(f"notify_after_s = {NOTIFY_AFTER_S}\n")  # `run` keeps trying: notifications are on by default
+    tunnel = start(foreground, "noisy", config, "openssh")
+    tunnel.wait_state("up")
+    sshd.stop()  # a blip: back well within notify_after_s
+    tunnel.wait_state("lost", "backoff", "connecting")
+    sshd.start()
+    tunnel.wait_state("up")
+    time.sleep(NOTIFY_AFTER_S + 1)
+    assert notify_send.read_text() == "", "a blip shorter than notify_after_s must not notify"
+    sshd.stop()  # an outage: longer than notify_after_s
+    wait_for(lambda: notify_send.read_text().count("\n") == 1, NOTIFY_AFTER_S + 15, "the 'down' notification")
+    sshd.start()
+    tunnel.wait_state("up")
+    wait_for(lambda: notify_send.read_text().count("\n") == 2, 15, "the 'back' notification")
+    time.sleep(1)
+    lost, back = notify_send.read_text().splitlines()
+    assert lost.startswith("--app-name=tunneld|tunneld: noisy is down|no connection for "), lost
+    assert "127.0.0.1" in lost or "refused" in lost.lower() or "closed" in lost.lower(), lost  # ssh's reason
+    assert back.startswith("--app-name=tunneld|tunneld: noisy is back|up again after "), back
+
+
+def test_a_plain_start_does_not_notify_unless_asked(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, notify_send: Path
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path, sshd.client_config("quiet", [f"LocalForward {port} 127.0.0.1:{echo.port}"]))
+    write_settings("notify_after_s = 0\n")
+    try:
+        assert run_cli("start", "quiet", "-F", str(config)).returncode == 0
+        sshd.stop()
+        time.sleep(3)
+        assert notify_send.read_text() == ""  # default off for `start` (on for autostart, which keeps trying)
+    finally:
+        run_cli("stop", "quiet")
+
+
+class Recorder:
+    """A notifier that records what it was asked to show, optionally blocking like a hung notify-send."""
+
+    def __init__(self, block: threading.Event | None = None) -> None:
+        self.sent: list[tuple[str, str]] = []
+        self.block = block
+        self.called = threading.Event()
+
+    def __call__(self, title: str, body: str) -> None:
+        self.sent.append((title, body))
+        self.called.set()
+        if self.block is not None:
+            self.block.wait(30)
+
+
+def test_a_hung_notifier_never_holds_up_the_supervisor() -> None:
+    release = threading.Event()
+    recorder = Recorder(block=release)
+    notices = DesktopNotices("h", after_s=0, send=recorder)
+    try:
+        notices.observe(UP, None)
+        notices.observe(LOST, {"message": "Connection closed"})
+        assert recorder.called.wait(5)
+        began = time.monotonic()
+        for state in (BACKOFF, CONNECTING, UP, LOST, UP):
+            notices.observe(state, None)
+        assert time.monotonic() - began < 0.5  # observe returned at once though the notifier still hangs
+    finally:
+        release.set()
+        notices.close()
+
+
+def test_one_notification_per_state_change_and_none_before_the_first_up() -> None:
+    recorder = Recorder()
+    notices = DesktopNotices("h", after_s=0.2, send=recorder)
+    notices.observe(STARTING, None)
+    notices.observe(FAILED, {"message": "refused"})  # never up: the foreground `start` said it
+    time.sleep(0.4)
+    assert recorder.sent == []
+    notices.observe(UP, None)
+    for state in (LOST, BACKOFF, CONNECTING, BACKOFF):  # one outage, many states
+        notices.observe(state, {"message": "Connection refused\x1b]52;c;x\x07"})
+    wait_for(lambda: len(recorder.sent) == 1, 5, "one 'down' notification")
+    notices.observe(UP, None)
+    notices.observe(UP, None)
+    wait_for(lambda: len(recorder.sent) == 2, 5, "one 'back' notification")
+    notices.observe(IDLE, None)  # on demand, nothing wrong: not an outage
+    notices.observe(STOPPED, None)
+    time.sleep(0.4)
+    (down_title, down_body), (back_title, _) = recorder.sent
+    assert down_title == "tunneld: h is down" and "\x1b" not in down_body and "Connection refused" in down_body
+    assert back_title == "tunneld: h is back" and len(recorder.sent) == 2
+
+
+def test_no_notifier_program_means_no_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert notifier_argv("t", "b") is None

@@ -1,0 +1,89 @@
+"""On-demand tunnels against a real sshd: listening from `start`, connected only while clients use it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import psutil
+
+from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port, hold_port, wait_for
+from tests.helpers import read_log, read_state, run_cli, write_config, write_settings
+from tunneld.errors import EXIT_CONFIG
+
+IDLE_TIMEOUT_S = 2
+
+
+def sessions(sshd: SshServer) -> int:
+    """Return how many connections the listening sshd is serving (one forked child each)."""
+    assert sshd.proc is not None
+    return len(psutil.Process(sshd.proc.pid).children())
+
+
+def on_demand(tmp_path: Path, sshd: SshServer, echo: EchoServer, host: str = "od") -> tuple[str, int]:
+    """Write an ssh_config and a tunneld.toml that make `host` an on-demand tunnel; return (config, port)."""
+    port = free_port()
+    write_config(tmp_path, sshd.client_config(host, [f"LocalForward {port} 127.0.0.1:{echo.port}"]))
+    write_settings(f"[hosts.{host}]\non_demand = true\nidle_timeout_s = {IDLE_TIMEOUT_S}\n")
+    return str(tmp_path / "ssh_config"), port
+
+
+def test_no_session_until_the_first_client_then_closed_when_idle_and_back_on_the_next(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer
+) -> None:
+    config, port = on_demand(tmp_path, sshd, echo)
+    started = run_cli("start", "od", "-F", config)  # engine auto: on demand picks paramiko
+    try:
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.startswith("od  idle  127.0.0.1:"), started.stdout
+        state = read_state("od")
+        assert state["state"] == "idle" and state["engine"] == "paramiko" and state["reconnects"] == 0
+        # start checked host key and login with one handshake, then closed it: sshd serves nobody now
+        wait_for(lambda: sessions(sshd) == 0, 10, "the verifying session to end")
+        assert "host key and login verified" in read_log("od")
+        assert run_cli("wait", "od", "--timeout", "5").returncode == 0  # idle is ready
+        assert run_cli("status", "od").returncode == 0
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:  # the first client...
+            client.sendall(b"first")
+            assert client.recv(5) == b"first"  # ...waited for the link and was served
+            wait_for(lambda: read_state("od").get("state") == "up", 10, "up once the health check ran")
+            assert sessions(sshd) == 1
+        wait_for(lambda: read_state("od").get("state") == "idle", IDLE_TIMEOUT_S + 15, "the idle link to close")
+        wait_for(lambda: sessions(sshd) == 0, 10, "sshd to see the session end")
+        assert "no connection for 2 s: closing the link" in read_log("od")
+        assert echo_roundtrip(("127.0.0.1", port), b"again", timeout=10) == b"again"  # the next client brings it up
+        wait_for(lambda: read_state("od").get("state") in ("up", "idle"), 10, "up once the health check ran")
+        assert read_state("od")["reconnects"] == 0  # a link brought up for a client is not a reconnect
+        assert json.loads(run_cli("status", "od", "--json").stdout)["hosts"][0]["state"] in ("up", "idle")
+    finally:
+        run_cli("stop", "od")
+
+
+def test_start_still_fails_at_once_on_a_taken_port(tmp_path: Path, sshd: SshServer, echo: EchoServer) -> None:
+    config, port = on_demand(tmp_path, sshd, echo)
+    with hold_port("127.0.0.1", port):
+        done = run_cli("start", "od", "-F", config)
+    holder = f"local port {port} is already in use on 127.0.0.1 by python (pid {os.getpid()})"
+    assert done.returncode == EXIT_CONFIG and holder in done.stderr, done.stderr
+    assert read_state("od").get("state") != "idle"
+
+
+def test_start_still_fails_at_once_on_an_unknown_host_key(tmp_path: Path, sshd: SshServer, echo: EchoServer) -> None:
+    config, _ = on_demand(tmp_path, sshd, echo)
+    sshd.known_hosts.write_text("")  # StrictHostKeyChecking yes in client_config: an unknown key is refused
+    done = run_cli("start", "od", "-F", config)
+    assert done.returncode == EXIT_CONFIG and "host key" in done.stderr.lower(), done.stderr
+
+
+def test_on_demand_with_the_openssh_engine_is_refused_and_show_says_why(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer
+) -> None:
+    config, _ = on_demand(tmp_path, sshd, echo)
+    done = run_cli("start", "od", "-F", config, "--engine", "openssh")
+    assert done.returncode == EXIT_CONFIG and "needs the paramiko engine" in done.stderr, done.stderr
+    shown = run_cli("show", "od", "-F", config)
+    assert "engine      paramiko" in shown.stdout and "on demand   listens from `start`" in shown.stdout
+    data = json.loads(run_cli("show", "od", "-F", config, "--json").stdout)
+    assert data["on_demand"] is True and data["idle_timeout_s"] == IDLE_TIMEOUT_S
