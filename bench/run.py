@@ -119,7 +119,7 @@ class Bench:
              f"{port}:127.0.0.1:{self.target_port}", "plain"],
             stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        wait_for(lambda: _listens(proc.pid, port), 20, "ssh -L to listen")
+        wait_for(lambda: scale.listens(proc.pid, port), 20, "ssh -L to listen")
         return Forwarder("ssh -N -L", port, {"ssh": proc.pid}, lambda: _stop(proc.pid))
 
     def tunneld_forwarder(self, engine: str) -> Forwarder:
@@ -302,12 +302,6 @@ class Bench:
             self.sshd.stop()
             shutil.rmtree(self.workdir, ignore_errors=True)
         return self.results
-
-
-def _listens(pid: int, port: int) -> bool:
-    with contextlib.suppress(psutil.Error):
-        return any(c.laddr and c.laddr.port == port for c in psutil.Process(pid).net_connections())
-    return False
 
 
 def _stop(pid: int) -> None:
