@@ -133,6 +133,8 @@ def _many_lines(results: dict[str, object]) -> list[str]:
     if not many:
         return []
     count = int(many["count"])
+    said: object = many.get("failures")
+    failures = [str(line) for line in said] if isinstance(said, list) else []
     per_tunnel = many["tunneld_total_mib"] / count
     plain = many["plain_ssh_total_mib"] / count
     return [
@@ -146,6 +148,7 @@ def _many_lines(results: dict[str, object]) -> list[str]:
            f"({many['tunneld_total_pss_mib'] / count:.1f} per tunnel), {count} x `ssh -fN` "
            f"{many['plain_ssh_total_pss_mib']:.0f} MiB ({many['plain_ssh_total_pss_mib'] / count:.1f} each)"]
           if "tunneld_total_pss_mib" in many else []),
+        *(f"- did not start: {line}" for line in failures[:5]),
     ]  # fmt: skip
 
 

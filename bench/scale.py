@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -103,6 +105,24 @@ def long_path(bench: Bench, size_mib: int = 96) -> dict[str, dict[str, float]]:
     return out
 
 
+def quiet_port(rng: random.Random) -> int:
+    """Return a port below the ephemeral range that is free on 127.0.0.1 and ::1 right now.
+
+    A `localhost` forward binds both families; and with a hundred connections being opened, a port
+    the kernel handed out as free (an ephemeral one) can be taken again before the tunnel binds it.
+    """
+    for _ in range(500):
+        port = rng.randrange(20000, 32768)
+        try:
+            for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+                with socket.socket(family, socket.SOCK_STREAM) as sock:
+                    sock.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no quiet port free on both loopback families")
+
+
 def listens(pid: int, port: int) -> bool:
     """Return True when process `pid` listens on `port`."""
     with contextlib.suppress(psutil.Error):
@@ -128,20 +148,30 @@ def _pss_mib(pids: list[int]) -> float:
     return total / MIB
 
 
-def many_tunnels(bench: Bench, count: int = 50) -> dict[str, float]:
+def many_tunnels(bench: Bench, count: int = 50) -> dict[str, object]:
     """`tunneld start` of `count` hosts on one sshd (default MaxStartups): wall time to all up, and memory
     per tunnel next to `count` plain `ssh -fN` processes."""
     hosts = [f"many{i:02d}" for i in range(count)]
     config = bench.workdir / "ssh_config_many"
+    rng = random.Random(count)
+    ports: set[int] = set()
+    while len(ports) < count:
+        ports.add(quiet_port(rng))
     config.write_text(
         bench.config.read_text()
-        + "".join(bench.host_block(h, [f"LocalForward {free_port()} 127.0.0.1:{bench.target_port}"]) for h in hosts)
+        + "".join(
+            bench.host_block(h, [f"LocalForward {p} 127.0.0.1:{bench.target_port}"])
+            for h, p in zip(hosts, ports, strict=True)
+        )
     )
     began = time.perf_counter()
     done = bench.tunneld("start", *hosts, "-F", str(config), "--engine", "openssh", check=False)
     wall = time.perf_counter() - began
     up = sum(1 for h in hosts if bench.state(h).get("state") in ("up", "degraded"))
     print(f"  {count} tunnels: {up} up in {wall:.1f} s (exit {done.returncode})", flush=True)
+    failures = [line for line in done.stderr.splitlines() if line.strip()]
+    for line in failures[:10]:
+        print(f"    {line}", flush=True)
     try:
         time.sleep(IDLE_SETTLE_S)
         supervisors, children = [], []
@@ -189,6 +219,7 @@ def many_tunnels(bench: Bench, count: int = 50) -> dict[str, float]:
         "count": float(count), "up": float(up), "start_wall_s": wall, "tunneld_total_mib": tunneld_total,
         "supervisor_median_mib": per_supervisor, "ssh_median_mib": per_ssh, "plain_ssh_total_mib": plain_total,
         "tunneld_total_pss_mib": tunneld_pss, "plain_ssh_total_pss_mib": plain_pss, "plain_ssh_up": float(plain_up),
+        "failures": failures,
     }  # fmt: skip
     print(f"  {count} tunnels: tunneld {tunneld_total:.0f} MiB RSS ({tunneld_pss:.0f} PSS), plain ssh -N "
           f"({plain_up} listening) {plain_total:.0f} MiB RSS ({plain_pss:.0f} PSS)", flush=True)  # fmt: skip
