@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.harness import EchoServer, SshServer, free_port
@@ -62,3 +65,12 @@ def test_a_group_is_enabled_whole_or_not_at_all(tmp_path: Path) -> None:
     done = run_cli("autostart", "enable", "@ml", "-F", config, "--via", "xdg")
     assert done.returncode == EXIT_CONFIG and "ghost" in done.stderr
     assert not desktop_path("ga").exists()
+
+
+def test_shell_completion_offers_groups(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "Host mlflowserver\n  LocalForward 5000 localhost:5000\n")
+    write_settings('[groups]\nml = ["mlflowserver"]\nweb = ["mlflowserver"]\n')
+    env = dict(os.environ, _TUNNELD_COMPLETE="bash_complete", COMP_WORDS=f"tunneld start -F {config} @", COMP_CWORD="4")
+    script = Path(sys.executable).parent / "tunneld"  # completion keys on the program's name, as a shell runs it
+    done = subprocess.run([str(script)], env=env, capture_output=True, text=True, check=False, timeout=30)
+    assert sorted(line.split(",", 1)[1] for line in done.stdout.split()) == ["@ml", "@web"], done

@@ -132,3 +132,14 @@ def test_one_notification_per_state_change_and_none_before_the_first_up() -> Non
 def test_no_notifier_program_means_no_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     assert notifier_argv("t", "b") is None
+
+
+def test_a_fatal_error_after_up_notifies_at_once() -> None:
+    recorder = Recorder()
+    notices = DesktopNotices("h", after_s=60, send=recorder)  # a loss would wait a minute; a fatal error does not
+    notices.observe(UP, None)
+    notices.observe(LOST, {"message": "Connection closed"})
+    notices.observe(FAILED, {"message": "the host key of h changed"})
+    wait_for(lambda: len(recorder.sent) == 1, 5, "the 'down' notification of a fatal error")
+    notices.close()
+    assert recorder.sent[0][0] == "tunneld: h is down" and "host key of h changed" in recorder.sent[0][1]

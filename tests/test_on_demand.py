@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 
 import psutil
 
-from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port, hold_port, wait_for
+from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port, hold_port, scaled, wait_for
 from tests.helpers import read_log, read_state, run_cli, write_config, write_settings
 from tunneld.errors import EXIT_CONFIG
 
@@ -22,11 +23,11 @@ def sessions(sshd: SshServer) -> int:
     return len(psutil.Process(sshd.proc.pid).children())
 
 
-def on_demand(tmp_path: Path, sshd: SshServer, echo: EchoServer, host: str = "od") -> tuple[str, int]:
+def on_demand(tmp_path: Path, sshd: SshServer, echo: EchoServer, host: str = "od", extra: str = "") -> tuple[str, int]:
     """Write an ssh_config and a tunneld.toml that make `host` an on-demand tunnel; return (config, port)."""
     port = free_port()
     write_config(tmp_path, sshd.client_config(host, [f"LocalForward {port} 127.0.0.1:{echo.port}"]))
-    write_settings(f"[hosts.{host}]\non_demand = true\nidle_timeout_s = {IDLE_TIMEOUT_S}\n")
+    write_settings(f"[hosts.{host}]\non_demand = true\nidle_timeout_s = {IDLE_TIMEOUT_S}\n{extra}")
     return str(tmp_path / "ssh_config"), port
 
 
@@ -87,3 +88,37 @@ def test_on_demand_with_the_openssh_engine_is_refused_and_show_says_why(
     assert "engine      paramiko" in shown.stdout and "on demand   listens from `start`" in shown.stdout
     data = json.loads(run_cli("show", "od", "-F", config, "--json").stdout)
     assert data["on_demand"] is True and data["idle_timeout_s"] == IDLE_TIMEOUT_S
+
+
+def test_a_link_that_cannot_come_up_goes_back_to_idle_once_nobody_waits(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer
+) -> None:
+    config, port = on_demand(tmp_path, sshd, echo, extra="hold_connections_s = 2\n")
+    try:
+        assert run_cli("start", "od", "-F", config).returncode == 0
+        sshd.stop()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:  # our listener accepts it...
+            client.settimeout(scaled(20))
+            assert client.recv(1) == b""  # ...it waits hold_connections_s for a link that cannot come, then closes
+        wait_for(lambda: read_state("od").get("state") == "idle" and read_state("od").get("last_error"), 20,
+                 "idle again, with the error")  # fmt: skip
+        assert "Connection refused" in str(read_state("od")["last_error"])
+        status = run_cli("status", "od")
+        assert status.returncode == 0 and "idle (on demand)" in status.stdout and "refused" in status.stdout
+        sshd.start()
+        assert echo_roundtrip(("127.0.0.1", port), b"back", timeout=10) == b"back"  # the next client tries again
+    finally:
+        run_cli("stop", "od")
+
+
+def test_sigusr1_connects_an_idle_host_at_once(tmp_path: Path, sshd: SshServer, echo: EchoServer) -> None:
+    config, _ = on_demand(tmp_path, sshd, echo)
+    try:
+        assert run_cli("start", "od", "-F", config).returncode == 0
+        wait_for(lambda: sessions(sshd) == 0, 10, "the verifying session to end")
+        os.kill(int(str(read_state("od")["pid"])), signal.SIGUSR1)
+        wait_for(lambda: sessions(sshd) == 1, 10, "SIGUSR1 to bring the link up")
+        wait_for(lambda: read_state("od").get("state") == "idle" and sessions(sshd) == 0, IDLE_TIMEOUT_S + 15,
+                 "the unused link to close again")  # fmt: skip
+    finally:
+        run_cli("stop", "od")

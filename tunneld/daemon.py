@@ -162,7 +162,7 @@ def _run_supervised(
         fd = lock_fd if lock_fd is not None else pidfile.lock()
         spec = resolve_host(host, ssh_config)
         settings = host_settings(host)
-        engine = make_engine(engine_name, host)
+        engine = make_engine(engine_name, host, settings)
     except TunneldError as error:
         notifier.send("failed", error.to_dict())
         notifier.close()
@@ -171,7 +171,8 @@ def _run_supervised(
             write_json_atomic(files.state, {**failed, "pid": os.getpid(), "forwards": [], "children": []})
         raise
     reap_orphans(files)
-    if settings.notify if settings.notify is not None else not fail_fast:  # default: on when it keeps trying
+    notify = settings.notify if settings.notify is not None else not fail_fast  # default: on when it keeps trying
+    if notify:
         reporter.notices = DesktopNotices(host, settings.notify_after_s)
     pidfile.write(PidRecord.of_current_process(host, engine.name))
     wakeups = Wakeups()

@@ -31,9 +31,9 @@ def show(host: str, ssh_config: str | None, engine: str, as_json: bool) -> None:
     from tunneld.status import recorded_launch
 
     spec = resolve_host(host, ssh_config, require_forwards=False)
-    engine_name = select_engine_name(engine, host)
-    recorded = recorded_launch(host) if is_valid_host(host) else None
     settings = host_settings(host)
+    engine_name = select_engine_name(engine, host, settings)
+    recorded = recorded_launch(host) if is_valid_host(host) else None
     if as_json:
         data = spec_json(spec, engine_name, recorded)
         data["on_demand"] = settings.on_demand

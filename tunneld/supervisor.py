@@ -143,8 +143,6 @@ class Supervisor:
         )
         # On demand: the engine keeps listening without a link; the link lives while clients use it.
         self.on_demand = engine if self.settings.on_demand and isinstance(engine, OnDemandEngine) else None
-        self._closed_for_idleness = False
-        self._verified = False  # on demand: the first link checked host key and login, and was closed
         self._verified = False  # on demand: the first link checked host key and login, and was closed
 
     def _set(self, **changes: object) -> None:
@@ -193,10 +191,7 @@ class Supervisor:
             uptime, lost = self._serve(link, reconnects)
             self.backoff = self.backoff.after_link(uptime)
             if lost is None:
-                if self._closed_for_idleness:
-                    self._closed_for_idleness = False
-                    continue
-                break
+                continue  # a stop ends the loop; otherwise an on-demand link was closed for idleness
             self._set(state=LOST, last_error=_error_record(lost), forwards=(), children=())
             if not lost.retryable:
                 return self._fail(lost)
@@ -262,7 +257,8 @@ class Supervisor:
         return error.exit_code
 
     def _hold(self, link: Link, health: HealthMonitor, reconnects: int) -> tuple[float, TunneldError | None]:
-        """Hold a live link; return (uptime, why it was lost), with None when a stop was requested."""
+        """Hold a live link; return (uptime, why it was lost), with None when a stop was requested or an
+        on-demand link went unused for idle_timeout_s."""
         started = time.monotonic()
         cleared = self.status.last_error
         self._publish_up(link, health, reconnects=reconnects, attempts=0, last_error=None,
@@ -285,7 +281,6 @@ class Supervisor:
                 if unused_since is not None and time.monotonic() - unused_since >= self.settings.idle_timeout_s:
                     log.info("%s: no connection for %.0f s: closing the link (on demand; still listening)",
                              self.spec.alias, self.settings.idle_timeout_s)  # fmt: skip
-                    self._closed_for_idleness = True
                     return time.monotonic() - started, None
             if self.wakeups.retry_now.is_set():
                 self.wakeups.retry_now.clear()

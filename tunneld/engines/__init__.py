@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 from tunneld.config import ssh_binary
 from tunneld.errors import ConfigError, TunneldError
 from tunneld.health import Stream
-from tunneld.settings import ENGINES, host_settings
+from tunneld.settings import ENGINES, HostSettings, host_settings
 from tunneld.spec import Forward, TunnelSpec
 from tunneld.states import FORWARD_OK
 
@@ -143,16 +143,19 @@ def paramiko_available() -> bool:
     return importlib.util.find_spec("paramiko") is not None
 
 
-def select_engine_name(requested: str, host: str | None = None) -> str:
+def select_engine_name(requested: str, host: str | None = None, settings: HostSettings | None = None) -> str:
     """Return the engine `requested` resolves to: --engine, else the host's settings, else auto.
 
-    auto is openssh where an `ssh` binary exists and paramiko where it does not.
+    auto is openssh where an `ssh` binary exists and paramiko where it does not, and paramiko for an
+    on-demand host. `settings`: the host's, when the caller has read them already.
     """
     if requested not in ENGINE_CHOICES:
         raise ConfigError(f"unknown engine {requested!r}", f"choose one of: {', '.join(ENGINE_CHOICES)}")
-    on_demand = host is not None and host_settings(host).on_demand
-    if requested == "auto" and host is not None:
-        requested = host_settings(host).engine
+    if settings is None and host is not None:
+        settings = host_settings(host)
+    on_demand = settings is not None and settings.on_demand
+    if requested == "auto" and settings is not None:
+        requested = settings.engine
     if on_demand and requested == "auto":
         requested = "paramiko"  # only it can listen without a link (docs/engines.md, on demand)
     if on_demand and requested == "openssh":
@@ -172,14 +175,15 @@ def select_engine_name(requested: str, host: str | None = None) -> str:
     return requested
 
 
-def make_engine(requested: str, host: str | None = None) -> Engine:
+def make_engine(requested: str, host: str | None = None, settings: HostSettings | None = None) -> Engine:
     """Return an engine instance (its module is imported only now, so `status` never loads paramiko)."""
-    name = select_engine_name(requested, host)
+    if settings is None and host is not None:
+        settings = host_settings(host)
+    name = select_engine_name(requested, host, settings)
     if name == "paramiko":
         from tunneld.engines.paramiko import ParamikoEngine
 
-        hold = host_settings(host).hold_connections_s if host else 10.0
-        return ParamikoEngine(hold_s=hold)
+        return ParamikoEngine(hold_s=(settings or HostSettings()).hold_connections_s)
     from tunneld.engines.openssh import OpenSshEngine
 
     return OpenSshEngine()
