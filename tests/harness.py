@@ -325,6 +325,10 @@ class _ServedInThread:
         self.server = server
         self.host = host
         self.port = int(server.server_address[1])
+        # serve_forever accepts only after select() said a connection waits; should none be there after all, a
+        # blocking accept would never return and close() (shutdown) would wait for it for ever. Non-blocking,
+        # that accept fails, socketserver ignores the error, and the loop goes on. (Accepted sockets block.)
+        server.socket.setblocking(False)
         self.thread = threading.Thread(target=server.serve_forever, daemon=True)
         self.thread.start()
 
