@@ -139,6 +139,21 @@ class HandshakeStalledError(ConnectError):
     """The server accepted TCP but the SSH handshake did not complete in time (frozen, overloaded, not sshd)."""
 
 
+class RefusedByServerError(ConnectError):
+    """TCP was accepted, then closed or reset before any SSH banner: the server's defences (OpenSSH's
+    PerSourcePenalties, MaxStartups, a fail2ban-style drop) refuse new connections from this address for now."""
+
+    @classmethod
+    def before_banner(cls, where: str, how: str) -> RefusedByServerError:
+        """`where` (host:port) accepted TCP and then `how` ("closed", "reset") it before sending its banner."""
+        return cls(
+            f"the server refuses new connections for now (rate limit?): {where} {how} the connection before "
+            "its SSH banner",
+            "OpenSSH 9.8+ blocks an address for a while after connections that end before authentication "
+            "(PerSourcePenalties), as do MaxStartups and fail2ban; tunneld waits at least 15 s between attempts",
+        )
+
+
 class AlreadyRunningError(TunneldError):
     """A tunnel for this host is already running."""
 

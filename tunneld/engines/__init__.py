@@ -78,10 +78,17 @@ class ChildProcess:
 
 @dataclass(frozen=True)
 class LinkEvents:
-    """How an engine hears `stop`, and tells the supervisor to look again (link ended, a forward changed)."""
+    """How an engine hears `stop`, and tells the supervisor to look again (link ended, a forward changed).
+
+    An attempt also reports how far it got: `tcp_up` once TCP to the first hop is connected (the path
+    works: probing it is pointless from then on), `authenticated` once the server accepted the login
+    (a connection that ends later did not end before authentication).
+    """
 
     stop: threading.Event
     changed: threading.Event
+    tcp_up: threading.Event = field(default_factory=threading.Event)
+    authenticated: threading.Event = field(default_factory=threading.Event)
 
 
 class Link(Protocol):

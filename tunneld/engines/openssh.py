@@ -157,12 +157,11 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
 class StderrWatcher:
     """Reads ssh's stderr: logs it, reports milestones, and tracks each forwarded channel's fate."""
 
-    def __init__(
-        self, stream: IO[bytes], spec: TunnelSpec, progress: ProgressCallback, changed: threading.Event
-    ) -> None:
+    def __init__(self, stream: IO[bytes], spec: TunnelSpec, progress: ProgressCallback, events: LinkEvents) -> None:
         self.spec = spec
         self.progress = progress
-        self.changed = changed
+        self.events = events
+        self.changed = events.changed
         self.eof = threading.Event()
         self.lines: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
         self.verdicts: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
@@ -199,6 +198,10 @@ class StderrWatcher:
         for needle, milestone in _MILESTONES:
             if text.startswith(needle):
                 self.progress(milestone)
+        if debug and text.startswith("Connection established."):
+            self.events.tcp_up.set()
+        elif text.startswith("Authenticated to "):
+            self.events.authenticated.set()
 
     def _track(self, text: str) -> None:
         if match := _REQUEST_RE.search(text):
@@ -440,7 +443,7 @@ class OpenSshEngine:
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
         )
         assert proc.stderr is not None
-        link = OpenSshLink(spec, proc, StderrWatcher(proc.stderr, spec, progress, events.changed), argv)
+        link = OpenSshLink(spec, proc, StderrWatcher(proc.stderr, spec, progress, events), argv)
         deadline = time.monotonic() + spec.connect_timeout_s + HANDSHAKE_MARGIN_S
         try:
             _wait_until_ready(link, deadline, events.stop)

@@ -177,9 +177,12 @@ def _handshake(spec: TunnelSpec, sock: Carrier, progress: ProgressCallback, abor
 
 
 def open_chain(
-    spec: TunnelSpec, progress: ProgressCallback, abort: Abort
+    spec: TunnelSpec, progress: ProgressCallback, abort: Abort, events: LinkEvents | None = None
 ) -> tuple[list[paramiko.Transport], paramiko.ProxyCommand | None]:
-    """Connect through ProxyCommand or every ProxyJump hop (each verified and authenticated) to the host."""
+    """Connect through ProxyCommand or every ProxyJump hop (each verified and authenticated) to the host.
+
+    `events.tcp_up` is set once TCP to the first hop is connected.
+    """
     transports: list[paramiko.Transport] = []
     proxy = None
     try:
@@ -191,6 +194,8 @@ def open_chain(
         hops = [resolve_hop(h, spec.ssh_config) for h in spec.proxy_jump.split(",")] if spec.proxy_jump else []
         chain = [*hops, spec]
         sock: Carrier = _tcp(chain[0].hostname, chain[0].port, chain[0].connect_timeout_s, abort)
+        if events is not None:
+            events.tcp_up.set()
         for index, hop in enumerate(chain):
             if index > 0:
                 try:
@@ -369,13 +374,14 @@ class ParamikoEngine:
         abort = Abort(events.stop)
         try:
             abort.check()
-            transports, proxy = open_chain(spec, progress, abort)
+            transports, proxy = open_chain(spec, progress, abort, events)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             # Whatever the network does to a handshake is transient; the daemon must not die of it.
             abort.check()
             raise ConnectError(f"{spec.hostname}:{spec.port}: connection failed: {exc}") from exc
         finally:
             abort.done()
+        events.authenticated.set()
         if self.forwarder is not None and not self.forwarder.alive():
             self.forwarder.close()  # its loop died (logged): rebuild it rather than serve nothing
             self.forwarder = None
