@@ -53,7 +53,8 @@ class Result:
     detected_s: float | None
     recovered_s: float | None
     attempts: int
-    handshakes: int
+    logins: int
+    unauthenticated: int
     reconnects: int
     left_behind: int
     note: str = ""
@@ -145,10 +146,18 @@ class Bench:
         except OSError:
             return False
 
-    def handshakes(self) -> int:
-        """SSH attempts sshd saw: TCP connections less the probes that closed before a banner."""
-        log = self.sshd.log.read_text(errors="replace")
-        return log.count("Connection from") - log.count("kex_exchange_identification")
+    def mark(self) -> int:
+        """Return where sshd's log ends now: what follows is what this scenario made sshd see."""
+        return self.sshd.log_mark()
+
+    def logins(self, since: int) -> int:
+        """Logins sshd accepted since the mark (`Accepted publickey for ...`)."""
+        text = self.sshd.log.read_bytes()[since:].decode(errors="replace")
+        return sum(line.startswith("Accepted publickey for ") for line in text.splitlines())
+
+    def unauthenticated(self, since: int) -> int:
+        """Connections sshd saw since the mark that ended before authentication: what OpenSSH 9.8+ penalises."""
+        return self.sshd.preauth_connections(since)
 
     def first_echo_after(self, since: float) -> float | None:
         """Seconds from `since` until a fresh connection through the forward works (bounded)."""
@@ -245,7 +254,7 @@ def measure(bench: Bench, engine: str, name: str, fault: Fault, seconds: float) 
     bench.tunneld("start", host, "-F", str(bench.config), "--engine", engine)
     wait_for(bench.echo_works, 20, "the forward")
     time.sleep(6)  # a link that held: the next loss is retried at once
-    before = bench.handshakes()
+    before = bench.mark()
     began = time.monotonic()
     with fault(bench):
         detected = bench.wait_state(host, ("lost", "backoff", "connecting"), min(DETECT_LIMIT_S, seconds))
@@ -258,7 +267,7 @@ def measure(bench: Bench, engine: str, name: str, fault: Fault, seconds: float) 
     bench.wait_state(host, ("up", "degraded"), 10)  # traffic flows before `up` is published (health check)
     state = bench.state(host)
     result = Result(
-        name, engine, detected, recovered, attempts, bench.handshakes() - before,
+        name, engine, detected, recovered, attempts, bench.logins(before), bench.unauthenticated(before),
         _count(state, "reconnects"), 0,
         "" if detected is not None else "not noticed while the fault lasted",
     )  # fmt: skip
@@ -273,6 +282,7 @@ def child_kills(bench: Bench, kills: int = 6) -> Result:
     host = "f-openssh"
     bench.write_config(host, SSH_PORT, SERVER_IP)
     bench.tunneld("start", host, "-F", str(bench.config), "--engine", "openssh")
+    before = bench.mark()
     outages = []
     for _ in range(kills):
         wait_for(bench.echo_works, 20, "the forward")
@@ -292,7 +302,8 @@ def child_kills(bench: Bench, kills: int = 6) -> Result:
     shown = ", ".join(f"{o:.2f}" for o in outages)
     return Result(
         f"ssh child killed {len(outages)} times", "openssh", None, max(outages, default=None),
-        _count(state, "attempts"), 0, _count(state, "reconnects"), left_behind(bench), f"outages (s): {shown}",
+        _count(state, "attempts"), bench.logins(before), bench.unauthenticated(before), _count(state, "reconnects"),
+        left_behind(bench), f"outages (s): {shown}",
     )  # fmt: skip
 
 
@@ -304,7 +315,7 @@ def slow_path(bench: Bench, engine: str, seconds: float) -> Result:
     bench.write_config(host, relay.port, "127.0.0.1")
     bench.tunneld("start", host, "-F", str(bench.config), "--engine", engine)
     wait_for(bench.echo_works, 30, "the forward over the slow path")
-    before = bench.handshakes()
+    before = bench.mark()
     rtts = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -317,7 +328,7 @@ def slow_path(bench: Bench, engine: str, seconds: float) -> Result:
     note = f"echo p50 {statistics.median(rtts):.0f} ms; loss not emulated (this kernel has no netem)" if rtts else ""
     return Result(
         f"150 ms round trip for {seconds:.0f} s", engine, None, None, _count(state, "attempts"),
-        bench.handshakes() - before, _count(state, "reconnects"), 0, note,
+        bench.logins(before), bench.unauthenticated(before), _count(state, "reconnects"), 0, note,
     )  # fmt: skip
 
 
@@ -329,7 +340,7 @@ def changed_key(bench: Bench, engine: str) -> Result:
     wait_for(bench.echo_works, 20, "the forward")
     bench.sshd.stop()
     bench.sshd.regenerate_host_key()
-    before = bench.handshakes()
+    before = bench.mark()
     bench.sshd.start()
     detected = bench.wait_state(host, ("failed",), 30)
     time.sleep(5)
@@ -340,8 +351,8 @@ def changed_key(bench: Bench, engine: str) -> Result:
     if carried:
         note += "; TRAFFIC STILL FLOWED"
     bench.tunneld("stop", host, check=False)
-    return Result("host key changed", engine, detected, None, _count(state, "attempts"),
-                  bench.handshakes() - before, _count(state, "reconnects"), 0, note)  # fmt: skip
+    return Result("host key changed", engine, detected, None, _count(state, "attempts"), bench.logins(before),
+                  bench.unauthenticated(before), _count(state, "reconnects"), 0, note)  # fmt: skip
 
 
 def _count(state: dict[str, object], key: str) -> int:
@@ -380,17 +391,22 @@ def report(results: list[Result], path: Path) -> None:
         "replies). Keepalive: tunneld's default 3 s x 3. *noticed*: from the start of the fault to",
         "state `lost`; *working again*: from the end of the fault to the first new connection",
         "through the forward that reaches the target; *attempts*: failed SSH attempts during the",
-        "fault; *handshakes*: SSH connections sshd saw from the start of the fault on (TCP probes that",
-        "closed before a banner are not counted). For the ssh-child kills, *working again* is the",
-        "longest of the outages, each from the SIGKILL to a working connection.",
+        "fault; *logins*: logins sshd accepted from the start of the fault on; *unauthenticated*:",
+        "connections sshd saw in that time that ended before authentication (`Connection from` lines",
+        "less `Accepted` ones at LogLevel VERBOSE): the probe that found the server back, attempts",
+        "that reached a server that could not log them in. OpenSSH 9.8+ penalises the source of each",
+        "(PerSourcePenalties); tunneld allows itself at most 6 a minute per host and probes only while",
+        "TCP to the server fails. For the ssh-child kills, *working again* is the longest of the",
+        "outages, each from the SIGKILL to a working connection.",
         "",
-        "| fault | engine | noticed | working again | attempts | handshakes | reconnects | left behind | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| fault | engine | noticed | working again | attempts | logins | unauthenticated | reconnects "
+        "| left behind | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.scenario} | {r.engine} | {seconds(r.detected_s)} | {seconds(r.recovered_s)} | {r.attempts} | "
-            f"{r.handshakes} | {r.reconnects} | {r.left_behind} | {r.note} |"
+            f"{r.logins} | {r.unauthenticated} | {r.reconnects} | {r.left_behind} | {r.note} |"
         )
     lines.append("")
     path.write_text("\n".join(lines))

@@ -8,6 +8,7 @@ import http.server
 import os
 import queue
 import random
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ READY_TIMEOUT_S = 10.0
 # One knob for a slow machine: every wait in the tests is multiplied by it (TUNNELD_TEST_TIMEOUT_FACTOR=2).
 TIMEOUT_FACTOR = float(os.environ.get("TUNNELD_TEST_TIMEOUT_FACTOR", "1"))
 PORT_ATTEMPTS = 5
+_LOGIN_RE = re.compile(r"Accepted \S+ for ")  # `Accepted publickey for root from ...` (not `Accepted key ...`)
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -185,7 +187,8 @@ class SshServer:
         self.config.write_text("\n".join(lines) + "\n")
 
     def start(self) -> None:
-        """Start sshd and return once it sends its SSH banner.
+        """Start sshd and return once it logs that it listens (at LogLevel QUIET, FATAL or ERROR: once it sends
+        its banner). No connection is made where it can be avoided: tests count the connections sshd sees.
 
         The first start binds with retry: a port picked free can be taken by someone else before
         sshd binds it, and then another one is picked (known_hosts follows). A restart keeps its port.
@@ -224,6 +227,8 @@ class SshServer:
                     self.proc = None
                     raise PortTakenError(said)
                 raise RuntimeError(f"sshd exited with {proc.returncode}: {said[-2000:]}")
+            if self.log_level.upper() not in ("QUIET", "FATAL", "ERROR"):
+                return b"Server listening on " in self.log.read_bytes()[mark:]
             return read_banner(self.host, self.port).startswith(b"SSH-2.0-")
 
         wait_for(banner_or_exit, READY_TIMEOUT_S, f"sshd on port {self.port}")
@@ -247,6 +252,17 @@ class SshServer:
         if self.proc is not None:
             self.proc.wait(timeout=5)
             self.proc = None
+
+    def log_mark(self) -> int:
+        """Return where the log ends now (for `preauth_connections` since this moment)."""
+        return self.log.stat().st_size if self.log.exists() else 0
+
+    def preauth_connections(self, since: int = 0) -> int:
+        """Return how many connections sshd saw since `since` (a log_mark) that did not log in: `Connection from`
+        lines (LogLevel VERBOSE) minus `Accepted` ones. OpenSSH 9.8+ penalises the source of each."""
+        lines = self.log.read_bytes()[since:].decode(errors="replace").splitlines()
+        connections = sum(line.startswith("Connection from ") for line in lines)
+        return connections - sum(bool(_LOGIN_RE.match(line)) for line in lines)
 
     def freeze(self) -> None:
         """SIGSTOP sshd and its sessions: the link hangs without closing."""
@@ -501,31 +517,61 @@ def free_port_both() -> int:
 
 class SwitchableRelay:
     """A TCP relay in front of a server whose path the test switches: "forward", "swallow" (accept and
-    say nothing, like a frozen server's backlog) or "closed" (nothing listens: refused)."""
+    say nothing, like a frozen server's backlog), "full" (a full accept queue: the kernel drops SYNs, so a
+    connect hangs in SYN retransmission as on a dead path) or "closed" (nothing listens: refused).
+    `accepted` counts the connections it accepted from clients (not its own fillers)."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
         self.mode = "forward"
         self.port = free_port()
+        self.accepted = 0
         self._listener: socket.socket | None = None
         self._held: list[socket.socket] = []
+        self._fillers: list[socket.socket] = []
+        self._acceptor: threading.Thread | None = None
         self._lock = threading.Lock()
         self.set_mode("forward")
 
     def set_mode(self, mode: str) -> None:
-        """Switch the path; "closed" stops listening, the others listen again on the same port."""
+        """Switch the path; "closed" stops listening, "full" listens without accepting, the others accept."""
         with self._lock:
-            self.mode = mode
-            if mode == "closed" and self._listener is not None:
-                self._listener.close()
-                self._listener = None
-            elif mode != "closed" and self._listener is None:
-                listener = socket.socket()
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                listener.bind(("127.0.0.1", self.port))
-                listener.listen(64)
-                self._listener = listener
-                threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+            previous, self.mode = self.mode, mode
+            if (mode == "closed" or (mode == "full") != (previous == "full")) and self._listener is not None:
+                self._stop_listening()
+            for filler in self._fillers:
+                filler.close()
+            self._fillers = []
+            if mode == "closed" or self._listener is not None:
+                return
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            self._listener = listener
+            if mode == "full":
+                listener.listen(0)  # room for one queued connection: the fillers take it, further SYNs are dropped
+                for _ in range(2):
+                    filler = socket.socket()
+                    filler.setblocking(False)
+                    with contextlib.suppress(BlockingIOError):
+                        filler.connect(("127.0.0.1", self.port))
+                    self._fillers.append(filler)
+                return
+            listener.listen(64)
+            self._acceptor = threading.Thread(target=self._accept, args=(listener,), daemon=True)
+            self._acceptor.start()
+
+    def _stop_listening(self) -> None:
+        """Close the listener for real: shutdown wakes a thread blocked in accept(), which would otherwise keep
+        the socket listening (and take one more connection) after close()."""
+        assert self._listener is not None
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._listener = None
+        if self._acceptor is not None:
+            self._acceptor.join(5)
+            self._acceptor = None
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -533,6 +579,7 @@ class SwitchableRelay:
                 client, _ = listener.accept()
             except OSError:
                 return
+            self.accepted += 1
             if self.mode == "swallow":
                 self._held.append(client)  # never answered: the client waits for a banner
                 continue

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import pytest
 
@@ -21,16 +22,18 @@ from tunneld.errors import (
     ConnectError,
     HandshakeStalledError,
     PortInUseError,
+    RefusedByServerError,
     TunneldError,
     UnreachableError,
 )
 from tunneld.health import Stream
-from tunneld.probes import Environment, Wakeups
+from tunneld.probes import Environment, PathWatch, PreauthBudget, Wakeups
 from tunneld.spec import TunnelSpec
 from tunneld.supervisor import Backoff, Supervisor, TunnelStatus
 
 SPEC = TunnelSpec(alias="fake", hostname="127.0.0.1", port=9, user="u", forwards=())
 HANG = "hang"
+TCP_UP_HANG = "tcp-up-hang"
 LINK = "link"
 STEP_S = 0.02
 
@@ -96,11 +99,19 @@ class FakeEngine:
         self.calls += 1
         item = self.script.pop(0) if self.script else LINK
         if isinstance(item, BaseException):
+            if not isinstance(item, UnreachableError):
+                events.tcp_up.set()  # every other failure happened after TCP to the server connected
             raise item
+        if item == TCP_UP_HANG:  # TCP connected, then nothing (a frozen server's backlog)
+            events.tcp_up.set()
+            item = HANG
         if item == HANG:
             events.stop.wait(10)
             self.cancelled += 1
             raise ConnectError("stopped while connecting")
+        events.tcp_up.set()
+        events.first_hop_authenticated.set()
+        events.authenticated.set()
         link = FakeLink(events)
         self.links.append(link)
         return link
@@ -128,15 +139,27 @@ class Recorder:
 
 @dataclass
 class Path:
-    """The probe's answer, switched by the test; counts the probes that found it dead."""
+    """The probe's answer, switched by the test; counts the probes, and those that found it dead."""
 
     answers: bool = True
     failures: int = 0
+    calls: int = 0
 
     def __call__(self, hop: tuple[str, int]) -> bool:
+        self.calls += 1
         if not self.answers:
             self.failures += 1
         return self.answers
+
+
+class Clock:
+    """A clock the test moves (the budget's window)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @dataclass
@@ -157,6 +180,12 @@ class Harness:
         return self.recorder.last.state if self.recorder.statuses else ""
 
 
+@pytest.fixture(autouse=True)
+def short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attempt's own TCP connect gets 1 s before its path is probed; here a tenth of that."""
+    monkeypatch.setattr("tunneld.supervisor.ATTEMPT_GRACE_S", 0.1)
+
+
 @pytest.fixture
 def run() -> Iterator[Callable[..., Harness]]:
     """Start a supervisor on a thread with fakes; it is stopped afterwards."""
@@ -168,13 +197,15 @@ def run() -> Iterator[Callable[..., Harness]]:
         environment: Environment | None = None,
         path: Path | None = None,
         fail_fast: bool = False,
+        budget: PreauthBudget | None = None,
     ) -> Harness:
         engine, recorder, wakeups, rng = FakeEngine(script), Recorder(), Wakeups(), RecordingRandom()
         path = path or Path()
         supervisor = Supervisor(
             SPEC, engine, recorder, wakeups, fail_fast=fail_fast, rng=rng, probe=path,
-            backoff=backoff or Backoff(base_s=STEP_S, cap_s=4 * STEP_S, stable_s=0.2),
+            backoff=backoff or Backoff(base_s=STEP_S, cap_s=4 * STEP_S, stable_s=0.2, refused_s=STEP_S),
             environment=environment or Environment(addresses=frozenset),
+            budget=budget or PreauthBudget(limit=1000),
         )  # fmt: skip
         result: list[int] = []
         thread = threading.Thread(target=lambda: result.append(supervisor.run()), daemon=True)
@@ -246,9 +277,13 @@ def test_a_flapping_server_still_backs_off(run: Callable[..., Harness]) -> None:
     assert h.rng.ceilings == [STEP_S, 2 * STEP_S]
 
 
+def unreachable() -> UnreachableError:
+    return UnreachableError("connect to host 198.18.77.2 port 22: Connection refused")
+
+
 def test_the_path_coming_back_ends_a_long_wait(run: Callable[..., Harness]) -> None:
     path = Path(answers=False)
-    h = run([transient(), transient()], backoff=Backoff(base_s=60.0, cap_s=60.0), path=path)
+    h = run([unreachable(), unreachable()], backoff=Backoff(base_s=60.0, cap_s=60.0), path=path)
     h.until(lambda: h.state() == "backoff", "the 60 s wait")
     # Each of the two attempts' watches may still finish one probe late; a third failure is the wait's own.
     seen = path.failures
@@ -266,11 +301,28 @@ def test_after_an_unreachable_attempt_the_first_answer_ends_the_wait(run: Callab
     assert h.rng.ceilings == [60.0] and h.engine.calls == 3
 
 
-def test_a_path_that_always_answered_does_not_end_the_wait(run: Callable[..., Harness]) -> None:
-    h = run([transient(), transient()], backoff=Backoff(base_s=60.0, cap_s=60.0))
-    h.until(lambda: h.state() == "backoff", "the 60 s wait")
-    time.sleep(0.6)  # two probe rounds that answer
-    assert h.state() == "backoff" and h.engine.calls == 2
+@pytest.mark.parametrize(
+    "failure",
+    [
+        ConnectError("remote port forwarding failed for listen port 5000"),  # logged in; the server said no
+        AuthError("u@127.0.0.1:9 refused authentication"),
+        HandshakeStalledError("Connection timed out during banner exchange"),
+        RefusedByServerError("the server refuses new connections for now (rate limit?)"),
+    ],
+    ids=["forward refused", "auth refused", "stalled", "refused before banner"],
+)
+def test_a_server_that_answers_tcp_is_never_probed(run: Callable[..., Harness], failure: TunneldError) -> None:
+    """Every probe of a live sshd is a connection that ends before authentication: OpenSSH 9.8+ penalises it."""
+    path = Path()
+    budget = PreauthBudget(limit=1000)
+    h = run([failure] * 3 if failure.retryable else [], backoff=Backoff(base_s=0.3, cap_s=0.3, refused_s=0.3),
+            path=path, budget=budget)  # fmt: skip
+    if failure.retryable:
+        h.until(lambda: h.state() == "up", "the link after the failures")
+    else:
+        h.engine.script[:] = [failure]
+        h.thread.join(5)
+    assert path.calls == 0, f"{path.calls} probes of a server that answered TCP all along"
 
 
 @pytest.mark.parametrize("how", ["SIGUSR1", "clock jump", "network change"])
@@ -289,6 +341,29 @@ def test_a_wakeup_ends_the_backoff_wait(run: Callable[..., Harness], how: str) -
     h.until(lambda: h.state() == "up", f"the retry after the {how}")
 
 
+def test_an_attempt_whose_tcp_connected_is_not_probed(run: Callable[..., Harness]) -> None:
+    """A frozen server's backlog accepted TCP: the path works, probing it would only cost connections."""
+    path = Path()
+    h = run([TCP_UP_HANG], path=path)
+    h.until(lambda: h.engine.calls == 1, "the attempt")
+    time.sleep(0.4)  # four probe periods past the grace
+    assert path.calls == 0
+    h.wakeups.request_stop()
+    h.thread.join(5)
+
+
+def test_the_first_answer_ends_the_probing(run: Callable[..., Harness]) -> None:
+    path = Path(answers=False)
+    h = run([unreachable(), unreachable()], backoff=Backoff(base_s=60.0, cap_s=60.0), path=path)
+    h.until(lambda: path.failures >= 2, "probes that find the path dead")
+    path.answers = True
+    h.until(lambda: h.state() == "up", "the retry the first answer started")
+    answered = path.calls - path.failures
+    time.sleep(0.4)
+    assert path.calls - path.failures == answered, "probing went on after the path answered"
+    assert answered <= 4, f"{answered} probes answered: more than the overlapping ones in flight"
+
+
 def test_an_attempt_stuck_on_a_dead_path_is_abandoned_when_the_path_returns(run: Callable[..., Harness]) -> None:
     path = Path(answers=False)
     h = run([HANG], path=path)
@@ -305,6 +380,58 @@ def test_a_stalled_handshake_on_a_port_that_answers_is_retried_at_once(run: Call
     h = run([stalled, stalled, stalled], backoff=Backoff(base_s=60.0, cap_s=60.0))
     h.until(lambda: h.state() == "up", "the link once the server answers")
     assert h.engine.calls == 4 and h.rng.ceilings == []
+
+
+def test_a_server_that_closes_before_its_banner_is_left_alone_for_refused_s(run: Callable[..., Harness]) -> None:
+    path = Path()
+    h = run([RefusedByServerError("the server refuses new connections for now (rate limit?)")], path=path,
+            backoff=Backoff(base_s=STEP_S, cap_s=STEP_S, refused_s=60.0))  # fmt: skip
+    h.until(lambda: h.state() == "backoff", "the wait")
+    next_try = h.recorder.last.next_try_at
+    assert next_try is not None and next_try - time.time() > 55, "less than refused_s after a refusal"
+    assert "rate limit?" in str(h.recorder.last.last_error)
+    time.sleep(0.3)
+    assert h.engine.calls == 1 and path.calls == 0
+
+
+def test_the_budget_bounds_connections_that_end_before_authentication(run: Callable[..., Harness]) -> None:
+    """Whatever the failure pattern (here: every attempt reaches TCP and fails at once, retried at once as a
+    stalled handshake is), at most `limit` may end before authentication per window."""
+    clock = Clock()
+    budget = PreauthBudget(limit=6, window_s=60.0, clock=clock)
+    stalled = HandshakeStalledError("Connection timed out during banner exchange")
+    h = run([stalled] * 9, budget=budget)
+    h.until(lambda: h.engine.calls == 6 and h.state() == "backoff", "the wait for the budget")
+    time.sleep(0.3)
+    assert h.engine.calls == 6, "a seventh connection within the window"
+    assert budget.spent() == 6
+    clock.now += 30  # half the window: still used up
+    time.sleep(0.3)
+    assert h.engine.calls == 6
+    clock.now += 31  # the first six leave the window
+    h.until(lambda: h.state() == "up", "the link once the budget allows")
+    assert h.engine.calls == 10 and budget.spent() == 3, "the link authenticated: its slot was given back"
+
+
+def probed(watch: PathWatch) -> bool:
+    return watch.started >= 1 and (watch.answered.is_set() or watch.failures >= 1)
+
+
+def test_a_probe_that_answers_spends_a_slot_and_one_that_fails_does_not() -> None:
+    clock = Clock()
+    budget = PreauthBudget(limit=2, window_s=60.0, clock=clock)
+    for answers in (False, True, False, True):
+        watch = PathWatch(("192.0.2.1", 22), lambda: None, probe=Path(answers), budget=budget).start()
+        wait_for(partial(probed, watch), 5, "a probe")
+        watch.stop()
+        wait_for(lambda: budget.wait_s() == 0 or budget.spent() == 2, 5, "the probe to end")
+    assert budget.spent() == 2
+    blocked = PathWatch(("192.0.2.1", 22), lambda: None, probe=lambda _hop: True, budget=budget).start()
+    time.sleep(0.3)
+    blocked.stop()
+    assert blocked.started == 0, "a probe was started with the budget used up"
+    clock.now += 61
+    assert budget.wait_s() == 0 and budget.take()
 
 
 def test_stop_cancels_an_attempt_in_progress(run: Callable[..., Harness]) -> None:

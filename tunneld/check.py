@@ -9,11 +9,10 @@ from dataclasses import dataclass
 
 from tunneld.config import resolve_host
 from tunneld.engines import Link, LinkEvents, make_engine, select_engine_name
-from tunneld.errors import AuthError, HostKeyError, PortInUseError, TunneldError
+from tunneld.errors import AuthError, HostKeyError, PortInUseError, TunneldError, UnreachableError
 from tunneld.health import LocalProber, checks_for, run_check
 from tunneld.listen import ListenPlan, plan_spec
 from tunneld.ports import Listeners, listeners_of, port_in_use_error, port_is_free, unix_socket_answers
-from tunneld.probes import tcp_answers
 from tunneld.settings import host_settings
 from tunneld.spec import TunnelSpec
 from tunneld.status import HostReport, collect
@@ -62,19 +61,21 @@ def run_checks(host: str, ssh_config: str | None, engine_name: str) -> Iterator[
     ours = _ours(report)
     ports = list(_local_port_steps(spec, report, ours))
     yield from ports
-    network = list(_network_steps(spec))
-    yield from network
+    dns = _dns_step(spec)
+    yield dns
+    if dns.verdict == FAIL:
+        yield from _skip_from("tcp", "the server's name does not resolve")
+        return
     if report.is_up:
+        yield Step("tcp", PASS, f"the running tunnel (pid {report.pid}) is connected")
         yield Step("host key", PASS, f"accepted by the running tunnel (pid {report.pid})")
         yield Step("auth", PASS, f"the running tunnel is authenticated (pid {report.pid})")
         yield Step("forwards", PASS, "listening: " + "; ".join(_listen_of(f) for f in report.forwards))
         yield from _target_steps(spec, ours)
         return
-    if any(step.verdict == FAIL for step in network):
-        yield from _skip_from(STEPS[STEPS.index(network[-1].name) + 1], "the server cannot be reached")
-        return
     if any(step.verdict == FAIL for step in ports):
-        yield from _skip_from("host key", "a local port is taken; fix that first")
+        # Connecting only to find out whether TCP works would cost a connection that ends before authentication.
+        yield from _skip_from("tcp", "a local port is taken; fix that first (check connects only when it can log in)")
         return
     yield from _connect_steps(spec, engine_name)
 
@@ -131,55 +132,36 @@ def _addresses(plan: ListenPlan) -> list[tuple[str, str]]:
     return list(zip(plan.addresses, plan.ips, strict=True))
 
 
-def _network_steps(spec: TunnelSpec) -> Iterator[Step]:
+def _dns_step(spec: TunnelSpec) -> Step:
+    """Resolve the first hop's name (no connection is made: the connect step tells whether TCP works)."""
     hop = spec.first_hop()
     if hop is None:
-        yield Step("dns", SKIP, f"reached through ProxyCommand {spec.proxy_command}")
-        yield Step("tcp", SKIP, "reached through ProxyCommand")
-        return
+        return Step("dns", SKIP, f"reached through ProxyCommand {spec.proxy_command or '(of the first ProxyJump hop)'}")
     host, port = hop
     try:
         addresses = sorted({str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
     except OSError as exc:
-        yield Step("dns", FAIL, f"{host} does not resolve: {exc}", "check HostName / ProxyJump and your network")
-        return
-    yield Step("dns", PASS, f"{host} -> {', '.join(addresses)}")
-    if tcp_answers(hop):
-        yield Step("tcp", PASS, f"{host}:{port} accepts TCP connections")
-    else:
-        yield Step(
-            "tcp",
-            FAIL,
-            f"{host}:{port} does not accept TCP connections",
-            "is the server up, sshd running, and the port right? a firewall or VPN may be in the way",
-        )
+        return Step("dns", FAIL, f"{host} does not resolve: {exc}", "check HostName / ProxyJump and your network")
+    return Step("dns", PASS, f"{host} -> {', '.join(addresses)}")
 
 
 def _connect_steps(spec: TunnelSpec, engine_name: str) -> Iterator[Step]:
-    """Bring a throwaway link up (the host is not running) and read each step off how far it got."""
+    """Bring a throwaway link up (the host is not running) and read each step off how far it got: no probe
+    connection is made, the attempt's own TCP connect is the tcp step."""
+    hop = spec.first_hop()
+    events = LinkEvents(stop=threading.Event(), changed=threading.Event())
     try:
-        events = LinkEvents(stop=threading.Event(), changed=threading.Event())
         engine = make_engine(engine_name, spec.alias)
         link: Link = engine.connect(spec, lambda _text: None, events)
-    except HostKeyError as error:
-        yield Step("host key", FAIL, error.message, error.hint)
-        yield from _skip_from("auth", "the host key must be accepted first")
+    except UnreachableError as error:
+        yield Step("tcp", FAIL, error.message, error.hint or "is the server up, sshd running, and the port right?")
+        yield from _skip_from("host key", "the server cannot be reached")
         return
-    except AuthError as error:
-        yield Step("host key", PASS, f"{spec.hostname}'s key matches known_hosts")
-        yield Step("auth", FAIL, error.message, error.hint)
-        yield from _skip_from("forwards", "authentication must succeed first")
+    except TunneldError as error:
+        yield _tcp_step(hop, events)
+        yield from _failure_steps(spec, error)
         return
-    except PortInUseError as error:
-        yield Step("host key", PASS, f"{spec.hostname}'s key matches known_hosts")
-        yield Step("auth", PASS, f"authenticated as {spec.user}")
-        yield Step("forwards", FAIL, error.message, error.hint)
-        yield from _skip_from("target", "a forward could not listen")
-        return
-    except TunneldError as error:  # the handshake itself failed (stalled, closed): the host-key step is where
-        yield Step("host key", FAIL, error.message, error.hint)
-        yield from _skip_from("auth", "no SSH session could be opened")
-        return
+    yield _tcp_step(hop, events)
     try:
         yield Step("host key", PASS, f"{spec.hostname}'s key matches known_hosts")
         yield Step("auth", PASS, f"authenticated as {spec.user}")
@@ -189,6 +171,34 @@ def _connect_steps(spec: TunnelSpec, engine_name: str) -> Iterator[Step]:
     finally:
         link.close()
         engine.close()
+
+
+def _tcp_step(hop: tuple[str, int] | None, events: LinkEvents) -> Step:
+    if hop is None:
+        return Step("tcp", SKIP, "reached through a ProxyCommand")
+    if not events.tcp_up.is_set():
+        return Step("tcp", SKIP, f"not known whether {hop[0]}:{hop[1]} accepts TCP: the attempt ended before")
+    return Step("tcp", PASS, f"{hop[0]}:{hop[1]} accepts TCP connections")
+
+
+def _failure_steps(spec: TunnelSpec, error: TunneldError) -> Iterator[Step]:
+    """File an attempt's failure under the step it belongs to; the steps after it are skipped."""
+    if isinstance(error, HostKeyError):
+        yield Step("host key", FAIL, error.message, error.hint)
+        yield from _skip_from("auth", "the host key must be accepted first")
+        return
+    if isinstance(error, (AuthError, PortInUseError)):
+        yield Step("host key", PASS, f"{spec.hostname}'s key matches known_hosts")
+    if isinstance(error, AuthError):
+        yield Step("auth", FAIL, error.message, error.hint)
+        yield from _skip_from("forwards", "authentication must succeed first")
+    elif isinstance(error, PortInUseError):
+        yield Step("auth", PASS, f"authenticated as {spec.user}")
+        yield Step("forwards", FAIL, error.message, error.hint)
+        yield from _skip_from("target", "a forward could not listen")
+    else:  # the handshake itself failed (stalled, closed, refused): the host-key step is where it stopped
+        yield Step("host key", FAIL, error.message, error.hint)
+        yield from _skip_from("auth", "no SSH session could be opened")
 
 
 def _target_steps(spec: TunnelSpec, ours: Listeners | None = None) -> Iterator[Step]:

@@ -33,13 +33,28 @@ _FILE_LINE_RE = re.compile(r"^(?P<file>.+?):? line (?P<line>\d+): (?P<reason>.+)
 _ADD_FORWARD_HINT = "add a line under 'Host {alias}', for example:  LocalForward 5000 localhost:5000"
 
 
-def resolve_hop(hop: str, ssh_config: str | None) -> TunnelSpec:
-    """Resolve one ProxyJump hop (`[user@]host[:port]`, an alias or not) through ssh_config."""
+MAX_JUMP_DEPTH = 8  # a chain of ProxyJumps deeper than this (or a loop) is not followed for probing
+
+
+def resolve_hop(hop: str, ssh_config: str | None, depth: int = 0) -> TunnelSpec:
+    """Resolve one ProxyJump hop (`[user@]host[:port]` or `ssh://[user@]host[:port]`, an alias or not) as ssh
+    does: `ssh -G` of the host, with the user and port the hop names taking precedence."""
     hop = hop.removeprefix("ssh://")
     user, _, rest = hop.rpartition("@")
     host, port = parse_jump(rest, default_port=0)
-    spec = resolve_host(host, ssh_config, require_forwards=False)
+    spec = resolve_host(host, ssh_config, require_forwards=False, depth=depth)
     return dataclasses.replace(spec, user=user or spec.user, port=port or spec.port)
+
+
+def first_jump_hop(proxy_jump: str, ssh_config: str | None, depth: int) -> tuple[str, int] | None:
+    """Return where ssh connects first for `ProxyJump proxy_jump`: the first jump's own first hop (it may have
+    a ProxyJump of its own), or None behind a ProxyCommand, past MAX_JUMP_DEPTH, or when it does not resolve."""
+    if depth >= MAX_JUMP_DEPTH:
+        return None
+    try:
+        return resolve_hop(proxy_jump.split(",", maxsplit=1)[0].strip(), ssh_config, depth + 1).first_hop()
+    except (ConfigError, ValueError):
+        return None
 
 
 def ssh_binary() -> str | None:
@@ -93,8 +108,11 @@ def config_error_from_stderr(stderr: str, ssh_config: str | None, alias: str = "
     return ConfigError(f"cannot read ssh_config {where}: {reason}", f"check the file with `{command}`")
 
 
-def resolve_host(alias: str, ssh_config: str | None = None, require_forwards: bool = True) -> TunnelSpec:
-    """Return the TunnelSpec of `alias` exactly as `ssh` would resolve it (a jump host needs no forwards)."""
+def resolve_host(
+    alias: str, ssh_config: str | None = None, require_forwards: bool = True, depth: int = 0
+) -> TunnelSpec:
+    """Return the TunnelSpec of `alias` exactly as `ssh` would resolve it (a jump host needs no forwards;
+    `depth`: how many ProxyJumps deep this host is, when it is one)."""
     name = validate_host(alias) if require_forwards else alias
     if ssh_binary() is not None:
         pairs, resolver = run_ssh_g(name, ssh_config), "ssh -G"
@@ -121,6 +139,8 @@ def resolve_host(alias: str, ssh_config: str | None = None, require_forwards: bo
     interval = int(one("serveraliveinterval", "0"))
     timeout = optional("connecttimeout")
     agent = values.get("identityagent", [None])[0]  # "none" (no agent) differs from unset (SSH_AUTH_SOCK)
+    proxy_jump, proxy_command = optional("proxyjump"), optional("proxycommand")
+    jump_first_hop = first_jump_hop(proxy_jump, ssh_config, depth) if proxy_jump and not proxy_command else None
     return TunnelSpec(
         alias=alias,
         hostname=hostname,
@@ -131,8 +151,9 @@ def resolve_host(alias: str, ssh_config: str | None = None, require_forwards: bo
         certificate_files=tuple(expand_tokens(v, tokens) for v in values.get("certificatefile", []) if v != "none"),
         identities_only=one("identitiesonly", "no") == "yes",
         identity_agent=expand_tokens(agent, tokens) if agent and agent.lower() != "none" else agent,
-        proxy_jump=optional("proxyjump"),
-        proxy_command=optional("proxycommand"),
+        proxy_jump=proxy_jump,
+        jump_first_hop=jump_first_hop,
+        proxy_command=proxy_command,
         host_key_alias=optional("hostkeyalias"),
         strict_host_key_checking=normalize_strict(one("stricthostkeychecking", "ask")),
         # ssh -G prints these already expanded; paramiko's parser does not expand them.

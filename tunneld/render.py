@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from tunneld.probes import PREAUTH_LIMIT, PREAUTH_WINDOW_S
 from tunneld.safetext import printable
 from tunneld.states import BACKOFF, DEGRADED, FORWARD_DEGRADED, IDLE, STOPPED, UP
 from tunneld.status import HostReport, Launch
@@ -36,12 +37,8 @@ def spec_lines(spec: TunnelSpec, engine: str, recorded: Launch | None = None) ->
         f"known_hosts {' '.join(spec.user_known_hosts_files) or 'none'}",
         f"resolved by {spec.resolver}" + (f" -F {spec.ssh_config}" if spec.ssh_config else ""),
     ]
-    hop = spec.first_hop()
-    if hop is None:
-        lines.append("probes      none: behind a ProxyCommand only SSH attempts can tell when the server is back")
-    else:
-        which = "the first ProxyJump hop" if spec.proxy_jump else "the server"
-        lines.append(f"probes      TCP to {hop[0]}:{hop[1]} ({which}) every 0.25 s while reconnecting")
+    lines.append(f"probes      {probe_text(spec)}")
+    lines.append(f"budget      {BUDGET_TEXT}")
     if recorded is not None:
         lines.append(
             f"last start  engine {recorded.engine or '?'}, ssh_config {recorded.ssh_config or 'ssh default'} "
@@ -83,12 +80,37 @@ def spec_lines(spec: TunnelSpec, engine: str, recorded: Launch | None = None) ->
     return lines
 
 
+BUDGET_TEXT = (
+    f"at most {PREAUTH_LIMIT} connections a minute may end before authentication (probes and failed attempts): "
+    "OpenSSH 9.8+ blocks an address that makes more (PerSourcePenalties)"
+)
+
+
+def probe_text(spec: TunnelSpec) -> str:
+    """Say what tunneld probes while a link is down, and when: only while TCP to the first hop fails."""
+    hop = spec.first_hop()
+    if hop is None and spec.proxy_jump:
+        return f"none: the first ProxyJump hop ({spec.proxy_jump.split(',')[0]}) is reached through a ProxyCommand"
+    if hop is None:
+        return "none: behind a ProxyCommand only SSH attempts can tell when the server is back"
+    host, port = hop
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    which = f"the first ProxyJump hop, {spec.proxy_jump.split(',')[0]}" if spec.proxy_jump else "the server"
+    return f"TCP to {shown} ({which}) every 0.25 s, only while it refuses or does not answer TCP"
+
+
 def spec_json(spec: TunnelSpec, engine: str, recorded: Launch | None = None) -> dict[str, object]:
     """Return `tunneld show --json`: the spec, the engine, and each forward's listen addresses and exposure."""
     from tunneld.listen import plan_spec
 
     data = {**spec.to_dict(), "engine": engine, "warnings": [] if spec.forwards else [NO_FORWARDS_WARNING]}
     data["last_start"] = {"engine": recorded.engine, "ssh_config": recorded.ssh_config} if recorded else None
+    hop = spec.first_hop()
+    data["probes"] = {
+        "first_hop": {"host": hop[0], "port": hop[1]} if hop else None,
+        "when": "only while TCP to the first hop fails",
+        "preauth_budget": {"connections": PREAUTH_LIMIT, "per_s": PREAUTH_WINDOW_S},
+    }
     plans = {plan.forward: plan for plan in plan_spec(spec)}
     forwards = []
     for forward in spec.forwards:

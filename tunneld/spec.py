@@ -85,6 +85,9 @@ class TunnelSpec:
     identities_only: bool = False
     identity_agent: str | None = None
     proxy_jump: str | None = None
+    # Where ssh connects first for a ProxyJump: the first jump resolved as ssh resolves it (its own
+    # HostName, Port and ProxyJump, via `ssh -G`); None when that hop is reached through a ProxyCommand.
+    jump_first_hop: tuple[str, int] | None = None
     proxy_command: str | None = None
     host_key_alias: str | None = None
     strict_host_key_checking: str = "ask"
@@ -105,11 +108,11 @@ class TunnelSpec:
         return tuple(f for f in self.forwards if f.kind in (LOCAL, DYNAMIC))
 
     def first_hop(self) -> tuple[str, int] | None:
-        """Return the (host, port) tunneld's TCP probe should try, or None behind a ProxyCommand."""
+        """Return the (host, port) ssh connects to first (what a probe tries), or None behind a ProxyCommand."""
         if self.proxy_command:
             return None
         if self.proxy_jump:
-            return parse_jump(self.proxy_jump.split(",")[0], default_port=22)
+            return self.jump_first_hop
         return (self.hostname, self.port)
 
     @property

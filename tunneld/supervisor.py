@@ -11,9 +11,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tunneld.engines import ChildProcess, Engine, ForwardStatus, Link, LinkEvents, OnDemandEngine
-from tunneld.errors import EXIT_OK, HandshakeStalledError, PortInUseError, TunneldError, UnreachableError
+from tunneld.errors import (
+    EXIT_OK,
+    HandshakeStalledError,
+    PortInUseError,
+    RefusedByServerError,
+    TunneldError,
+    UnreachableError,
+)
 from tunneld.health import Health, HealthMonitor
-from tunneld.probes import Environment, PathWatch, Probe, Wakeups, tcp_answers
+from tunneld.probes import ATTEMPT_GRACE_S, Environment, PathWatch, PreauthBudget, Probe, Wakeups, tcp_answers
 from tunneld.settings import HostSettings
 from tunneld.spec import TunnelSpec
 from tunneld.states import (
@@ -49,6 +56,9 @@ class Backoff:
     base_s: float = 0.5
     cap_s: float = 30.0
     stable_s: float = 5.0
+    # A server that closes connections before its banner is refusing this address for now (PerSourcePenalties,
+    # MaxStartups, fail2ban): coming back sooner only prolongs the block.
+    refused_s: float = 15.0
     attempt: int = 0
 
     def delay(self, rng: random.Random) -> float:
@@ -125,6 +135,7 @@ class Supervisor:
         settings: HostSettings | None = None,
         probe: Probe | None = None,
         environment: Environment | None = None,
+        budget: PreauthBudget | None = None,
     ) -> None:
         self.spec = spec
         self.settings = settings or HostSettings()
@@ -136,6 +147,7 @@ class Supervisor:
         self.rng = rng or random.Random()
         self.probe: Probe = probe or (lambda hop: bool(tcp_answers(hop)))
         self.environment = environment or Environment()
+        self.budget = budget or PreauthBudget()
         keepalive = f"{spec.keepalive_interval_s}s x {spec.keepalive_count_max}"
         now = time.time()
         self.status = TunnelStatus(
@@ -166,6 +178,8 @@ class Supervisor:
                 if not self._idle(self.on_demand):  # type: ignore[arg-type]  # _unwanted: on demand
                     break
                 had_link = False  # a link brought up for a client is not a reconnect
+            if not self._take_budget():
+                break
             self._set(state=CONNECTING, next_try_at=None)
             self._progress(f"connecting to {self.spec.user}@{self.spec.hostname}:{self.spec.port}")
             try:
@@ -203,29 +217,31 @@ class Supervisor:
         return EXIT_OK
 
     def _connect(self) -> Link:
-        """One attempt, watched: if the path was dead and comes back before the SSH banner, start afresh.
+        """One attempt (its budget slot already taken), watched while its TCP connect is pending.
 
-        An attempt stuck in TCP SYN retransmission or waiting for a banner on a dead path would
-        otherwise wait out ConnectTimeout after the server is reachable again.
+        An attempt stuck in TCP SYN retransmission on a dead path would otherwise wait out ConnectTimeout
+        after the server is reachable again: if TCP has not connected within ATTEMPT_GRACE_S, the first hop
+        is probed, and a path that was dead and answers again makes a fresh attempt replace this one. Once
+        the attempt's TCP is up, nothing is probed. When the attempt ends, its slot is spent if it reached the
+        server without logging in.
         """
-        cancel, past_banner, abandoned = threading.Event(), threading.Event(), threading.Event()
+        cancel, abandoned = threading.Event(), threading.Event()
+        events = LinkEvents(cancel, self.wakeups.wake)
 
         def path_changed() -> None:
-            if watch.came_back.is_set() and not past_banner.is_set():
+            if watch.came_back.is_set() and not events.tcp_up.is_set():
                 abandoned.set()
                 cancel.set()
 
-        def progress(text: str) -> None:
-            if text.startswith("connected"):
-                past_banner.set()
-            self._progress(text)
-
-        watch = PathWatch(self.spec.first_hop(), path_changed, self.probe).start()
+        watch = PathWatch(
+            self.spec.first_hop(), path_changed, self.probe, budget=self.budget, delay_s=ATTEMPT_GRACE_S,
+            until=events.tcp_up,
+        ).start()  # fmt: skip
         self.wakeups.attempt = cancel
         if self.wakeups.stop.is_set():
             cancel.set()
         try:
-            return self.engine.connect(self.spec, progress, LinkEvents(cancel, self.wakeups.wake))
+            return self.engine.connect(self.spec, self._progress, events)
         except TunneldError:
             if abandoned.is_set() and not self.wakeups.stop.is_set():
                 raise AttemptAbandonedError from None
@@ -233,6 +249,28 @@ class Supervisor:
         finally:
             watch.stop()
             self.wakeups.attempt = None
+            if self.spec.first_hop() is None:  # behind a ProxyCommand: count every attempt that did not log in
+                self.budget.end(spent=not events.authenticated.is_set())
+            else:  # the connection tunneld opened is the one to the first hop
+                self.budget.end(spent=events.tcp_up.is_set() and not events.first_hop_authenticated.is_set())
+
+    def _take_budget(self) -> bool:
+        """Take a slot for the next attempt, waiting while the budget is used up; False when a stop came first."""
+        told = False
+        while not self.wakeups.stop.is_set():
+            if self.budget.take():
+                return True
+            wait = self.budget.wait_s()
+            if not told:
+                told = True
+                log.warning(
+                    "%s: %d connections to the server ended before authentication in the last %.0f s: waiting "
+                    "%.0f s (at most %d a minute: OpenSSH 9.8+ blocks addresses that make more)",
+                    self.spec.alias, self.budget.spent(), self.budget.window_s, wait, self.budget.limit,
+                )  # fmt: skip
+                self._set(state=BACKOFF, next_try_at=time.time() + wait)
+            self.wakeups.stop.wait(min(max(wait, WAIT_TICK_S / 5), WAIT_TICK_S))
+        return False
 
     def _serve(self, link: Link, reconnects: int) -> tuple[float, TunneldError | None]:
         """Check the forwards, publish `up`, hold the link until it ends; always close it."""
@@ -301,8 +339,7 @@ class Supervisor:
             return self._fail(error)
         log.warning("%s: %s", self.spec.alias, error.message)
         if not self._unwanted():  # else nobody waits for this link any more: idle until the next client
-            self._pause(stalled=isinstance(error, HandshakeStalledError),
-                        unreachable=isinstance(error, UnreachableError))  # fmt: skip
+            self._pause(error)
         return None
 
     def _unwanted(self) -> bool:
@@ -351,39 +388,43 @@ class Supervisor:
         if self.status.state == UP:
             log.info("%s: every forward's target answers again", self.spec.alias)
 
-    def _pause(self, stalled: bool = False, unreachable: bool = False) -> None:
+    def _pause(self, error: TunneldError | None = None) -> None:
         """Wait out one backoff step; end early on stop, on 'retry now', a machine change, or the path's return.
 
-        After a stalled handshake on a port that still accepts TCP (a frozen or overloaded server),
-        the next attempt starts at once: one attempt at a time stays pending, so a server that
-        resumes is used the moment it answers. Each such attempt lasts ConnectTimeout, which bounds the rate.
+        The path is probed only after an attempt that could not reach it (UnreachableError): a server that
+        answers TCP is never probed, its failures wait out the backoff alone. A server that closed the
+        connection before its banner (RefusedByServerError) is refusing this address for now: at least
+        `refused_s`. After a stalled handshake (the port accepted TCP, no banner or handshake followed: a
+        frozen or overloaded server) the next attempt starts at once: one attempt at a time stays pending, so
+        a server that resumes is used the moment it answers; each lasts ConnectTimeout and the budget bounds them.
         """
-        hop = self.spec.first_hop()
-        if stalled and hop is not None and self.probe(hop):
+        if isinstance(error, HandshakeStalledError):
             self.backoff = self.backoff.next()
-            log.info("%s: %s:%d accepts connections but the handshake stalled: trying again now", self.spec.alias,
-                     *hop)  # fmt: skip
+            log.info("%s: the server accepted TCP but the handshake stalled: trying again now", self.spec.alias)
             return
         delay = self.backoff.delay(self.rng)
+        if isinstance(error, RefusedByServerError):
+            delay = max(delay, self.backoff.refused_s)
         self.backoff = self.backoff.next()
         if delay <= 0:
             log.info("%s: retrying now", self.spec.alias)
             return
         log.info("%s: retrying in %.1f s", self.spec.alias, delay)
         self._set(state=BACKOFF, next_try_at=time.time() + delay)
-        reason = self._wait(delay, known_down=unreachable)
+        reason = self._wait(delay, probing=isinstance(error, UnreachableError))
         if reason:
             log.info("%s: %s: retrying now", self.spec.alias, reason)
 
-    def _wait(self, delay: float, known_down: bool = False) -> str | None:
+    def _wait(self, delay: float, probing: bool = False) -> str | None:
         """Sleep up to `delay`; return why it ended early (None when it ran out or a stop was requested).
 
-        `known_down`: the attempt that failed could not reach the first hop, so the first probe that
-        answers means the path is back (a path that answered all along never ends a wait early).
+        `probing`: the attempt that failed could not reach the first hop, so it is probed until the
+        first answer, which means the path is back.
         """
         deadline = time.monotonic() + delay
         hop = self.spec.first_hop()
-        watch = PathWatch(hop, self.wakeups.wake.set, self.probe, known_down=known_down).start()
+        watch = PathWatch(hop if probing else None, self.wakeups.wake.set, self.probe, known_down=True,
+                          budget=self.budget).start()  # fmt: skip
         try:
             while not self.wakeups.stop.is_set():
                 remaining = deadline - time.monotonic()

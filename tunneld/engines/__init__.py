@@ -81,13 +81,15 @@ class LinkEvents:
     """How an engine hears `stop`, and tells the supervisor to look again (link ended, a forward changed).
 
     An attempt also reports how far it got: `tcp_up` once TCP to the first hop is connected (the path
-    works: probing it is pointless from then on), `authenticated` once the server accepted the login
-    (a connection that ends later did not end before authentication).
+    works: probing it is pointless from then on), `first_hop_authenticated` once the first hop (the server,
+    or the first ProxyJump host) accepted the login (the connection tunneld opened did not end before
+    authentication, whatever happens behind it), `authenticated` once the server itself accepted it.
     """
 
     stop: threading.Event
     changed: threading.Event
     tcp_up: threading.Event = field(default_factory=threading.Event)
+    first_hop_authenticated: threading.Event = field(default_factory=threading.Event)
     authenticated: threading.Event = field(default_factory=threading.Event)
 
 

@@ -200,7 +200,8 @@ class StderrWatcher:
                 self.progress(milestone)
         if debug and text.startswith("Connection established."):
             self.events.tcp_up.set()
-        elif text.startswith("Authenticated to "):
+        elif text.startswith("Authenticated to "):  # with ProxyJump, the jump ssh's login comes first
+            self.events.first_hop_authenticated.set()
             self.events.authenticated.set()
 
     def _track(self, text: str) -> None:

@@ -181,7 +181,8 @@ def open_chain(
 ) -> tuple[list[paramiko.Transport], paramiko.ProxyCommand | None]:
     """Connect through ProxyCommand or every ProxyJump hop (each verified and authenticated) to the host.
 
-    `events.tcp_up` is set once TCP to the first hop is connected.
+    `events.tcp_up` is set once TCP to the first hop is connected, `events.first_hop_authenticated` once it
+    accepted the login.
     """
     transports: list[paramiko.Transport] = []
     proxy = None
@@ -204,6 +205,8 @@ def open_chain(
                 except (paramiko.SSHException, OSError) as exc:
                     raise ConnectError(f"jump host could not reach {hop.hostname}:{hop.port}: {exc}") from exc
             transports.append(_handshake(hop, sock, progress, abort))
+            if index == 0 and events is not None:
+                events.first_hop_authenticated.set()
     except BaseException:
         for transport in reversed(transports):
             transport.close()
