@@ -16,6 +16,7 @@ from functools import partial
 import pytest
 
 from tests.harness import wait_for
+from tunneld.credentials import CredentialWatch
 from tunneld.engines import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback
 from tunneld.errors import (
     AuthError,
@@ -198,14 +199,20 @@ def run() -> Iterator[Callable[..., Harness]]:
         path: Path | None = None,
         fail_fast: bool = False,
         budget: PreauthBudget | None = None,
+        credentials: CredentialWatch | None = None,
+        logged_in_to: str | None = None,
+        engine: FakeEngine | None = None,
     ) -> Harness:
-        engine, recorder, wakeups, rng = FakeEngine(script), Recorder(), Wakeups(), RecordingRandom()
+        recorder, wakeups, rng = Recorder(), Wakeups(), RecordingRandom()
+        engine = engine or FakeEngine(script)
         path = path or Path()
         supervisor = Supervisor(
             SPEC, engine, recorder, wakeups, fail_fast=fail_fast, rng=rng, probe=path,
             backoff=backoff or Backoff(base_s=STEP_S, cap_s=4 * STEP_S, stable_s=0.2, refused_s=STEP_S),
             environment=environment or Environment(addresses=frozenset),
             budget=budget or PreauthBudget(limit=1000),
+            credentials=credentials or CredentialWatch(None, identities=lambda _path: None),
+            logged_in_to=logged_in_to,
         )  # fmt: skip
         result: list[int] = []
         thread = threading.Thread(target=lambda: result.append(supervisor.run()), daemon=True)
@@ -466,3 +473,84 @@ def test_fail_fast_ends_on_the_first_transient_failure(run: Callable[..., Harnes
     h = run([transient()], fail_fast=True)
     h.thread.join(5)
     assert h.result == [69] and h.engine.calls == 1
+
+
+class Agent:
+    """The agent's identity list as the test sets it (None: no agent answers)."""
+
+    def __init__(self, keys: tuple[bytes, ...] | None) -> None:
+        self.keys = keys
+        self.asked = 0
+
+    def __call__(self, _path: str | None) -> tuple[bytes, ...] | None:
+        self.asked += 1
+        return self.keys
+
+
+@dataclass
+class ListeningEngine(FakeEngine):
+    """An engine that keeps its ports between links (the paramiko engine): records refuse_clients calls."""
+
+    refusing: list[bool] = field(default_factory=list)
+
+    def listening(self) -> list[ForwardStatus]:
+        return [ForwardStatus("localhost:5000 -> localhost:5000", ("127.0.0.1:5000",), "localhost:5000")]
+
+    def refuse_clients(self, refusing: bool) -> None:
+        self.refusing.append(refusing)
+
+
+def refused() -> AuthError:
+    return AuthError("u@127.0.0.1:9 refused authentication: Permission denied (publickey)")
+
+
+def test_a_login_refused_after_a_link_waits_for_the_agent_to_change(run: Callable[..., Harness]) -> None:
+    """needs-auth: no retry on a timer (one attempt per change of the agent's keys), the ports stay held and
+    their clients are refused at once."""
+    agent = Agent((b"key-1",))
+    watch = CredentialWatch(None, identities=agent, every_s=0.0)
+    engine = ListeningEngine([])
+    h = run([], credentials=watch, engine=engine)
+    h.until(links_up(h, 1), "the first link")
+    agent.keys = ()  # the agent is emptied (ssh-add -D, a lock, a key lifetime)
+    engine.script[:] = [refused(), refused()]
+    h.engine.links[-1].end(ConnectError("Connection closed by remote host"))
+    h.until(lambda: h.state() == "needs-auth", "needs-auth")
+    assert h.engine.calls == 2
+    error = h.recorder.last.last_error or {}
+    assert "the agent has no key for u@127.0.0.1:9" in str(error.get("message")), error
+    assert "ssh-add" in str(error.get("hint"))
+    assert h.recorder.last.forwards and engine.refusing == [True], "the ports are kept, clients refused at once"
+    asked = agent.asked
+    h.until(lambda: agent.asked >= asked + 3, "three looks at the agent")
+    assert h.engine.calls == 2, "a retry against the server without a change of credentials"
+    agent.keys = (b"key-1", b"key-2")  # the server refuses them this time: one attempt, then back to waiting
+    h.until(lambda: h.engine.calls == 3 and h.state() == "needs-auth", "one attempt for the change")
+    assert "refused the agent's 2 key(s)" in str((h.recorder.last.last_error or {}).get("message"))
+    agent.keys = (b"key-1",)
+    h.until(links_up(h, 2), "the link once the right key is back")
+    assert h.engine.calls == 4 and engine.refusing == [True, False, True, False]
+
+
+def test_a_login_refused_at_the_first_attempt_stays_fatal_without_a_previous_login(
+    run: Callable[..., Harness],
+) -> None:
+    h = run([refused()], logged_in_to="someone@elsewhere:22")  # another target's login does not count
+    h.thread.join(5)
+    assert h.result == [78] and h.state() == "failed"
+
+
+def test_a_login_recorded_by_an_earlier_run_makes_the_first_refusal_wait(run: Callable[..., Harness]) -> None:
+    """Autostart at login before the agent has its keys: the host worked yesterday, so it waits."""
+    agent = Agent(())
+    h = run([refused()], logged_in_to="u@127.0.0.1:9", credentials=CredentialWatch(None, identities=agent))
+    h.until(lambda: h.state() == "needs-auth", "needs-auth")
+    h.wakeups.request_retry()  # SIGUSR1 (or `tunneld start HOST`): one attempt now
+    h.until(lambda: h.state() == "up", "the link after the retry")
+    assert h.engine.calls == 2
+
+
+def test_an_interactive_start_fails_at_once_even_after_an_earlier_login(run: Callable[..., Harness]) -> None:
+    h = run([refused()], logged_in_to="u@127.0.0.1:9", fail_fast=True)
+    h.thread.join(5)
+    assert h.result == [78] and h.state() == "failed"

@@ -361,7 +361,7 @@ def wait(host: str, ssh_config: str | None, timeout: float) -> None:
     """
     from tunneld.paths import validate_host
     from tunneld.safetext import printable
-    from tunneld.states import FORWARD_DEGRADED
+    from tunneld.states import FORWARD_DEGRADED, NEEDS_AUTH
     from tunneld.status import wait_until_up
 
     up, report = wait_until_up(validate_host(host), timeout)
@@ -369,6 +369,12 @@ def wait(host: str, ssh_config: str | None, timeout: float) -> None:
         click.echo(f"{host}  {report.state}")
         return
     error = report.last_error.get("message") if report.last_error else None
+    if report.state == NEEDS_AUTH:
+        hint = report.last_error.get("hint") if report.last_error else None
+        click.echo(printable(f"{host}  {error or 'needs your credentials'}"), err=True)
+        if hint:
+            click.echo(printable(f"  hint: {hint}"), err=True)
+        sys.exit(EXIT_RUNTIME)
     if not report.running:
         why = f"{host}  is not running (state: {report.state}"
     elif report.is_up:

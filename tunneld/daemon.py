@@ -170,6 +170,7 @@ def _run_supervised(
             failed = {"host": host, "state": FAILED, "since": time.time(), "last_error": error.to_dict()}
             write_json_atomic(files.state, {**failed, "pid": os.getpid(), "forwards": [], "children": []})
         raise
+    previous = state_or_empty(files)
     reap_orphans(files)
     notify = settings.notify if settings.notify is not None else not fail_fast  # default: on when it keeps trying
     if notify:
@@ -185,7 +186,11 @@ def _run_supervised(
         spec.keepalive_interval_s,
         spec.keepalive_count_max,
     )
-    supervisor = Supervisor(spec, engine, reporter, wakeups, fail_fast=fail_fast, settings=settings)
+    logged_in_to = previous.get("logged_in_to")
+    supervisor = Supervisor(
+        spec, engine, reporter, wakeups, fail_fast=fail_fast, settings=settings,
+        logged_in_to=logged_in_to if isinstance(logged_in_to, str) else None,
+    )  # fmt: skip
     try:
         return supervisor.run()
     except Exception as exc:  # a bug: record it where `status` looks, then crash loudly

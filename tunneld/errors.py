@@ -85,6 +85,22 @@ class AuthError(FatalError):
         return cls(f"{where} refused authentication: {detail}", hint)
 
 
+class NeedsAuthError(AuthError):
+    """A host that logged in before is refused now: it waits for its credentials to change (state needs-auth)."""
+
+    @classmethod
+    def waiting(cls, alias: str, reason: str, interactive: bool = False) -> NeedsAuthError:
+        """`reason`: what the agent offers now (or that the interactive login connection ended)."""
+        if interactive:
+            hint = f"run `tunneld login {alias}` in a terminal; the forwards come back once you are logged in"
+        else:
+            hint = (
+                "load your key with `ssh-add` (or unlock the agent): tunneld tries again as soon as the agent's "
+                f"keys change, or at once with `tunneld start {alias}`"
+            )
+        return cls(f"{alias} needs your key: {reason}", hint)
+
+
 class HostKeyError(FatalError):
     """The server's host key is unknown or differs from the one in known_hosts."""
 

@@ -9,7 +9,7 @@ from tunneld.autostart import read_manifest
 from tunneld.errors import CorruptFileError
 from tunneld.paths import HostFiles, known_hosts_with_files, state_dir
 from tunneld.pidfile import PidFile, read_json
-from tunneld.states import ALL_STATES, READY_STATES, RUNNING_STATES
+from tunneld.states import ALL_STATES, NEEDS_AUTH, READY_STATES, RUNNING_STATES
 
 STATUS_SCHEMA_VERSION = 1
 STALE = "dead (stale pid file)"
@@ -214,13 +214,13 @@ def _number(value: object) -> float | None:
 def wait_until_up(host: str, timeout: float) -> tuple[bool, HostReport]:
     """Poll until the host is up with its configured health checks passing; return (ready, last report).
 
-    Returns at once, not ready, when no tunnel runs for the host (failed, stopped, dead, never started):
-    waiting cannot help there.
+    Returns at once, not ready, when no tunnel runs for the host (failed, stopped, dead, never started) or
+    when it waits for credentials (needs-auth): waiting cannot help there, the user must act.
     """
     deadline = time.monotonic() + timeout
     while True:
         report = collect(host)
         ready = report.is_up and report.health_ok
-        if ready or not report.running or time.monotonic() >= deadline:
+        if ready or not report.running or report.state == NEEDS_AUTH or time.monotonic() >= deadline:
             return ready, report
         time.sleep(WAIT_POLL_S)

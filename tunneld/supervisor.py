@@ -10,10 +10,13 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from tunneld.engines import ChildProcess, Engine, ForwardStatus, Link, LinkEvents, OnDemandEngine
+from tunneld.credentials import Credentials, CredentialWatch
+from tunneld.engines import ChildProcess, Engine, ForwardStatus, KeepsListeners, Link, LinkEvents, OnDemandEngine
 from tunneld.errors import (
     EXIT_OK,
+    AuthError,
     HandshakeStalledError,
+    NeedsAuthError,
     PortInUseError,
     RefusedByServerError,
     TunneldError,
@@ -31,6 +34,7 @@ from tunneld.states import (
     FORWARD_DEGRADED,
     IDLE,
     LOST,
+    NEEDS_AUTH,
     STARTING,
     STOPPED,
     UP,
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 SETTLE_TICK_S = 1.0
 HEARTBEAT_S = 5.0
 WAIT_TICK_S = 0.25
+CREDENTIALS_TICK_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class TunnelStatus:
     children: tuple[ChildProcess, ...] = ()
     keepalive: str = ""
     ssh_config: str | None = None  # the -F file it was started with, so `restart` can use it again
+    logged_in_to: str | None = None  # user@host:port this host has logged in to (kept across runs: needs-auth)
 
     def to_dict(self) -> dict[str, object]:
         """Return the snapshot as JSON-ready data."""
@@ -136,6 +142,8 @@ class Supervisor:
         probe: Probe | None = None,
         environment: Environment | None = None,
         budget: PreauthBudget | None = None,
+        credentials: CredentialWatch | None = None,
+        logged_in_to: str | None = None,
     ) -> None:
         self.spec = spec
         self.settings = settings or HostSettings()
@@ -148,11 +156,17 @@ class Supervisor:
         self.probe: Probe = probe or (lambda hop: bool(tcp_answers(hop)))
         self.environment = environment or Environment()
         self.budget = budget or PreauthBudget()
+        self.credentials = credentials or CredentialWatch(spec.identity_agent)
+        self._at_last_login: Credentials | None = None
         keepalive = f"{spec.keepalive_interval_s}s x {spec.keepalive_count_max}"
         now = time.time()
+        # A login that worked for this very target before (this run, or a run recorded in the state file) turns a
+        # later refusal into `needs-auth` instead of a fatal error.
+        known = logged_in_to if logged_in_to == self._login_target() else None
         self.status = TunnelStatus(
-            spec.alias, engine.name, STARTING, now, now, keepalive=keepalive, ssh_config=spec.ssh_config
-        )
+            spec.alias, engine.name, STARTING, now, now, keepalive=keepalive, ssh_config=spec.ssh_config,
+            logged_in_to=known,
+        )  # fmt: skip
         # On demand: the engine keeps listening without a link; the link lives while clients use it.
         self.on_demand = engine if self.settings.on_demand and isinstance(engine, OnDemandEngine) else None
         self._verified = False  # on demand: the first link checked host key and login, and was closed
@@ -197,6 +211,7 @@ class Supervisor:
                 first_try = False
                 continue
             first_try = False
+            self._note_login()
             if self.on_demand is not None and not self._verified:
                 self._verified_only(link)
                 continue
@@ -330,8 +345,20 @@ class Supervisor:
                 self._log_forward_health()
         return time.monotonic() - started, None
 
+    def _login_target(self) -> str:
+        return f"{self.spec.user}@{self.spec.hostname}:{self.spec.port}"
+
+    def _note_login(self) -> None:
+        """The server accepted the login: a later refusal waits for credentials (needs-auth) instead of failing."""
+        self._at_last_login = self.credentials.look()
+        if self.status.logged_in_to != self._login_target():
+            self._set(logged_in_to=self._login_target())
+
     def _after_failed_attempt(self, error: TunneldError, first_try: bool, had_link: bool) -> int | None:
         """Record a failed attempt; return the exit code when it is fatal, else wait out the backoff and None."""
+        if isinstance(error, AuthError) and self.status.logged_in_to and not (first_try and self.fail_fast):
+            self._await_credentials(error)
+            return None
         self._set(attempts=self.status.attempts + 1, last_error=_error_record(error))
         # A port taken while the link was down may be freed again: only at the very start is it fatal.
         retryable = error.retryable or (isinstance(error, PortInUseError) and had_link)
@@ -341,6 +368,52 @@ class Supervisor:
         if not self._unwanted():  # else nobody waits for this link any more: idle until the next client
             self._pause(error)
         return None
+
+    def _await_credentials(self, error: AuthError) -> None:
+        """needs-auth: the login worked before and is refused now. Wait until the credentials may have changed
+        (the agent's identities, the login connection), SIGUSR1 or a stop; never retry on a timer against the
+        server. The ports stay ours where the engine keeps listeners, and their clients are refused at once."""
+        now = self.credentials.look()
+        self.credentials.last = now
+        needs = NeedsAuthError.waiting(self.spec.alias, self._why_refused(error, now))
+        holder = self.engine if isinstance(self.engine, KeepsListeners) else None
+        forwards = tuple(holder.listening()) if holder is not None else ()
+        self._set(state=NEEDS_AUTH, last_error=_error_record(needs), forwards=forwards, children=(), next_try_at=None)
+        log.warning("%s: %s (%s)", self.spec.alias, needs.message, error.message)
+        log.warning("%s: hint: %s", self.spec.alias, needs.hint)
+        if holder is not None:
+            holder.refuse_clients(True)
+        try:
+            while not self.wakeups.stop.is_set():
+                if self.wakeups.wake.wait(CREDENTIALS_TICK_S):
+                    self.wakeups.wake.clear()
+                if self.wakeups.retry_now.is_set():
+                    self.wakeups.retry_now.clear()
+                    log.info("%s: retry requested: trying to log in once", self.spec.alias)
+                    return
+                changed = self.credentials.changed()
+                if changed:
+                    log.info("%s: %s: trying to log in once", self.spec.alias, changed)
+                    return
+        finally:
+            if holder is not None:
+                holder.refuse_clients(False)
+
+    def _why_refused(self, error: AuthError, now: Credentials) -> str:
+        """Say what is missing, from the agent's point of view (a key that needs a passphrase wins)."""
+        target = self._login_target()
+        if "needs a passphrase" in error.message:
+            return error.message.split(": ", 1)[-1]
+        before = self._at_last_login
+        had = len(before.agent) if before is not None and before.agent else 0
+        if now.agent is None:
+            return f"no ssh-agent answers for {target} (SSH_AUTH_SOCK unset, or the agent is gone)"
+        if not now.agent:
+            gone = f"it held {had} at the last login: expired, removed or locked" if had else "emptied or locked"
+            return f"the agent has no key for {target} ({gone})"
+        if before is not None and before.agent and set(before.agent) - set(now.agent):
+            return f"a key the agent held at the last login to {target} is gone (expired, removed or locked)"
+        return f"{target} refused the agent's {len(now.agent)} key(s)"
 
     def _unwanted(self) -> bool:
         """Return True for an on-demand tunnel that no client waits for (it idles instead of connecting)."""

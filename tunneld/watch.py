@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from tunneld.render import STATUS_HEADER, size, status_row, table
-from tunneld.states import BACKOFF, CONNECTING, DEGRADED, FAILED, LOST, STARTING, UP
+from tunneld.states import BACKOFF, CONNECTING, DEGRADED, FAILED, LOST, NEEDS_AUTH, STARTING, UP
 from tunneld.status import HostReport
 
 ENTER = "\x1b[?1049h\x1b[?25l"  # alternate screen, cursor hidden
@@ -22,7 +22,8 @@ LEAVE = "\x1b[?25h\x1b[?1049l"
 HOME, ERASE_LINE, ERASE_BELOW = "\x1b[H", "\x1b[K", "\x1b[J"
 RESET = "\x1b[0m"
 COLOURS = {UP: "\x1b[32m", DEGRADED: "\x1b[33m", BACKOFF: "\x1b[33m", CONNECTING: "\x1b[33m",
-           STARTING: "\x1b[33m", LOST: "\x1b[31m", FAILED: "\x1b[31m"}  # fmt: skip
+           STARTING: "\x1b[33m", LOST: "\x1b[31m", FAILED: "\x1b[31m",
+           NEEDS_AUTH: "\x1b[35m"}  # fmt: skip
 
 Rates = dict[tuple[str, str], tuple[float, float]]
 

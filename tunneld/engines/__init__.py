@@ -129,6 +129,18 @@ class OnDemandEngine(Protocol):
         """Return the forwards while no link is attached (listeners and counters)."""
 
 
+@runtime_checkable
+class KeepsListeners(Protocol):
+    """An engine whose listeners stay bound between links: while the host waits for credentials it keeps the
+    ports (no other local user can take them) and refuses clients at once instead of letting them hang."""
+
+    def listening(self) -> list[ForwardStatus]:
+        """Return the forwards while no link is attached (listeners and counters)."""
+
+    def refuse_clients(self, refusing: bool) -> None:
+        """Close new (and waiting) connections at once while `refusing`; hold them for the next link otherwise."""
+
+
 class Engine(Protocol):
     """Turns a TunnelSpec into a Link."""
 

@@ -149,6 +149,7 @@ class Forwarder:
         self.rtt_s = 0.0  # the link's keepalive round trip (0 until measured: no growth before)
         self.widen: Callable[[Channel, int], None] | None = None  # grants a channel more window (the engine)
         self.on_demand: Callable[[], None] = lambda: None  # a client arrived while no link is attached
+        self._refusing = False  # the host waits for credentials: clients are closed at once, not held
 
     def bind(self) -> None:
         """Bind every address OpenSSH would listen on (tunneld.listen); raise PortInUseError naming a holder.
@@ -202,6 +203,17 @@ class Forwarder:
                 self._in_flight += len(waiting)
         for sock, forward, peer, _ in waiting:
             self._pool.submit(self._open, opener, sock, forward, peer)  # type: ignore[arg-type]
+
+    def refuse(self, refusing: bool) -> None:
+        """Close new connections at once (and those waiting now) while `refusing`: no link will come for them
+        until the user acts. The listeners stay bound."""
+        with self._lock:
+            self._refusing = refusing
+            waiting = list(self._waiting) if refusing else []
+            if refusing:
+                self._waiting.clear()
+        for sock, *_ in waiting:
+            sock.close()
 
     def close(self) -> None:
         """Close listeners and every connection; stop the loop."""
@@ -356,6 +368,9 @@ class Forwarder:
             self.counters[listener.forward].total += 1
             with self._lock:
                 opener = self._opener
+                if opener is None and self._refusing:
+                    sock.close()
+                    continue
                 if opener is None:
                     self._waiting.append((sock, listener.forward, peer_addr, time.monotonic() + self.hold_s))
                     self.on_demand()

@@ -370,6 +370,11 @@ class ParamikoEngine:
         """Return the forwards' listeners and counters while no link is attached."""
         return self.forwarder.stats() if self.forwarder is not None else []
 
+    def refuse_clients(self, refusing: bool) -> None:
+        """While the host waits for credentials: keep the ports, close clients at once (they would wait in vain)."""
+        if self.forwarder is not None:
+            self.forwarder.refuse(refusing)
+
     def connect(self, spec: TunnelSpec, progress: ProgressCallback, events: LinkEvents) -> ParamikoLink:
         """Connect, verify, authenticate; bind the listeners on the first link; serve connections through it."""
         check_supported(spec)
