@@ -28,9 +28,11 @@ def url(host: str, port: int | None, ssh_config: str | None, scheme: str) -> Non
     """Print the local URL of HOST's first LocalForward, or of the one whose local or remote port is PORT.
 
     \b
-    IPv4 loopback is preferred:  tunneld url mlflowserver  ->  http://127.0.0.1:5000
-    A host that is not running: the address `start` would listen on, from the ssh_config (without -F, the
-    one it was last started with).
+      $ tunneld url mlflowserver
+      http://127.0.0.1:5000
+
+    IPv4 loopback is preferred. A host that is not running: the address `start` would listen on, from the
+    ssh_config (without -F, the one it was last started with).
     """
     from tunneld.urls import host_forwards, pick_forward
 
@@ -47,6 +49,7 @@ def env(host: str, ssh_config: str | None) -> None:
     In tunneld.toml:   [hosts.mlflowserver.env]
                        MLFLOW_TRACKING_URI = "http://{local}"
     In a shell:        eval "$(tunneld env mlflowserver)"
+
     {local} is the first LocalForward's address (127.0.0.1:5000), {local:PORT} the forward whose local or
     remote port is PORT. A host that is not running: its addresses from the ssh_config, as for `url`.
     """
@@ -73,7 +76,10 @@ def exec_(host: str, command: tuple[str, ...], ssh_config: str | None, engine: s
 
     \b
       tunneld exec mlflowserver -- python train.py
-    Without -F, the ssh_config it was last started with. A CMD that does not exist exits 127.
+
+    Options go before `--`; all after it is CMD. Without -F, the ssh_config the host was last started with.
+    What a start says goes to stderr; stdout is CMD's. A CMD that does not exist exits 127, one that cannot
+    run 126.
     """
     from tunneld.starting import StartOptions, ensure_host
     from tunneld.status import ssh_config_for
