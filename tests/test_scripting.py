@@ -61,6 +61,10 @@ def test_exec_starts_the_host_runs_the_command_in_its_place_with_the_env_and_exi
 
     missing = run_cli("exec", "ml", "--", "no-such-command-tunneld-test")
     assert missing.returncode == 127 and "no-such-command-tunneld-test: command not found" in missing.stderr
+    not_executable = tmp_path / "notes.txt"
+    not_executable.write_text("not a program\n")
+    refused = run_cli("exec", "ml", "--", str(not_executable))
+    assert refused.returncode == 126 and "cannot run it: Permission denied" in refused.stderr, refused.stderr
 
 
 def test_url_and_env_of_a_running_tunnel_and_of_a_stopped_one_read_the_ssh_config_it_was_started_with(
