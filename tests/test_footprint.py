@@ -8,6 +8,7 @@ tests see the real processes' imports, not a model of them.
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 from tests.harness import EchoServer, SshServer, free_port
-from tests.helpers import read_log, run_cli, write_config
+from tests.helpers import read_log, run_cli, write_config, write_settings
 from tunneld.errors import EXIT_CONFIG
 
 HEAVY = ("click", "platformdirs", "shutil", "logging.handlers", "encodings.idna", "paramiko")
@@ -60,3 +61,44 @@ def test_a_broken_ssh_config_in_the_environment_goes_through_the_cli(tmp_path: P
     env = dict(os.environ, TUNNELD_SSH_CONFIG=str(tmp_path / "missing"))
     done = run_cli("run", "somehost", env=env)
     assert done.returncode == EXIT_CONFIG and "does not exist" in done.stderr, done.stderr
+
+
+# Run in a fresh interpreter: what `import tunneld` and the first use of its API load, and which files they open.
+IMPORT_PROBE = """
+import os, sys
+
+touched = []
+homes = (os.environ["HOME"], os.environ["TUNNELD_HOME"])
+
+
+def audit(event, args):
+    path = str(args[0]) if event.startswith(("open", "os.")) and args and isinstance(args[0], (str, bytes)) else ""
+    if event == "open" and not path.endswith((".py", ".pyc", ".so")) and not path.startswith("/proc/"):
+        touched.append(path)  # any file but Python's modules (and the /proc files psutil reads to load)
+    elif path.startswith(homes):
+        touched.append(f"{event} {path}")  # where tunneld keeps its files and reads its settings
+
+
+sys.addaudithook(audit)
+import tunneld
+
+after_import = list(touched)
+tunneld.ensure, tunneld.status, tunneld.tunnel, tunneld.Tunnel, tunneld.TunneldError
+print(repr((after_import, touched)), file=sys.stderr)
+"""
+
+
+def test_import_tunneld_and_a_look_at_its_api_load_neither_click_nor_paramiko_and_touch_no_file(
+    tmp_path: Path,
+) -> None:
+    write_settings("[hosts.ml.env]\nURI = 'http://{local}'\n")  # there to be read, if anything did
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", IMPORT_PROBE],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    modules = imported(done.stderr)
+    assert {"tunneld", "tunneld.api", "tunneld.errors"} <= modules  # the listing is real
+    assert not modules & {"click", "paramiko", "platformdirs"}, sorted(modules & {"click", "paramiko", "platformdirs"})
+    after_import, after_api = ast.literal_eval(done.stderr.splitlines()[-1])  # the repr printed last
+    assert after_import == [] and after_api == [], (after_import, after_api)

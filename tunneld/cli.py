@@ -13,15 +13,9 @@ from tunneld import __version__
 from tunneld.autostart.commands import autostart
 from tunneld.cliopts import CONTEXT, POSITIVE_S, engine_option, ssh_config_option, ssh_config_unused
 from tunneld.completion import complete_configured_hosts, complete_hosts_with_files
-from tunneld.errors import (
-    EXIT_NOT_RUNNING,
-    EXIT_OK,
-    EXIT_RUNTIME,
-    NotRunningError,
-    TunneldError,
-    report_error,
-)
+from tunneld.errors import EXIT_NOT_RUNNING, EXIT_OK, NotRunningError, TunneldError, report_error
 from tunneld.lookup import check, list_, show, warn_skipped
+from tunneld.scripting import env, exec_, url
 from tunneld.starting import StartOptions, start_hosts
 
 if TYPE_CHECKING:
@@ -196,14 +190,6 @@ def _stop_host(host: str, timeout: float) -> int:
     return EXIT_OK
 
 
-def _stoppable_hosts() -> list[str]:
-    from tunneld.paths import known_hosts_with_files
-    from tunneld.status import STALE, collect
-
-    reports = [collect(h) for h in known_hosts_with_files()]
-    return [r.host for r in reports if r.running or r.state == STALE]
-
-
 @cli.command()
 @click.argument("hosts", nargs=-1, metavar="HOST...", shell_complete=complete_hosts_with_files)
 @click.option("--all", "all_", is_flag=True, help="Stop every running tunnel.")
@@ -216,7 +202,9 @@ def stop(hosts: tuple[str, ...], all_: bool, ssh_config: str | None, timeout: fl
 
     HOST may be @GROUP, a group of tunneld.toml's [groups].
     """
-    names = _hosts_or_all(hosts, all_, _stoppable_hosts, "stop")
+    from tunneld.status import stoppable_hosts
+
+    names = _hosts_or_all(hosts, all_, stoppable_hosts, "stop")
     if all_ and not names:
         click.echo("no tunnel is running")
         return
@@ -264,21 +252,20 @@ def status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool, watch:
     HOST may be @GROUP, a group of tunneld.toml's [groups]. With --watch: retry countdowns and byte
     rates (paramiko engine) live; plain frames when stdout is not a terminal; NO_COLOR turns colour off.
     """
-    from tunneld.autostart import enabled_hosts
-    from tunneld.paths import hosts_with_files, validate_host
+    from tunneld.paths import validate_host
     from tunneld.render import status_lines
     from tunneld.settings import expand_groups
-    from tunneld.status import STATUS_SCHEMA_VERSION, collect
+    from tunneld.status import STATUS_SCHEMA_VERSION, collect, listed_hosts
 
     if watch and as_json:
         raise click.UsageError("--watch draws the table; for JSON, poll `tunneld status --json`")
     named = [validate_host(h) for h in expand_groups(hosts)]
 
     def current(warn: bool = False) -> list[HostReport]:
-        with_files, stray = hosts_with_files()
+        listed, stray = listed_hosts()
         for name in stray if warn else ():
             click.echo(f"warning: skipping {name} in the state directory: not a file name tunneld creates", err=True)
-        return [collect(h) for h in named or sorted({*with_files, *enabled_hosts()})]
+        return [collect(h) for h in named or listed]
 
     if watch:
         from tunneld.watch import draw_until_interrupted
@@ -360,34 +347,15 @@ def wait(host: str, ssh_config: str | None, timeout: float) -> None:
     when HOST is not running (failed, stopped, never started). For scripts: tunneld wait mlflowserver && python train.py
     """
     from tunneld.paths import validate_host
-    from tunneld.safetext import printable
-    from tunneld.states import FORWARD_DEGRADED, NEEDS_AUTH
-    from tunneld.status import wait_until_up
+    from tunneld.status import not_ready_error, wait_until_up
 
     up, report = wait_until_up(validate_host(host), timeout)
-    if up:
-        click.echo(f"{host}  {report.state}")
-        return
-    error = report.last_error.get("message") if report.last_error else None
-    if report.state == NEEDS_AUTH:
-        hint = report.last_error.get("hint") if report.last_error else None
-        click.echo(printable(f"{host}  {error or 'needs your credentials'}"), err=True)
-        if hint:
-            click.echo(printable(f"  hint: {hint}"), err=True)
-        sys.exit(EXIT_RUNTIME)
-    if not report.running:
-        why = f"{host}  is not running (state: {report.state}"
-    elif report.is_up:
-        failing = [f.get("detail") for f in report.forwards if f.get("state") == FORWARD_DEGRADED]
-        why = f"{host}  health checks still failing after {timeout:g} s ({'; '.join(map(str, failing))}"
-        error = None
-    else:
-        why = f"{host}  not up after {timeout:g} s (state: {report.state}"
-    click.echo(printable(why + (f"; last error: {error}" if error else "") + ")"), err=True)
-    sys.exit(EXIT_RUNTIME)
+    if not up:
+        raise not_ready_error(report, timeout)
+    click.echo(f"{host}  {report.state}")
 
 
-for _verb in (autostart, check, list_, show):
+for _verb in (autostart, check, env, exec_, list_, show, url):
     cli.add_command(_verb)
 
 

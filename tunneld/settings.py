@@ -32,6 +32,8 @@ class HostSettings:
     # Listen at start, connect on the first client, disconnect after idle_timeout_s without connections.
     on_demand: bool = False
     idle_timeout_s: float = 600.0
+    # [hosts.NAME.env]: (variable name, template such as "http://{local}"), rendered by tunneld.urls.
+    env: tuple[tuple[str, str], ...] = ()
 
     def health_check(self, listen: str) -> str | None:
         """Return the periodic check configured for the forward listening on `listen` (a port or a path)."""
@@ -52,6 +54,7 @@ _RANGES_S = {
 }
 _BOOLEANS = ("notify", "on_demand")
 GROUP_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _validate(table: dict[str, object], where: str, base: HostSettings) -> HostSettings:
@@ -75,6 +78,8 @@ def _validate(table: dict[str, object], where: str, base: HostSettings) -> HostS
             values[key] = value
         elif key == "health":
             values[key] = _validate_health(value, where)
+        elif key == "env":
+            values[key] = _validate_env(value, where)
         else:
             values[key] = value
     return HostSettings(**values)  # type: ignore[arg-type]
@@ -95,6 +100,24 @@ def _validate_health(table: object, where: str) -> tuple[tuple[str, str], ...]:
             )
         checks.append((key, check))
     return tuple(checks)
+
+
+def _validate_env(table: object, where: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(table, dict):
+        raise ConfigError(
+            f'{where}: env must be a table such as  [hosts.NAME.env]  MLFLOW_TRACKING_URI = "http://{{local}}"'
+        )
+    variables = []
+    for name, value in table.items():
+        if not ENV_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{where}: env name {_toml(name)} is not an environment variable name",
+                "use letters, digits and _, not starting with a digit, e.g. MLFLOW_TRACKING_URI",
+            )
+        if not isinstance(value, str) or "\x00" in value:
+            raise ConfigError(f'{where}: env.{name} must be a string such as "http://{{local}}", not {_toml(value)}')
+        variables.append((name, value))
+    return tuple(variables)
 
 
 def _toml(value: object) -> str:
@@ -137,6 +160,8 @@ def host_settings(host: str, path: Path | None = None) -> HostSettings:
     hosts = data.pop("hosts", {})
     if not isinstance(hosts, dict):
         raise ConfigError(f"{path}: 'hosts' must be a table of [hosts.NAME] sections")
+    if "env" in data:
+        raise ConfigError(f"{path}: env is set per host, in a [hosts.NAME.env] table, not at the top level")
     defaults = _validate(data, str(path), HostSettings())
     found = defaults
     for name, table in hosts.items():

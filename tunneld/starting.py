@@ -7,12 +7,18 @@ fails by chance. Each host's result is reported in one piece, `[N/M]` as it ends
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from tunneld.errors import EXIT_OK, TunneldError, report_error
+from tunneld.errors import EXIT_OK, AlreadyRunningError, TunneldError, report_error
+
+if TYPE_CHECKING:
+    from tunneld.status import HostReport
 
 START_CONCURRENCY = 8
 Echo = Callable[[str, bool], None]
@@ -49,6 +55,36 @@ def start_host(host: str, options: StartOptions, progress: Callable[[str], None]
         printable(f"{host}  {result.state.get('state')}  {shown}  (pid {result.pid}, {result.elapsed_s:.1f} s)"),
         f"stop it with: tunneld stop {host}",
     ]
+
+
+@dataclass(frozen=True)
+class Ensured:
+    """A host that `ensure_host` found up or brought up: its report, and the lines of the start it made."""
+
+    report: HostReport
+    started: tuple[str, ...] = ()  # empty: a running tunnel was reused
+
+
+def ensure_host(
+    host: str, options: StartOptions, healthy: bool = True, progress: Callable[[str], None] | None = None
+) -> Ensured:
+    """Start `host` unless its tunnel runs, then wait until it is up (with `healthy`, until its configured health
+    checks pass, as `tunneld wait` does), all within `options.timeout`; raise a TunneldError otherwise.
+
+    What `exec` and the Python API's `ensure()` do: the same detached supervisor as `start`.
+    """
+    from tunneld.paths import validate_host
+    from tunneld.status import collect, not_ready_error, wait_until_up
+
+    deadline = time.monotonic() + options.timeout
+    started: list[str] = []
+    if not collect(validate_host(host)).running:
+        with contextlib.suppress(AlreadyRunningError):  # another start won the race: wait for that one
+            started = start_host(host, options, progress)
+    up, report = wait_until_up(host, max(0.0, deadline - time.monotonic()), healthy)
+    if not up:
+        raise not_ready_error(report, options.timeout)
+    return Ensured(report, tuple(started))
 
 
 def start_hosts(hosts: list[str], options: StartOptions, echo: Echo) -> int:

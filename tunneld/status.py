@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-from tunneld.autostart import read_manifest
-from tunneld.errors import CorruptFileError
-from tunneld.paths import HostFiles, known_hosts_with_files, state_dir
+from tunneld.autostart import enabled_hosts, read_manifest
+from tunneld.errors import CorruptFileError, NeedsAuthError, StartupError, TunneldError
+from tunneld.paths import HostFiles, hosts_with_files, known_hosts_with_files, state_dir
 from tunneld.pidfile import PidFile, read_json
-from tunneld.states import ALL_STATES, NEEDS_AUTH, READY_STATES, RUNNING_STATES
+from tunneld.safetext import printable
+from tunneld.states import ALL_STATES, FORWARD_DEGRADED, NEEDS_AUTH, READY_STATES, RUNNING_STATES
 
 STATUS_SCHEMA_VERSION = 1
 STALE = "dead (stale pid file)"
@@ -61,6 +62,18 @@ class HostReport:
         data["forwards"] = list(self.forwards)
         data["children"] = list(self.children)
         return data
+
+
+def listed_hosts() -> tuple[list[str], list[str]]:
+    """Return (the hosts `status` lists: those with files or with autostart, sorted; stray state-directory names)."""
+    with_files, stray = hosts_with_files()
+    return sorted({*with_files, *enabled_hosts()}), stray
+
+
+def stoppable_hosts() -> list[str]:
+    """Return the hosts `stop --all` acts on: those whose tunnel runs, or whose pid file is stale."""
+    reports = [collect(host) for host in known_hosts_with_files()]
+    return [report.host for report in reports if report.running or report.state == STALE]
 
 
 def collect(host: str) -> HostReport:
@@ -183,6 +196,15 @@ def recorded_launch(host: str) -> Launch | None:
     )
 
 
+def ssh_config_for(host: str, given: str | None) -> str | None:
+    """Return the ssh_config file to read for `host`: the one given, else the one its running (or last) tunnel
+    was started with (None: ssh's default)."""
+    if given is not None:
+        return given
+    recorded = recorded_launch(host)
+    return recorded.ssh_config if recorded else None
+
+
 def host_owning_pid(pid: int) -> str | None:
     """Return the tunneld host whose live supervisor is `pid`, or whose supervisor is `pid`'s parent (ssh)."""
     import psutil
@@ -211,8 +233,9 @@ def _number(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def wait_until_up(host: str, timeout: float) -> tuple[bool, HostReport]:
-    """Poll until the host is up with its configured health checks passing; return (ready, last report).
+def wait_until_up(host: str, timeout: float, healthy: bool = True) -> tuple[bool, HostReport]:
+    """Poll until the host is up (with `healthy`, also its configured health checks passing); return
+    (ready, last report).
 
     Returns at once, not ready, when no tunnel runs for the host (failed, stopped, dead, never started) or
     when it waits for credentials (needs-auth): waiting cannot help there, the user must act.
@@ -220,7 +243,27 @@ def wait_until_up(host: str, timeout: float) -> tuple[bool, HostReport]:
     deadline = time.monotonic() + timeout
     while True:
         report = collect(host)
-        ready = report.is_up and report.health_ok
+        ready = report.is_up and (report.health_ok or not healthy)
         if ready or not report.running or report.state == NEEDS_AUTH or time.monotonic() >= deadline:
             return ready, report
         time.sleep(WAIT_POLL_S)
+
+
+def not_ready_error(report: HostReport, timeout: float) -> TunneldError:
+    """Return the error for a host that `wait_until_up` gave up on: not running, not up, or health failing."""
+    host = report.host
+    error = report.last_error.get("message") if report.last_error else None
+    hint = f"see `tunneld logs {host}`"
+    if report.state == NEEDS_AUTH:
+        waiting = report.last_error.get("hint") if report.last_error else None
+        return NeedsAuthError(str(error or f"{host} needs your credentials"), str(waiting) if waiting else hint)
+    if not report.running:
+        why = f"{host} is not running (state: {report.state}"
+        hint = f"start it with `tunneld start {host}`; {hint}"
+    elif report.is_up:
+        failing = [str(f.get("detail")) for f in report.forwards if f.get("state") == FORWARD_DEGRADED]
+        why = f"{host} health checks still failing after {timeout:g} s ({'; '.join(failing)}"
+        error = None
+    else:
+        why = f"{host} not up after {timeout:g} s (state: {report.state}"
+    return StartupError(printable(why + (f"; last error: {error}" if error else "") + ")"), hint)
