@@ -476,6 +476,63 @@ class ControlledHttpServer(_ServedInThread):
         super().close()
 
 
+class _DribbleHandler(socketserver.BaseRequestHandler):
+    server: _DribbleTCPServer
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.settimeout(5)
+        request = b""
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in request and len(request) < 65536:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return
+                request += chunk
+        with self.server.count_lock:
+            self.server.requests += 1
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK"
+        for byte in answer:  # one byte, then a pause shorter than any per-read timeout a client may use
+            if self.server.stopping.wait(self.server.interval_s):
+                return
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return
+
+
+class _DribbleTCPServer(_ThreadingTCPServer):
+    interval_s = 1.0
+    requests = 0
+    stopping = threading.Event()
+    count_lock = threading.Lock()
+
+
+class DribblingHttpServer(_ServedInThread):
+    """An HTTP target that answers 200 OK one byte every `interval_s` seconds (its status line alone takes
+    17 intervals): alive enough for a per-read timeout, never in time for a deadline on the whole answer."""
+
+    def __init__(self, interval_s: float = 1.0, host: str = "127.0.0.1") -> None:
+        server = _DribbleTCPServer((host, 0), _DribbleHandler)
+        server.interval_s = interval_s
+        server.stopping = threading.Event()
+        server.count_lock = threading.Lock()
+        super().__init__(server, host)
+
+    @property
+    def requests(self) -> int:
+        """How many requests arrived (complete headers) so far."""
+        assert isinstance(self.server, _DribbleTCPServer)
+        with self.server.count_lock:
+            return self.server.requests
+
+    def close(self) -> None:
+        """End every dribbling answer, then stop serving."""
+        assert isinstance(self.server, _DribbleTCPServer)
+        self.server.stopping.set()
+        super().close()
+
+
 @contextlib.contextmanager
 def hold_port(ip: str, port: int) -> Iterator[socket.socket]:
     """Listen on ip:port from this test process (a program that already holds the port), closed afterwards."""

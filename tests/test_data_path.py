@@ -273,7 +273,7 @@ def test_http_health_goes_bad_and_good_with_status_json_fields(
 
         target.set_mode("hang")
         state = tunnel.wait_state("degraded", timeout=15)
-        assert "no answer from /health within 5 s" in str(state["forwards"][0]["detail"])  # type: ignore[index]
+        assert "no complete answer from /health within 5 s" in str(state["forwards"][0]["detail"])  # type: ignore[index]
         target.set_mode("ok")
         tunnel.wait_state("up", timeout=15)
         log = read_log("ml")

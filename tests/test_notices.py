@@ -6,6 +6,7 @@ The real test puts a fake `notify-send` first on PATH (the one OS edge faked) an
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 
 from tests.harness import EchoServer, SshServer, free_port, wait_for
 from tests.helpers import ForegroundTunnel, run_cli, start, write_config, write_settings
-from tunneld.notices import DesktopNotices, notifier_argv
+from tunneld.errors import EXIT_CONFIG, ConnectError
+from tunneld.notices import DesktopNotices, notifier_argv, plain_text
 from tunneld.states import BACKOFF, CONNECTING, FAILED, IDLE, LOST, STARTING, STOPPED, UP
 
 NOTIFY_AFTER_S = 3
@@ -143,3 +145,63 @@ def test_a_fatal_error_after_up_notifies_at_once() -> None:
     wait_for(lambda: len(recorder.sent) == 1, 5, "the 'down' notification of a fatal error")
     notices.close()
     assert recorder.sent[0][0] == "tunneld: h is down" and "host key of h changed" in recorder.sent[0][1]
+
+
+def test_closing_while_a_loss_is_still_within_notify_after_s_says_nothing() -> None:
+    recorder = Recorder()
+    notices = DesktopNotices("h", after_s=60, send=recorder)
+    notices.observe(UP, None)
+    notices.observe(LOST, {"message": "Connection closed"})  # a blip so far
+    notices.close()  # the supervisor exits (a stop): the flush sends only what was decided
+    assert recorder.sent == []
+
+
+HOSTILE_REASON = (
+    'Received disconnect from 127.0.0.1 port 22:2: <a href="x">update</a> <img src=x> \\033[31mred\x1b[0m '
+    "C:\\temp & co\nsecond line <b>bold</b>"
+)
+
+
+def test_a_hostile_reason_reaches_notify_send_as_one_line_of_plain_text(notify_send: Path) -> None:
+    notices = DesktopNotices("h", after_s=60)  # the real notifier: the fake notify-send first on PATH
+    notices.observe(UP, None)
+    notices.observe(FAILED, ConnectError(HOSTILE_REASON).to_dict())  # as the state file records it
+    notices.close()  # flushes: the notifier has run when close returns
+    (line,) = notify_send.read_text().splitlines()
+    plain = 'Received disconnect from 127.0.0.1 port 22:2: a href="x"update/a img src=x 033[31mredx1b[0m C:temp  co'
+    expected = (
+        re.escape("--app-name=tunneld|tunneld: h is down|no connection for ") + r"\d+" + re.escape(f" s: {plain}|")
+    )
+    assert re.fullmatch(expected, line), line
+
+
+def test_plain_text_keeps_the_first_line_and_quoted_text_short() -> None:
+    peer = "SSH-2.0-" + "A" * 100
+    text = plain_text(f'the peer sent "{peer}", not an SSH banner\nmore', 200)
+    assert text == f'the peer sent "{peer[:59]}\u2026", not an SSH banner'
+    assert plain_text("\n  \nsecond\r\nthird", 200) == "second"
+    assert plain_text("first\\x0asecond", 200) == "first"  # a line break as a message shows it
+    assert plain_text("x" * 300, 160) == "x" * 159 + "\u2026"
+
+
+def test_a_changed_host_key_after_up_is_notified_before_the_supervisor_exits_every_time(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, engine: str, notify_send: Path,
+    foreground: list[ForegroundTunnel],
+) -> None:  # fmt: skip
+    port = free_port()
+    config = write_config(tmp_path, sshd.client_config("keyed", [f"LocalForward {port} 127.0.0.1:{echo.port}"]))
+    write_settings("notify_after_s = 60\n")  # a plain loss would wait a minute: only the fatal error notifies
+    rounds = 5
+    for done in range(rounds):
+        sshd.write_known_hosts()  # trust the server's current key
+        tunnel = start(foreground, "keyed", config, engine)
+        tunnel.wait_state("up")
+        sshd.stop()
+        sshd.regenerate_host_key()
+        sshd.start()
+        assert tunnel.wait_exit(30) == EXIT_CONFIG, tunnel.stderr()
+        # The process has exited: its notice must have been shown already (no waiting here).
+        lines = notify_send.read_text().splitlines()
+        assert len(lines) == done + 1, f"round {done + 1}: {lines}"
+        assert lines[-1].startswith("--app-name=tunneld|tunneld: keyed is down|no connection for "), lines[-1]
+        assert "the host key of 127.0.0.1 has CHANGED" in lines[-1], lines[-1]

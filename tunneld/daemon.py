@@ -208,10 +208,10 @@ def _run_supervised(
         raise
     finally:
         notifier.close()
-        if reporter.notices is not None:
-            reporter.notices.close()
         pidfile.remove(os.getpid())
         os.close(fd)
+        if reporter.notices is not None:  # after the pid file: nobody waits to stop a process that only notifies
+            reporter.notices.close()  # flush: a fatal error's notice is shown before the process exits
 
 
 def _install_signal_handlers(wakeups: Wakeups) -> None:

@@ -289,7 +289,7 @@ class Supervisor:
 
     def _serve(self, link: Link, reconnects: int) -> tuple[float, TunneldError | None]:
         """Check the forwards, publish `up`, hold the link until it ends; always close it."""
-        health = HealthMonitor(self.spec, link, self.settings, self.wakeups.wake.set)
+        health = HealthMonitor(self.spec, link, self.settings, self.wakeups.wake.set, stop=self.wakeups.stop)
         try:
             health.check_now()  # before `up` is reported: the forwards carry traffic to their targets
             health.start()
