@@ -292,6 +292,8 @@ class Supervisor:
         health = HealthMonitor(self.spec, link, self.settings, self.wakeups.wake.set, stop=self.wakeups.stop)
         try:
             health.check_now()  # before `up` is reported: the forwards carry traffic to their targets
+            if self.wakeups.stop.is_set():  # a stop cut the checks short: never report `up` on the way out
+                return 0.0, None
             health.start()
             return self._hold(link, health, reconnects)
         finally:
