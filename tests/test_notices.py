@@ -17,7 +17,7 @@ from tests.harness import EchoServer, SshServer, free_port, wait_for
 from tests.helpers import ForegroundTunnel, run_cli, start, write_config, write_settings
 from tunneld.errors import EXIT_CONFIG, ConnectError
 from tunneld.notices import DesktopNotices, notifier_argv, plain_text
-from tunneld.states import BACKOFF, CONNECTING, FAILED, IDLE, LOST, STARTING, STOPPED, UP
+from tunneld.states import BACKOFF, CONNECTING, FAILED, IDLE, LOST, NEEDS_AUTH, STARTING, STOPPED, UP
 
 NOTIFY_AFTER_S = 3
 
@@ -145,6 +145,25 @@ def test_a_fatal_error_after_up_notifies_at_once() -> None:
     wait_for(lambda: len(recorder.sent) == 1, 5, "the 'down' notification of a fatal error")
     notices.close()
     assert recorder.sent[0][0] == "tunneld: h is down" and "host key of h changed" in recorder.sent[0][1]
+
+
+def test_needs_auth_notifies_at_once_once_and_back_when_the_key_is_loaded() -> None:
+    recorder = Recorder()
+    notices = DesktopNotices("ml", after_s=60, send=recorder)
+    notices.observe(UP, None)
+    notices.observe(LOST, {"message": "Connection closed"})
+    waiting = {"message": "ml needs your key: the agent has no key for u@h:22 (emptied or locked)",
+               "hint": "load your key with `ssh-add`"}  # fmt: skip
+    for _ in range(3):  # each retry after a change of the agent publishes needs-auth again
+        notices.observe(CONNECTING, None)
+        notices.observe(NEEDS_AUTH, waiting)
+    wait_for(lambda: len(recorder.sent) == 1, 5, "the needs-auth notification")
+    notices.observe(UP, None)
+    wait_for(lambda: len(recorder.sent) == 2, 5, "the 'back' notification")
+    notices.close()
+    (title, body), (back, _) = recorder.sent
+    assert title == "tunneld: ml needs your key" and body.startswith("run ssh-add"), body
+    assert "the agent has no key for u@h:22" in body and back == "tunneld: ml is back"
 
 
 def test_closing_while_a_loss_is_still_within_notify_after_s_says_nothing() -> None:

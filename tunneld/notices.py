@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from tunneld.paths import find_program
 from tunneld.safetext import printable
-from tunneld.states import DEGRADED, FAILED, IDLE, STARTING, STOPPED, UP
+from tunneld.states import DEGRADED, FAILED, IDLE, NEEDS_AUTH, STARTING, STOPPED, UP
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ class DesktopNotices:
                 self._back()
             elif state == STOPPED:  # asked for: nothing to tell
                 self._reset()
+            elif state == NEEDS_AUTH:  # the user must act: say so at once, once per episode
+                self._needs_auth(last_error)
             elif state != STARTING and self._was_up:
                 if last_error and last_error.get("message"):
                     self._reason = plain_text(str(last_error["message"]), REASON_MAX)
@@ -153,6 +155,20 @@ class DesktopNotices:
         down_s = time.monotonic() - self._down_since
         reason = self._reason or "no reason recorded"
         self._notify(f"tunneld: {self.host} is down", f"no connection for {down_s:.0f} s: {reason}")
+
+    def _needs_auth(self, last_error: dict[str, object] | None) -> None:
+        """Tell the user what to run (the lock is held); the host comes back by itself once they did."""
+        self._cancel()
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        if self._told_lost:
+            return
+        self._told_lost = True
+        message = str(last_error.get("message", "")) if last_error else ""
+        hint = str(last_error.get("hint", "")) if last_error else ""
+        reason = message.split(": ", 1)[-1] if ": " in message else message
+        action = f"run: tunneld login {self.host}" if "tunneld login" in hint else "run ssh-add or unlock your agent"
+        self._notify(f"tunneld: {self.host} needs your key", f"{action}; it reconnects by itself ({reason})")
 
     def _back(self) -> None:
         if self._told_lost and self._down_since is not None:
