@@ -1,0 +1,111 @@
+"""Credentials an unattended tunnel can live with, against a real sshd and a real ssh-agent: an agent emptied
+while the tunnel runs makes the host wait in `needs-auth` (no retries against the server on a timer) and a
+refilled agent brings it back by itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port_both, wait_for
+from tests.helpers import ForegroundTunnel, read_state, run_cli, start, write_config
+from tunneld.errors import EXIT_CONFIG
+
+UP = ("up", "degraded")
+
+
+def agent_only_config(tmp_path: Path, sshd: SshServer, alias: str, port: int, target: int) -> tuple[Path, Path]:
+    """Move the client key out of IdentityFile's reach: only the agent can offer it. Return (config, key)."""
+    hidden = tmp_path / "elsewhere"
+    hidden.mkdir()
+    key = sshd.client_key.rename(hidden / "id_ed25519")
+    text = sshd.client_config(alias, [f"LocalForward {port} 127.0.0.1:{target}"]).replace("  IdentitiesOnly yes\n", "")
+    return write_config(tmp_path, text), key
+
+
+def ssh_add(*args: str) -> None:
+    subprocess.run(["ssh-add", "-q", *args], check=True, capture_output=True, env=dict(os.environ))
+
+
+def refused_logins(sshd: SshServer, since: int) -> int:
+    """Logins sshd refused since the mark (it logs `Connection closed by authenticating user ...`)."""
+    return sshd.log.read_bytes()[since:].decode(errors="replace").count("by authenticating user")
+
+
+def closed_at_once(port: int) -> bool:
+    """Connect to the local forward: True when the connection is closed without waiting (a refused client)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.settimeout(3)
+        return sock.recv(1) == b""
+
+
+def test_an_emptied_agent_waits_in_needs_auth_and_a_refilled_one_brings_the_tunnel_back(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, agent: Path, engine: str, foreground: list[ForegroundTunnel]
+) -> None:
+    port = free_port_both()
+    config, key = agent_only_config(tmp_path, sshd, "agented", port, echo.port)
+    ssh_add(str(key))
+    tunnel = start(foreground, "agented", config, engine)
+    tunnel.wait_state(*UP)
+    ssh_add("-D")  # the agent forgets every key (a lock, a key lifetime, an unplugged token look the same)
+    mark = sshd.log_mark()
+    sshd.stop()
+    sshd.start()  # the link is lost; the reconnect is refused
+    state = tunnel.wait_state("needs-auth")
+    message = str(state["last_error"]["message"])  # type: ignore[index]
+    assert f"the agent has no key for {sshd.user}@127.0.0.1:{sshd.port}" in message, message
+    assert "ssh-add" in str(state["last_error"]["hint"])  # type: ignore[index]
+    if engine == "paramiko":  # the ports stay ours; a client is refused at once instead of hanging
+        assert any(c.laddr.port == port for c in psutil.Process(tunnel.proc.pid).net_connections("tcp"))
+        assert closed_at_once(port)
+    waited = run_cli("wait", "agented", "--timeout", "30")
+    assert waited.returncode == EXIT_CONFIG and "ssh-add" in waited.stderr, waited.stderr
+    shown = json.loads(run_cli("status", "agented", "--json").stdout)
+    assert shown["hosts"][0]["state"] == "needs-auth"
+    time.sleep(5)  # two looks at the unchanged agent: no attempt against the server
+    assert refused_logins(sshd, mark) <= 2, sshd.log.read_text()[-3000:]
+    assert read_state("agented")["state"] == "needs-auth"
+    ssh_add(str(key))  # the user loads the key: the next look at the agent brings the link back
+    tunnel.wait_state(*UP, timeout=20)
+    assert echo_roundtrip(("127.0.0.1", port), b"welcome back") == b"welcome back"
+    assert refused_logins(sshd, mark) <= 2, sshd.log.read_text()[-3000:]
+
+
+def test_a_changed_host_key_stays_fatal_for_a_host_that_logged_in_before(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, engine: str, foreground: list[ForegroundTunnel]
+) -> None:
+    port = free_port_both()
+    config = write_config(tmp_path, sshd.client_config("rekeyed", [f"LocalForward {port} 127.0.0.1:{echo.port}"]))
+    tunnel = start(foreground, "rekeyed", config, engine)
+    tunnel.wait_state(*UP)
+    sshd.stop()
+    sshd.regenerate_host_key()
+    sshd.start()
+    assert tunnel.wait_exit(timeout=40) == EXIT_CONFIG
+    state = read_state("rekeyed")
+    assert state["state"] == "failed" and "CHANGED" in str(state["last_error"]), state
+
+
+def test_the_login_is_remembered_across_runs_of_the_same_target(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, agent: Path, foreground: list[ForegroundTunnel]
+) -> None:
+    """Autostart at the next login, before the agent has its keys: the host worked before, so it waits."""
+    port = free_port_both()
+    config, key = agent_only_config(tmp_path, sshd, "remembered", port, echo.port)
+    ssh_add(str(key))
+    first = start(foreground, "remembered", config, "openssh")
+    first.wait_state(*UP)
+    assert read_state("remembered")["logged_in_to"] == f"{sshd.user}@127.0.0.1:{sshd.port}"
+    assert first.terminate() == 0
+    ssh_add("-D")
+    second = start(foreground, "remembered", config, "openssh")
+    second.wait_state("needs-auth")
+    ssh_add(str(key))
+    second.wait_state(*UP, timeout=20)
+    wait_for(lambda: read_state("remembered").get("state") in UP, 5, "up")
