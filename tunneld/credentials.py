@@ -148,3 +148,105 @@ def control_socket_alive(path: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+_OPENSSH_KEY_HEADER = "-----BEGIN OPENSSH PRIVATE KEY-----"
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
+def key_needs_passphrase(path: str) -> bool | None:
+    """Return whether the private key at `path` is encrypted (needs a passphrase), or None when it cannot be read
+    as a key. Only the header is looked at: the OpenSSH format names its cipher ("none" when not encrypted),
+    PEM says `Proc-Type: 4,ENCRYPTED` or `BEGIN ENCRYPTED PRIVATE KEY`."""
+    import base64
+    import binascii
+
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(MAX_KEY_FILE_BYTES).decode("ascii", "replace")
+    except OSError:
+        return None
+    if _OPENSSH_KEY_HEADER in text:
+        body = text.split(_OPENSSH_KEY_HEADER, 1)[1].split("-----END", 1)[0]
+        magic = b"openssh-key-v1\0"
+        try:
+            raw = base64.b64decode("".join(body.split()))
+            (size,) = struct.unpack(">I", raw[len(magic) : len(magic) + 4])
+        except (binascii.Error, ValueError, struct.error):
+            return None
+        return raw[len(magic) + 4 : len(magic) + 4 + size] != b"none" if raw.startswith(magic) else None
+    if "BEGIN ENCRYPTED PRIVATE KEY" in text or "Proc-Type: 4,ENCRYPTED" in text:
+        return True
+    if "PRIVATE KEY-----" in text:
+        return False
+    return None
+
+
+@dataclass(frozen=True)
+class AuthPlan:
+    """Which authentication a host will need, as far as ssh_config, the key files and the agent tell."""
+
+    summary: str
+    needs: str  # "keys", "passphrase" (a key ssh-add must load first), "interactive" (tunneld login), "nothing"
+
+    def to_dict(self) -> dict[str, object]:
+        """Return the plan as JSON-ready data (`show --json`)."""
+        return {"summary": self.summary, "needs": self.needs}
+
+
+def _shown(path: str) -> str:
+    home = os.path.expanduser("~")
+    return "~" + path[len(home) :] if path.startswith(home + os.sep) else path
+
+
+def _public_blob(path: str) -> bytes | None:
+    import base64
+    import binascii
+
+    try:
+        with open(f"{path}.pub", "rb") as handle:
+            words = handle.read(MAX_KEY_FILE_BYTES).split()
+        return base64.b64decode(words[1])
+    except (OSError, IndexError, binascii.Error, ValueError):
+        return None
+
+
+def auth_plan(
+    alias: str,
+    identity_files: tuple[str, ...],
+    identities_only: bool,
+    identity_agent: str | None,
+    option: Callable[[str, str], str],
+    master: bool = False,
+) -> AuthPlan:
+    """Say which authentication `alias` will need: keys from the agent or from files, a passphrase to load
+    first, or an interactive login (`tunneld login`). `option` reads ssh -G's values (lower-case keys)."""
+    if master:
+        return AuthPlan("logged in interactively: the connection of `tunneld login` carries the forwards", "nothing")
+    interactive_ok = any(
+        option(key, "yes").lower() in ("yes", "true")
+        for key in ("passwordauthentication", "kbdinteractiveauthentication")
+    )
+    login = f"; a password or one-time code only through `tunneld login {alias}`" if interactive_ok else ""
+    if option("pubkeyauthentication", "yes").lower() in ("no", "false"):
+        return AuthPlan(f"interactive only (PubkeyAuthentication no): run `tunneld login {alias}`", "interactive")
+    agent = agent_identities(agent_socket(identity_agent))
+    if agent and identities_only:
+        wanted = {blob for blob in map(_public_blob, identity_files) if blob}
+        agent = tuple(blob for blob in agent if blob in wanted)
+    files = [path for path in identity_files if os.path.isfile(path)]
+    locked = [path for path in files if key_needs_passphrase(path)]
+    usable = [path for path in files if path not in locked and key_needs_passphrase(path) is False]
+    parts = []
+    if agent:
+        parts.append(f"the agent ({len(agent)} key{'s' if len(agent) != 1 else ''})")
+    parts += [_shown(path) for path in usable]
+    parts += [f"{_shown(path)} (needs a passphrase: `ssh-add {_shown(path)}` loads it)" for path in locked]
+    if agent or usable:
+        return AuthPlan("keys: " + ", ".join(parts) + login, "keys")
+    if locked:
+        return AuthPlan("keys that need a passphrase: " + ", ".join(parts) + login, "passphrase")
+    where = "no ssh-agent answers" if agent is None else "the agent holds no key"
+    if interactive_ok:
+        return AuthPlan(f"no key ({where}, no IdentityFile exists): run `tunneld login {alias}`", "interactive")
+    return AuthPlan(f"no key ({where}, no IdentityFile exists): the server will refuse the login", "keys")
