@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: dev sshd test lint format type check demo bench faults clean
+.PHONY: dev sshd test lint format type check demo bench faults debian13-sshd clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench: dev sshd  ## tunneld against ssh -N -L and sshtunnel: loopback, a 40 ms p
 
 faults: dev sshd  ## real faults (restart, freeze, link down, blackhole, key change) in a network namespace; root only; writes docs/reliability.md (~10 min)
 	$(BIN)/python bench/faults.py $(FAULTS_ARGS)
+
+debian13-sshd: dev  ## a Debian 13 root with OpenSSH 10's sshd (PerSourcePenalties) for bench/penalties.py and faults; root only, cached in /var/cache/tunneld/debian13
+	$(BIN)/python bench/debian13.py
 
 demo: dev sshd  ## start a throwaway sshd + MLflow stand-in and walk through start/status/restart/stop
 	$(BIN)/python scripts/demo.py

@@ -109,6 +109,41 @@ def read_banner(host: str, port: int, timeout: float = 1.0) -> bytes:
         return b""
 
 
+# Runs "$@" (sshd and its arguments) chrooted into another OS tree ($1), in the private mount namespace that
+# `unshare --mount` made: a tmpfs on the scratch directory ($2) takes an overlay of the tree, so the tree itself
+# stays as prepared and every mount ends with the namespace's last process. The work directory ($3) appears
+# inside at its own path, so the harness's paths (config, keys, pid file) mean the same to that sshd. A shell
+# because the mounts must be made inside the new namespace before the exec; the paths are arguments, never
+# part of the script. unshare, sh and chroot each exec the next: the pid Popen returns is sshd's own.
+_CHROOT_SCRIPT = """set -eu
+root=$1 scratch=$2 work=$3
+shift 3
+mount -t tmpfs -o mode=0755 tunneld-chroot "$scratch"
+mkdir "$scratch/upper" "$scratch/work" "$scratch/merged"
+mount -t overlay overlay -o "lowerdir=$root,upperdir=$scratch/upper,workdir=$scratch/work" "$scratch/merged"
+inside=$scratch/merged
+mount --rbind /dev "$inside/dev"
+mount -t proc proc "$inside/proc"
+mkdir -p "$inside/run/sshd" "$inside$work"
+mount --bind "$work" "$inside$work"
+exec chroot "$inside" "$@"
+"""
+
+
+def chroot_prefix(root: Path, scratch: Path, workdir: Path) -> list[str]:
+    """Return argv to put before a command so that it runs inside the OS tree `root` (root only).
+
+    For SshServer's `prefix`, with `sshd` the path of that tree's sshd (bench/debian13.py): `workdir` (the
+    server's directory) is seen inside at the same path; `scratch` is an empty directory outside the tree
+    that a private tmpfs covers while the command runs. Nothing is left mounted afterwards.
+    """
+    for path in (root, scratch, workdir):
+        if not path.is_absolute():
+            raise ValueError(f"chroot_prefix needs absolute paths, got {path}")
+    script_args = ["tunneld-chroot", str(root), str(scratch), str(workdir)]
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _CHROOT_SCRIPT, *script_args]
+
+
 class PortTakenError(RuntimeError):
     """sshd could not bind its port: someone took it after it was picked."""
 
@@ -118,9 +153,9 @@ class SshServer:
 
     def __init__(
         self, workdir: Path, port: int | None = None, ipv6: bool = False, host: str = "127.0.0.1",
-        prefix: Sequence[str] = (),
+        prefix: Sequence[str] = (), sshd: str | None = None,
     ) -> None:  # fmt: skip
-        sshd = find_sshd()
+        sshd = sshd or find_sshd()  # another sshd: the one inside chroot_prefix's tree (bench/debian13.py)
         if sshd is None:
             raise RuntimeError("sshd not found: install openssh-server (apt-get install openssh-server)")
         self.sshd = sshd
