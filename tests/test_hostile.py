@@ -220,6 +220,41 @@ def test_a_state_directory_of_another_user_is_refused(config: Path) -> None:
     assert done.returncode == EXIT_CONFIG and "belongs to uid 65534" in done.stderr, done.stderr
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a link or directory of another user")
+@pytest.mark.parametrize("form", ["link of another user", "link into a directory of another user"])
+@pytest.mark.parametrize("verb", [["status"], ["stop", "--all"], ["start", "h"]])
+def test_a_tunneld_home_another_user_could_redirect_is_refused(tmp_path: Path, form: str, verb: list[str]) -> None:
+    """Whoever can re-point TUNNELD_HOME can hide a running tunnel from `status` and `stop`."""
+    theirs = tmp_path / "theirs"
+    mine = theirs / "mine" if "into" in form else tmp_path / "mine"
+    mine.mkdir(parents=True, mode=0o700)
+    link = tmp_path / "th"
+    link.symlink_to(mine)
+    if "into" in form:
+        os.chown(theirs, 65534, 65534)
+        needle = f"lies in {theirs}, which belongs to uid 65534"
+    else:
+        os.lchown(link, 65534, 65534)
+        needle = f"goes through the symbolic link {link}, which belongs to uid 65534"
+    config = write_config(tmp_path, "Host h\n  LocalForward 5000 localhost:5000\n")
+    done = run_cli(*verb, "-F", str(config), env=dict(os.environ, TUNNELD_HOME=str(link)))
+    assert done.returncode == EXIT_CONFIG and needle in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and list(mine.iterdir()) == []
+
+
+def test_a_tunneld_home_that_is_your_link_to_your_directory_is_used(tmp_path: Path, config: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    link = tmp_path / "th"
+    link.symlink_to(mine)
+    env = dict(os.environ, TUNNELD_HOME=str(link))
+    started = run_cli("start", "h", "-F", str(config), env=env)
+    assert started.returncode == 0, started.stderr
+    assert (mine / "state" / "h.pid").exists()
+    assert run_cli("status", "h", env=env).returncode == 0
+    assert run_cli("stop", "h", env=env).returncode == 0
+
+
 @pytest.mark.parametrize("name", ["h.log", "h.lock"])
 def test_a_planted_symlink_is_never_written_through(tmp_path: Path, config: Path, name: str) -> None:
     victim = tmp_path / "victim"
