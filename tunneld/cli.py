@@ -197,11 +197,9 @@ def _stop_host(host: str, timeout: float) -> int:
 
 
 def _stoppable_hosts() -> list[str]:
-    from tunneld.paths import known_hosts_with_files
-    from tunneld.status import STALE, collect
+    from tunneld.stopping import stoppable_hosts
 
-    reports = [collect(h) for h in known_hosts_with_files()]
-    return [r.host for r in reports if r.running or r.state == STALE]
+    return stoppable_hosts()
 
 
 @cli.command()

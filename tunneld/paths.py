@@ -231,6 +231,11 @@ class HostFiles:
         return self.directory / f"{self.host}.lock"
 
     @property
+    def stopping(self) -> Path:
+        """The lock a `tunneld stop` holds while it stops the host (no host's file can have this name)."""
+        return self.directory / f"{self.host}.stopping"
+
+    @property
     def state(self) -> Path:
         return self.directory / f"{self.host}.state.json"
 
@@ -255,6 +260,15 @@ def hosts_with_files() -> tuple[list[str], list[str]]:
                 else:
                     stray.add(entry.name)
     return sorted(hosts), sorted(stray)
+
+
+def hosts_with_locks() -> list[str]:
+    """Return the hosts that have a lock file, sorted (a first start holds it before any pid or state file exists)."""
+    directory = state_dir()
+    if not directory.is_dir():
+        return []
+    names = (entry.name.removesuffix(".lock") for entry in directory.iterdir() if entry.name.endswith(".lock"))
+    return sorted(name for name in names if is_valid_host(name))
 
 
 def known_hosts_with_files() -> list[str]:
