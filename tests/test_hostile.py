@@ -15,8 +15,26 @@ import psutil
 import pytest
 
 from tests.evil import AgentSnoopingServer, EscapeGreeter
-from tests.harness import EchoServer, FloodServer, SshServer, echo_roundtrip, free_port, keygen, wait_for
-from tests.helpers import ForegroundTunnel, expect_fatal, read_log, run_cli, start, state_dir, write_config
+from tests.harness import (
+    EchoServer,
+    FloodServer,
+    SshServer,
+    echo_roundtrip,
+    free_port,
+    hold_port,
+    keygen,
+    wait_for,
+)
+from tests.helpers import (
+    ForegroundTunnel,
+    expect_fatal,
+    read_log,
+    read_state,
+    run_cli,
+    start,
+    state_dir,
+    write_config,
+)
 from tunneld.errors import EXIT_CONFIG, EXIT_RUNTIME
 
 UP = ("up", "degraded")
@@ -183,6 +201,36 @@ def test_control_characters_from_a_server_never_reach_the_terminal_or_log(
         assert not any(c in logs for c in ESCAPES), repr(logs)
     finally:
         greeter.close()
+
+
+# -- local ports -------------------------------------------------------------------------------------
+
+
+def test_during_a_reconnect_openssh_frees_the_local_port_and_paramiko_keeps_it(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, engine: str, foreground: list[ForegroundTunnel]
+) -> None:
+    """What docs/security.md says another local user can do while the server is away, and what `check` shows."""
+    port = free_port()
+    config = write_config(tmp_path, sshd.client_config("rc", [f"LocalForward 127.0.0.1:{port} 127.0.0.1:{echo.port}"]))
+    tunnel = start(foreground, "rc", config, engine)
+    tunnel.wait_state("up")
+    sshd.stop()
+    tunnel.wait_state("backoff", "connecting")
+
+    def check() -> str:
+        return run_cli("check", "rc", "-F", str(config), "--engine", engine).stdout
+
+    if engine == "paramiko":
+        assert f"[ ok ] local port 127.0.0.1:{port} held by this host's running tunnel (pid" in check()
+        with pytest.raises(OSError), hold_port("127.0.0.1", port):
+            pass
+        return
+    assert f"[ ok ] local port 127.0.0.1:{port} free" in check()
+    with hold_port("127.0.0.1", port):  # any local user's program can take it now
+        assert f"[FAIL] local port 127.0.0.1:{port} is already in use by {psutil.Process().name()}" in check()
+        sshd.start()
+        wait_for(lambda: "already in use" in str(read_state("rc").get("last_error")), 30, "the conflict in status")
+        assert read_state("rc")["state"] != "up"
 
 
 # -- files tunneld writes and reads ------------------------------------------------------------------
