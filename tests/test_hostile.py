@@ -270,9 +270,10 @@ def test_a_state_directory_of_another_user_is_refused(config: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a link or directory of another user")
 @pytest.mark.parametrize("form", ["link of another user", "link into a directory of another user"])
-@pytest.mark.parametrize("verb", [["status"], ["stop", "--all"], ["start", "h"]])
+@pytest.mark.parametrize("verb", [["status"], ["stop", "--all"], ["start", "h"], ["run", "h"]])
 def test_a_tunneld_home_another_user_could_redirect_is_refused(tmp_path: Path, form: str, verb: list[str]) -> None:
-    """Whoever can re-point TUNNELD_HOME can hide a running tunnel from `status` and `stop`."""
+    """Whoever can re-point TUNNELD_HOME can hide a running tunnel from `status` and `stop`. (`run HOST` is
+    what autostart runs: `python -m tunneld` takes it past the CLI, to the light entry point.)"""
     theirs = tmp_path / "theirs"
     mine = theirs / "mine" if "into" in form else tmp_path / "mine"
     mine.mkdir(parents=True, mode=0o700)
@@ -285,7 +286,7 @@ def test_a_tunneld_home_another_user_could_redirect_is_refused(tmp_path: Path, f
         os.lchown(link, 65534, 65534)
         needle = f"goes through the symbolic link {link}, which belongs to uid 65534"
     config = write_config(tmp_path, "Host h\n  LocalForward 5000 localhost:5000\n")
-    done = run_cli(*verb, "-F", str(config), env=dict(os.environ, TUNNELD_HOME=str(link)))
+    done = run_cli(*verb, env=dict(os.environ, TUNNELD_HOME=str(link), TUNNELD_SSH_CONFIG=str(config)))
     assert done.returncode == EXIT_CONFIG and needle in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and list(mine.iterdir()) == []
 

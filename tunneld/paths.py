@@ -158,8 +158,12 @@ def ensure_private_dir(path: Path) -> Path:
     """Create `path` (and parents) for tunneld's files; it must be a directory of this user, never a link.
 
     A looser mode is tightened to 0700; a link, a file, or another user's directory is refused, so that
-    nobody else can read the tunnels' state or plant files (links) tunneld would then write through.
+    nobody else can read the tunnels' state or plant files (links) tunneld would then write through. Under
+    a TUNNELD_HOME that another user could redirect, nothing is created.
     """
+    override = home()
+    if override is not None and path.is_relative_to(override) and (problem := _redirectable(path)):
+        raise _unusable(path, problem)  # also where no verb ran check_home first (what autostart runs)
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
     except FileExistsError as exc:
