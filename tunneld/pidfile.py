@@ -220,7 +220,7 @@ class PidFile:
 
     def lock(self, wait_s: float = LOCK_CONTENTION_S) -> int:
         """Take the host's exclusive lock and return its fd; raise AlreadyRunningError when another holds it
-        for longer than `wait_s` (a look by `stop` or `status` holds it for a moment only).
+        for longer than `wait_s` (a look by `stop` holds it for a moment only).
 
         The lock lives on a separate file because the pid file is replaced atomically (a new
         inode), and it is released by the kernel when its holder dies, even by SIGKILL.
