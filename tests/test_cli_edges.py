@@ -169,6 +169,21 @@ def test_start_completes_host_names_from_the_ssh_config(tmp_path: Path) -> None:
     assert sorted(line.split(",", 1)[1] for line in done.stdout.split()) == ["mlflowserver", "mltrack"], done
 
 
+def test_completion_runs_nothing_from_the_ssh_config(tmp_path: Path) -> None:
+    """A Tab must not run `Match exec` (ssh -G of every host would, once per host, before Enter)."""
+    marker = tmp_path / "marker"
+    config = write_config(
+        tmp_path,
+        f'Match exec "touch {marker}"\n  User someone\n'
+        "Host web db-*\n  LocalForward 8080 localhost:80\nHost db\n  LocalForward 5432 localhost:5432\n",
+    )
+    env = dict(os.environ, _TUNNELD_COMPLETE="bash_complete", COMP_WORDS=f"tunneld start -F {config} ", COMP_CWORD="4")
+    script = Path(sys.executable).parent / "tunneld"  # completion keys on the program's name, as a shell runs it
+    done = subprocess.run([str(script)], env=env, capture_output=True, text=True, check=False, timeout=30)
+    assert sorted(line.split(",", 1)[1] for line in done.stdout.split()) == ["db", "web"], done
+    assert not marker.exists()
+
+
 def test_exit_codes_and_messages_of_the_small_verbs() -> None:
     assert run_cli("logs", "nosuchhost").returncode == EXIT_RUNTIME
     assert run_cli("wait", "x", "--timeout", "0").returncode == EXIT_USAGE

@@ -15,8 +15,26 @@ import psutil
 import pytest
 
 from tests.evil import AgentSnoopingServer, EscapeGreeter
-from tests.harness import EchoServer, FloodServer, SshServer, echo_roundtrip, free_port, keygen, wait_for
-from tests.helpers import ForegroundTunnel, expect_fatal, read_log, run_cli, start, state_dir, write_config
+from tests.harness import (
+    EchoServer,
+    FloodServer,
+    SshServer,
+    echo_roundtrip,
+    free_port,
+    hold_port,
+    keygen,
+    wait_for,
+)
+from tests.helpers import (
+    ForegroundTunnel,
+    expect_fatal,
+    read_log,
+    read_state,
+    run_cli,
+    start,
+    state_dir,
+    write_config,
+)
 from tunneld.errors import EXIT_CONFIG, EXIT_RUNTIME
 
 UP = ("up", "degraded")
@@ -185,6 +203,36 @@ def test_control_characters_from_a_server_never_reach_the_terminal_or_log(
         greeter.close()
 
 
+# -- local ports -------------------------------------------------------------------------------------
+
+
+def test_during_a_reconnect_openssh_frees_the_local_port_and_paramiko_keeps_it(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, engine: str, foreground: list[ForegroundTunnel]
+) -> None:
+    """What docs/security.md says another local user can do while the server is away, and what `check` shows."""
+    port = free_port()
+    config = write_config(tmp_path, sshd.client_config("rc", [f"LocalForward 127.0.0.1:{port} 127.0.0.1:{echo.port}"]))
+    tunnel = start(foreground, "rc", config, engine)
+    tunnel.wait_state("up")
+    sshd.stop()
+    tunnel.wait_state("backoff", "connecting")
+
+    def check() -> str:
+        return run_cli("check", "rc", "-F", str(config), "--engine", engine).stdout
+
+    if engine == "paramiko":
+        assert f"[ ok ] local port 127.0.0.1:{port} held by this host's running tunnel (pid" in check()
+        with pytest.raises(OSError), hold_port("127.0.0.1", port):
+            pass
+        return
+    assert f"[ ok ] local port 127.0.0.1:{port} free" in check()
+    with hold_port("127.0.0.1", port):  # any local user's program can take it now
+        assert f"[FAIL] local port 127.0.0.1:{port} is already in use by {psutil.Process().name()}" in check()
+        sshd.start()
+        wait_for(lambda: "already in use" in str(read_state("rc").get("last_error")), 30, "the conflict in status")
+        assert read_state("rc")["state"] != "up"
+
+
 # -- files tunneld writes and reads ------------------------------------------------------------------
 
 
@@ -218,6 +266,42 @@ def test_a_state_directory_of_another_user_is_refused(config: Path) -> None:
     os.chown(state_dir(), 65534, 65534)
     done = run_cli("start", "h", "-F", str(config))
     assert done.returncode == EXIT_CONFIG and "belongs to uid 65534" in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a link or directory of another user")
+@pytest.mark.parametrize("form", ["link of another user", "link into a directory of another user"])
+@pytest.mark.parametrize("verb", [["status"], ["stop", "--all"], ["start", "h"], ["run", "h"]])
+def test_a_tunneld_home_another_user_could_redirect_is_refused(tmp_path: Path, form: str, verb: list[str]) -> None:
+    """Whoever can re-point TUNNELD_HOME can hide a running tunnel from `status` and `stop`. (`run HOST` is
+    what autostart runs: `python -m tunneld` takes it past the CLI, to the light entry point.)"""
+    theirs = tmp_path / "theirs"
+    mine = theirs / "mine" if "into" in form else tmp_path / "mine"
+    mine.mkdir(parents=True, mode=0o700)
+    link = tmp_path / "th"
+    link.symlink_to(mine)
+    if "into" in form:
+        os.chown(theirs, 65534, 65534)
+        needle = f"lies in {theirs}, which belongs to uid 65534"
+    else:
+        os.lchown(link, 65534, 65534)
+        needle = f"goes through the symbolic link {link}, which belongs to uid 65534"
+    config = write_config(tmp_path, "Host h\n  LocalForward 5000 localhost:5000\n")
+    done = run_cli(*verb, env=dict(os.environ, TUNNELD_HOME=str(link), TUNNELD_SSH_CONFIG=str(config)))
+    assert done.returncode == EXIT_CONFIG and needle in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and list(mine.iterdir()) == []
+
+
+def test_a_tunneld_home_that_is_your_link_to_your_directory_is_used(tmp_path: Path, config: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    link = tmp_path / "th"
+    link.symlink_to(mine)
+    env = dict(os.environ, TUNNELD_HOME=str(link))
+    started = run_cli("start", "h", "-F", str(config), env=env)
+    assert started.returncode == 0, started.stderr
+    assert (mine / "state" / "h.pid").exists()
+    assert run_cli("status", "h", env=env).returncode == 0
+    assert run_cli("stop", "h", env=env).returncode == 0
 
 
 @pytest.mark.parametrize("name", ["h.log", "h.lock"])

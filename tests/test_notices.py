@@ -152,7 +152,7 @@ def test_needs_auth_notifies_at_once_once_and_back_when_the_key_is_loaded() -> N
     notices = DesktopNotices("ml", after_s=60, send=recorder)
     notices.observe(UP, None)
     notices.observe(LOST, {"message": "Connection closed"})
-    waiting = {"message": "ml needs your key: the agent has no key for u@h:22 (emptied or locked)",
+    waiting: dict[str, object] = {"message": "ml needs your key: the agent has no key for u@h:22 (emptied or locked)",
                "hint": "load your key with `ssh-add`"}  # fmt: skip
     for _ in range(3):  # each retry after a change of the agent publishes needs-auth again
         notices.observe(CONNECTING, None)

@@ -122,3 +122,49 @@ def test_sigusr1_connects_an_idle_host_at_once(tmp_path: Path, sshd: SshServer, 
                  "the unused link to close again")  # fmt: skip
     finally:
         run_cli("stop", "od")
+
+
+def logins(sshd: SshServer) -> int:
+    """Return how many SSH sessions sshd has accepted a login for so far (its VERBOSE log)."""
+    return sshd.log.read_text(errors="replace").count("Accepted publickey")
+
+
+def accepted_clients(pid: int, port: int) -> int:
+    """Return how many client connections to local `port` the daemon `pid` has accepted."""
+    conns = psutil.Process(pid).net_connections(kind="tcp")
+    return sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port)
+
+
+def connected_to(pid: int, port: int) -> bool:
+    """Return True once the daemon `pid` has a TCP connection to `port` (its SSH attempt got past connect)."""
+    conns = psutil.Process(pid).net_connections(kind="tcp")
+    return any(c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == port for c in conns)
+
+
+def test_clients_arriving_together_at_an_idle_host_share_one_session(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer
+) -> None:
+    config, port = on_demand(tmp_path, sshd, echo)
+    try:
+        assert run_cli("start", "od", "-F", config).returncode == 0
+        wait_for(lambda: sessions(sshd) == 0, 10, "the verifying session to end")
+        assert logins(sshd) == 1
+        pid = int(str(read_state("od")["pid"]))
+        sshd.freeze()  # the link's handshake waits: the second client arrives while the first one's link comes up
+        try:
+            first = socket.create_connection(("127.0.0.1", port), timeout=10)
+            wait_for(lambda: connected_to(pid, sshd.port), 10, "the link's TCP connect to sshd")
+            second = socket.create_connection(("127.0.0.1", port), timeout=10)
+            wait_for(lambda: accepted_clients(pid, port) == 2, 10, "both clients accepted")
+        finally:
+            sshd.thaw()
+        with first, second:
+            for client, payload in ((first, b"first"), (second, b"second")):
+                client.settimeout(scaled(20))
+                client.sendall(payload)
+                assert client.recv(len(payload)) == payload
+        wait_for(lambda: read_state("od").get("state") == "idle", IDLE_TIMEOUT_S + 15, "the idle link to close")
+        wait_for(lambda: sessions(sshd) == 0, 10, "sshd to see the session end")
+        assert logins(sshd) == 2, read_log("od")  # the verifying session, and one for both clients
+    finally:
+        run_cli("stop", "od")

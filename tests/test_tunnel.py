@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -72,6 +73,67 @@ def test_unix_socket_forward(
     state = tunnel.wait_state(*UP)
     assert state["forwards"][0]["listen"] == [str(sock_path)]  # type: ignore[index]
     assert echo_roundtrip(str(sock_path), b"through a socket") == b"through a socket"
+
+
+def stale_socket(path: Path) -> Path:
+    """Leave a socket file at `path` that nobody listens on (what a killed program leaves behind)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+    return path
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a socket file of another user")
+def test_another_users_stale_socket_at_the_forward_path_is_refused_naming_the_owner(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, engine: str, foreground: list[ForegroundTunnel]
+) -> None:
+    path = stale_socket(tmp_path / "fwd.sock")
+    os.chown(path, 65534, 65534)
+    owner = f"user {pwd.getpwuid(65534).pw_name} (uid 65534)"
+    line = f"LocalForward {path} 127.0.0.1:{echo.port}"
+    stderr = expect_fatal(
+        start(foreground, "us", write_config(tmp_path, sshd.client_config("us", [line])), engine),
+        f"local socket path {path} holds a stale socket of {owner}",
+        f"ask {owner} (or root) to remove it",
+    )
+    assert "crashed" not in stderr and "Traceback" not in stderr
+    assert path.lstat().st_uid == 65534  # another user's file is left alone
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a socket file of another user")
+def test_a_live_socket_of_another_user_at_the_forward_path_names_its_process_and_owner(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, engine: str, foreground: list[ForegroundTunnel]
+) -> None:
+    path = tmp_path / "fwd.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        os.chown(path, 65534, 65534)
+        line = f"LocalForward {path} 127.0.0.1:{echo.port}"
+        expect_fatal(
+            start(foreground, "live", write_config(tmp_path, sshd.client_config("live", [line])), engine),
+            f"local socket {path} is already in use by {psutil.Process().name()} (pid {os.getpid()}); "
+            f"the socket file belongs to user {pwd.getpwuid(65534).pw_name} (uid 65534)",
+        )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for chattr")
+def test_a_stale_socket_that_cannot_be_removed_is_a_clear_error(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, engine: str, foreground: list[ForegroundTunnel]
+) -> None:
+    directory = tmp_path / "sockets"
+    directory.mkdir()
+    path = stale_socket(directory / "fwd.sock")
+    if subprocess.run(["chattr", "+a", str(directory)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("this file system has no append-only directories (chattr +a)")
+    try:
+        line = f"LocalForward {path} 127.0.0.1:{echo.port}"
+        stderr = expect_fatal(
+            start(foreground, "ro", write_config(tmp_path, sshd.client_config("ro", [line])), engine),
+            f"local socket path {path} holds a stale socket that tunneld cannot remove: Operation not permitted",
+        )
+        assert "crashed" not in stderr and "Traceback" not in stderr
+    finally:
+        subprocess.run(["chattr", "-a", str(directory)], check=True)
 
 
 def test_proxyjump_through_a_bastion(

@@ -202,7 +202,7 @@ def stop(hosts: tuple[str, ...], all_: bool, ssh_config: str | None, timeout: fl
 
     HOST may be @GROUP, a group of tunneld.toml's [groups].
     """
-    from tunneld.status import stoppable_hosts
+    from tunneld.stopping import stoppable_hosts
 
     names = _hosts_or_all(hosts, all_, stoppable_hosts, "stop")
     if all_ and not names:

@@ -8,17 +8,23 @@ from tunneld.errors import TunneldError
 
 
 def complete_configured_hosts(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
-    """Complete HOST from the ssh_config's hosts that have forwards (what `list` shows), honouring -F."""
+    """Complete HOST from the Host names the ssh_config spells out (no wildcards), honouring -F.
+
+    Nothing is run: resolving each host (`ssh -G`, as `list` does) would run every `Match exec` of
+    the config for every host on each Tab, before the user pressed Enter.
+    """
     import os
 
-    from tunneld.config import list_hosts
+    from tunneld.config import config_files, host_patterns
+    from tunneld.paths import is_valid_host
 
     ssh_config = ctx.params.get("ssh_config") or os.environ.get("TUNNELD_SSH_CONFIG")
-    try:
-        specs, _ = list_hosts(ssh_config)
-    except TunneldError:
-        return []
-    return [name for name in [*(spec.alias for spec in specs), *_group_names()] if name.startswith(incomplete)]
+    names: list[str] = []
+    for patterns in host_patterns(config_files(ssh_config)):
+        for name in patterns:
+            if not any(c in name for c in "*?!") and is_valid_host(name) and name not in names:
+                names.append(name)
+    return [name for name in [*names, *_group_names()] if name.startswith(incomplete)]
 
 
 def complete_hosts_with_files(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:

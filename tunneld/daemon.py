@@ -22,7 +22,6 @@ from tunneld.errors import (
     EXIT_CONFIG,
     EXIT_OK,
     AlreadyRunningError,
-    CorruptFileError,
     FatalError,
     StartupError,
     TunneldError,
@@ -246,16 +245,10 @@ def start_tunnel(
     failure is retried in the background, and a timeout leaves the tunnel running.
     """
     began = time.monotonic()
+    deadline = began + timeout
     files = HostFiles.of(spec.alias)
     pidfile = PidFile(files)
-    try:
-        record = pidfile.read()
-    except CorruptFileError as error:
-        log.warning("%s (taking the host's lock decides whether a tunnel runs)", error.message)
-        record = None
-    if record is not None and record.is_live():
-        raise AlreadyRunningError(spec.alias, record.pid)
-    lock_fd = _lock_or_wait_for_owner(pidfile, timeout)
+    lock_fd = pidfile.claim(deadline)
     if pidfile.exists():
         pidfile.remove(0)  # we hold the lock: whatever the old pid file said, nothing runs
     read_fd, write_fd = os.pipe()
@@ -290,35 +283,40 @@ def start_tunnel(
             start_new_session=True,
         )
     os.close(write_fd)
-    os.close(lock_fd)
     try:
-        state = _await_ready(spec.alias, child, read_fd, timeout - (time.monotonic() - began), on_progress)
+        _record_child(pidfile, child.pid, lock_fd)
+        state = _await_ready(spec.alias, child, read_fd, deadline - time.monotonic(), on_progress)
     except StartupError:
         if keep_trying and child.poll() is None:
             return StartResult(child.pid, state_or_empty(files), time.monotonic() - began, pending=True)
-        _terminate(child)
+        _abandon(child, pidfile)
         raise
     except BaseException:
-        _terminate(child)
+        _abandon(child, pidfile)
         raise
     finally:
         os.close(read_fd)
     return StartResult(child.pid, state, time.monotonic() - began)
 
 
-def _lock_or_wait_for_owner(pidfile: PidFile, timeout: float) -> int:
-    """Take the host's lock; if a concurrent start holds it, report that tunnel as already running."""
+def _record_child(pidfile: PidFile, pid: int, lock_fd: int) -> None:
+    """Record the child in the pid file while the lock is still ours too, then let the child hold it alone.
+
+    A `stop` meeting this start finds the child at once, long before the child has resolved its
+    config and records itself.
+    """
     try:
-        return pidfile.lock()
-    except AlreadyRunningError:
-        deadline = time.monotonic() + min(timeout, 5.0)
-        while time.monotonic() < deadline:
-            with contextlib.suppress(CorruptFileError):
-                record = pidfile.read()
-            if record is not None and record.is_live():
-                raise AlreadyRunningError(pidfile.files.host, record.pid) from None
-            time.sleep(0.05)
-        raise
+        record = PidRecord.of_child(pid, pidfile.files.host)
+        if record is not None and not pidfile.exists():
+            pidfile.write(record)
+    finally:
+        os.close(lock_fd)
+
+
+def _abandon(child: subprocess.Popen[bytes], pidfile: PidFile) -> None:
+    """Stop a child that did not come up, and remove the record this start wrote for it."""
+    _terminate(child)
+    pidfile.remove(child.pid)
 
 
 @contextlib.contextmanager
@@ -346,6 +344,11 @@ def _await_ready(
         chunk = os.read(read_fd, 65536)
         if not chunk:
             returncode = child.wait(timeout=5)
+            if returncode in (EXIT_OK, -signal.SIGTERM):
+                raise StartupError(
+                    f"{host} was stopped before it was up (tunneld stop, or SIGTERM)",
+                    f"start it again with: tunneld start {host}",
+                )
             raise StartupError(
                 f"the tunnel process for {host} exited with status {returncode} before it was up",
                 f"see `tunneld logs {host}`",

@@ -13,6 +13,7 @@ from tunneld.errors import ConfigError
 
 APP_NAME = "tunneld"
 HOST_NAME_MAX = 128
+MAX_SYMLINKS = 40  # as Linux follows at most 40 in one path (ELOOP)
 # Host names become file names: letters, digits and . _ - @ + only, never a leading dot or dash.
 _HOST_NAME_RE = re.compile(r"[A-Za-z0-9_@+][A-Za-z0-9._@+-]*")
 
@@ -50,9 +51,15 @@ def home() -> Path | None:
 
 
 def check_home() -> None:
-    """Refuse an unusable TUNNELD_HOME (a file, another user's or a read-only directory) before any verb runs."""
+    """Refuse an unusable TUNNELD_HOME (a file, another user's or a read-only directory, or one another user
+    can redirect) before any verb runs."""
     override = home()
-    if override is None or not os.path.lexists(override):
+    if override is None:
+        return
+    redirectable = _redirectable(override)
+    if redirectable is not None:
+        raise _unusable(override, f"(TUNNELD_HOME) {redirectable}")
+    if not os.path.lexists(override):
         return
     if not override.is_dir():
         raise _unusable(override, "(TUNNELD_HOME) is not a directory")
@@ -61,6 +68,57 @@ def check_home() -> None:
         raise _unusable(override, f"(TUNNELD_HOME) belongs to uid {info.st_uid}, not to you (uid {os.getuid()})")
     if not os.access(override, os.W_OK | os.X_OK):
         raise _unusable(override, "(TUNNELD_HOME) is not writable")
+
+
+def _redirectable(path: Path) -> str | None:
+    """Say how another user could change where `path` leads (None: only you or root can).
+
+    `path` is followed as the kernel follows it. Every symbolic link on the way must be yours or
+    root's (its owner can point it elsewhere: in a sticky directory such as /tmp only the owner can
+    replace it), and every directory a name is looked up in must be yours or root's and not
+    writable by every user without the sticky bit (whoever can write there can move the entry and
+    put another in its place). A link of yours to a directory of yours is fine. What does not exist
+    yet is created by tunneld, as you.
+    """
+    me = os.getuid()
+    trusted = (0, me)
+    absolute = path if path.is_absolute() else Path(os.getcwd(), path)
+    todo = list(reversed(absolute.parts[1:]))  # a stack: the next name on top
+    current = "/"
+    links = 0
+    while todo:
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = os.path.dirname(current)
+            continue
+        parent = os.lstat(current)
+        if parent.st_uid not in trusted:
+            return f"lies in {current}, which belongs to uid {parent.st_uid}: that user could move it"
+        if parent.st_mode & stat.S_IWOTH and not parent.st_mode & stat.S_ISVTX:
+            return f"lies in {current}, which every user may write to (no sticky bit): anyone could move it"
+        candidate = os.path.join(current, name)
+        try:
+            info = os.lstat(candidate)
+        except OSError:
+            return None  # missing (tunneld creates it, as you) or unreadable (the checks that follow say so)
+        if not stat.S_ISLNK(info.st_mode):
+            current = candidate
+            continue
+        if info.st_uid not in trusted:
+            return (
+                f"goes through the symbolic link {candidate}, which belongs to uid {info.st_uid}, not to you "
+                f"(uid {me}): that user could point it elsewhere"
+            )
+        links += 1
+        if links > MAX_SYMLINKS:
+            return f"goes through more than {MAX_SYMLINKS} symbolic links"
+        target = Path(os.readlink(candidate))
+        if target.is_absolute():
+            current = "/"
+        todo.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
+    return None
 
 
 # Set by a detached supervisor from its parent's answer, so that it need not load platformdirs (~1.1 MiB).
@@ -100,8 +158,12 @@ def ensure_private_dir(path: Path) -> Path:
     """Create `path` (and parents) for tunneld's files; it must be a directory of this user, never a link.
 
     A looser mode is tightened to 0700; a link, a file, or another user's directory is refused, so that
-    nobody else can read the tunnels' state or plant files (links) tunneld would then write through.
+    nobody else can read the tunnels' state or plant files (links) tunneld would then write through. Under
+    a TUNNELD_HOME that another user could redirect, nothing is created.
     """
+    override = home()
+    if override is not None and path.is_relative_to(override) and (problem := _redirectable(path)):
+        raise _unusable(path, problem)  # also where no verb ran check_home first (what autostart runs)
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
     except FileExistsError as exc:
@@ -173,6 +235,11 @@ class HostFiles:
         return self.directory / f"{self.host}.lock"
 
     @property
+    def stopping(self) -> Path:
+        """The lock a `tunneld stop` holds while it stops the host (no host's file can have this name)."""
+        return self.directory / f"{self.host}.stopping"
+
+    @property
     def state(self) -> Path:
         return self.directory / f"{self.host}.state.json"
 
@@ -197,6 +264,15 @@ def hosts_with_files() -> tuple[list[str], list[str]]:
                 else:
                     stray.add(entry.name)
     return sorted(hosts), sorted(stray)
+
+
+def hosts_with_locks() -> list[str]:
+    """Return the hosts that have a lock file, sorted (a first start holds it before any pid or state file exists)."""
+    directory = state_dir()
+    if not directory.is_dir():
+        return []
+    names = (entry.name.removesuffix(".lock") for entry in directory.iterdir() if entry.name.endswith(".lock"))
+    return sorted(name for name in names if is_valid_host(name))
 
 
 def known_hosts_with_files() -> list[str]:

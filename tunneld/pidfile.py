@@ -9,19 +9,23 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
 
-from tunneld.errors import AlreadyRunningError, CorruptFileError
+from tunneld.errors import AlreadyRunningError, CorruptFileError, StartupError
 from tunneld.paths import HostFiles, ensure_private_dir, open_private
 
 CREATE_TIME_TOLERANCE_S = 0.05
 GONE_POLL_S = 0.02
 KILL_WAIT_S = 3.0
 MAX_JSON_BYTES = 1024 * 1024
+LOCK_POLL_S = 0.02
+# A lock taken only to look (is a tunneld running? a stop checking for a start) is released within this.
+LOCK_CONTENTION_S = 0.5
+OWNER_WAIT_S = 5.0  # how long a start waits for a concurrent start that holds the lock to record its tunneld
 
 
 def write_json_atomic(path: Path, data: object) -> None:
@@ -138,6 +142,20 @@ def _wait_gone(pid: int, create_time: float, timeout: float, cmdline: Sequence[s
     return True
 
 
+def _flock_within(fd: int, operation: int, wait_s: float) -> bool:
+    """Take flock `operation` (LOCK_EX, LOCK_SH) on `fd`, trying again for up to `wait_s`; return whether it did."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(LOCK_POLL_S)
+        else:
+            return True
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -157,6 +175,15 @@ class PidRecord:
         """Return the record describing this very process."""
         me = psutil.Process()
         return cls(me.pid, me.create_time(), host, engine, time.time())
+
+    @classmethod
+    def of_child(cls, pid: int, host: str) -> PidRecord | None:
+        """Return the record of a tunneld `start` has just launched (None if it is gone already)."""
+        try:
+            created = psutil.Process(pid).create_time()
+        except psutil.Error:
+            return None
+        return cls(pid, created, host, "", time.time())
 
     def is_live(self) -> bool:
         """Return True when the recorded process still runs (a reused pid does not count)."""
@@ -191,17 +218,16 @@ class PidFile:
         """Return True when a pid file is present, readable or not."""
         return os.path.lexists(self.files.pid)
 
-    def lock(self) -> int:
-        """Take the host's exclusive lock and return its fd; raise AlreadyRunningError when another holds it.
+    def lock(self, wait_s: float = LOCK_CONTENTION_S) -> int:
+        """Take the host's exclusive lock and return its fd; raise AlreadyRunningError when another holds it
+        for longer than `wait_s` (a look by `stop` holds it for a moment only).
 
         The lock lives on a separate file because the pid file is replaced atomically (a new
         inode), and it is released by the kernel when its holder dies, even by SIGKILL.
         """
         ensure_private_dir(self.files.directory)
         fd = open_private(self.files.lock, os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock_within(fd, fcntl.LOCK_EX, wait_s):
             os.close(fd)
             try:
                 record = self.read()
@@ -210,14 +236,80 @@ class PidFile:
             raise AlreadyRunningError(self.files.host, record.pid if record else None) from None
         return fd
 
-    def held_by_someone(self) -> bool:
-        """Return True when a running tunneld holds the host's lock (whatever its pid file says)."""
+    def live(self) -> PidRecord | None:
+        """Return the host's running tunneld, or None (no pid file, a stale one, or a corrupt one: the lock decides)."""
         try:
-            fd = self.lock()
+            record = self.read()
+        except CorruptFileError:
+            return None
+        return record if record is not None and record.is_live() else None
+
+    def claim(self, deadline: float) -> int:
+        """Take the lock for a new tunneld of the host and return its fd; raise AlreadyRunningError when one runs.
+
+        A tunneld that is being stopped is waited for (up to `deadline`, monotonic): a start must follow
+        the stop, not report the stopping tunneld as running. While another process holds the lock, a
+        start in progress records its tunneld within moments, and a look (`stop`) releases it at once.
+        """
+        give_up = min(deadline, time.monotonic() + OWNER_WAIT_S)
+        while True:
+            record = self.live()
+            if record is not None and not self.stop_in_progress():
+                raise AlreadyRunningError(self.files.host, record.pid)
+            if not self.wait_while_stopping(deadline):
+                shown = f" (pid {record.pid})" if record else ""
+                raise StartupError(
+                    f"{self.files.host} is still being stopped{shown}: not started",
+                    f"start it once `tunneld stop {self.files.host}` has ended",
+                )
+            if record is not None and record.is_live():  # the stop gave up (interrupted): it still runs
+                raise AlreadyRunningError(self.files.host, record.pid)
+            try:
+                return self.lock()
+            except AlreadyRunningError:
+                if time.monotonic() >= give_up:
+                    raise
+
+    def held_by_someone(self) -> bool:
+        """Return True when a running tunneld, or a start in progress, holds the host's lock."""
+        try:
+            fd = self.lock(wait_s=0.0)
         except AlreadyRunningError:
             return True
         os.close(fd)
         return False
+
+    @contextlib.contextmanager
+    def stopping(self, wait_s: float) -> Iterator[None]:
+        """Hold the host's stop lock while a stop runs, so that a start meeting the stopping tunneld waits for
+        the stop to end instead of calling it running. Another stop's hold is waited for up to `wait_s`,
+        then this one goes on regardless."""
+        ensure_private_dir(self.files.directory)
+        fd = open_private(self.files.stopping, os.O_RDWR | os.O_CREAT)
+        try:
+            _flock_within(fd, fcntl.LOCK_EX, wait_s)
+            yield
+        finally:
+            os.close(fd)
+
+    def stop_in_progress(self) -> bool:
+        """Return True while a `tunneld stop` of this host runs (it holds the stop lock)."""
+        try:
+            fd = os.open(self.files.stopping, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return False  # never stopped (no file), or not a file tunneld made: stop itself refuses that one
+        try:
+            return not _flock_within(fd, fcntl.LOCK_SH, 0.0)
+        finally:
+            os.close(fd)
+
+    def wait_while_stopping(self, deadline: float) -> bool:
+        """Wait until no stop of this host runs, up to `deadline` (monotonic); return True when none runs."""
+        while self.stop_in_progress():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(LOCK_POLL_S)
+        return True
 
     def write(self, record: PidRecord) -> None:
         """Record `record` as the owner."""

@@ -99,7 +99,9 @@ def port_holder(port: int | None = None, path: str | None = None, ip: str | None
         return _covers(ip, str(laddr[0])) if conn.status == psutil.CONN_LISTEN else 0
 
     def best(conns: list[sconn]) -> Holder | None:
-        ranked = sorted((c for c in conns if rank(c)), key=rank, reverse=True)
+        # A unix listener's connections still in its backlog carry its path and no process (fd -1): the
+        # listener's own entry, with its pid, names the holder.
+        ranked = sorted((c for c in conns if rank(c)), key=lambda c: (rank(c), c.pid is not None), reverse=True)
         return _holder_from(ranked)
 
     try:
@@ -141,23 +143,54 @@ def unix_socket_answers(path: str) -> bool:
 
 
 def clear_stale_socket(path: str) -> None:
-    """Before binding `path`: remove a socket file nobody listens on (a crashed link's), refuse a live one.
+    """Before binding `path`: remove a socket file of yours nobody listens on (a crashed link's); refuse a live
+    one, another user's, or one that cannot be removed, naming what holds the path.
 
     OpenSSH's StreamLocalBindUnlink would remove a live socket too; this keeps another program's.
     """
     try:
-        mode = os.lstat(path).st_mode
+        info = os.lstat(path)
     except FileNotFoundError:
         return
-    if not stat.S_ISSOCK(mode):
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot check local socket path {path}: {exc.strerror}",
+            "point the LocalForward at a socket path in a directory of yours",
+        ) from exc
+    if not stat.S_ISSOCK(info.st_mode):
         raise ConfigError(
             f"local socket path {path} exists and is not a socket",
             "move that file away, or point the LocalForward at another socket path",
         )
     if unix_socket_answers(path):
         raise port_in_use_error(path=path)
-    with contextlib.suppress(FileNotFoundError):
+    if info.st_uid != os.getuid():
+        owner = user_name(info.st_uid)
+        raise PortInUseError(
+            f"local socket path {path} holds a stale socket of {owner}: tunneld removes only its own",
+            f"ask {owner} (or root) to remove it (rm {path}), or point the LocalForward at another socket path",
+            holder=f"a socket file of {owner}",
+        )
+    try:
         os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise PortInUseError(
+            f"local socket path {path} holds a stale socket that tunneld cannot remove: {exc.strerror}",
+            f"remove it (rm {path}), or point the LocalForward at a socket path in a directory you can write to",
+            holder="a stale socket file",
+        ) from exc
+
+
+def user_name(uid: int) -> str:
+    """Return `user NAME (uid N)`, or `uid N` when the account has no name."""
+    import pwd
+
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def port_in_use_error(port: int | None = None, path: str | None = None, ip: str | None = None) -> PortInUseError:
@@ -173,6 +206,8 @@ def port_in_use_error(port: int | None = None, path: str | None = None, ip: str 
             holder=f"tunneld host {owner}",
         )
     message = f"{what} is already in use{where}" + (f" by {holder}" if holder else "")
+    if path is not None and (owner := _foreign_owner(path)) is not None:
+        message += f"; the socket file belongs to {owner}"
     if path is not None:
         hint = (
             f"another program listens on {path}: stop it, or point the LocalForward at another socket path"
@@ -191,6 +226,15 @@ def port_in_use_error(port: int | None = None, path: str | None = None, ip: str 
     else:
         hint = "free the port or pick another local port in your LocalForward line"
     return PortInUseError(message, hint, holder=str(holder) if holder else None)
+
+
+def _foreign_owner(path: str) -> str | None:
+    """Return the owner of the file at `path` when it is another user (None: yours, or gone)."""
+    try:
+        uid = os.lstat(path).st_uid
+    except OSError:
+        return None
+    return user_name(uid) if uid != os.getuid() else None
 
 
 def _tunneld_host_of(holder: Holder | None) -> str | None:

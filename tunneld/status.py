@@ -70,12 +70,6 @@ def listed_hosts() -> tuple[list[str], list[str]]:
     return sorted({*with_files, *enabled_hosts()}), stray
 
 
-def stoppable_hosts() -> list[str]:
-    """Return the hosts `stop --all` acts on: those whose tunnel runs, or whose pid file is stale."""
-    reports = [collect(host) for host in known_hosts_with_files()]
-    return [report.host for report in reports if report.running or report.state == STALE]
-
-
 def collect(host: str) -> HostReport:
     """Return the host's report; a pid file whose process is gone or reused is reported as stale.
 

@@ -11,14 +11,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunneld.errors import CorruptFileError, NotRunningError, TunneldError
-from tunneld.paths import HostFiles
-from tunneld.pidfile import PidFile, foreign_owner, process_matches, read_json, terminate, write_json_atomic
+from tunneld.paths import HostFiles, hosts_with_locks, known_hosts_with_files
+from tunneld.pidfile import (
+    PidFile,
+    PidRecord,
+    foreign_owner,
+    process_matches,
+    read_json,
+    terminate,
+    write_json_atomic,
+)
 from tunneld.states import STOPPED
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STOP_TIMEOUT_S = 10.0
 ORPHAN_GRACE_S = 3.0
+STARTING_POLL_S = 0.02
 
 
 def reap_orphans(files: HostFiles) -> None:
@@ -58,10 +67,20 @@ def stop_tunnel(host: str, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopResul
     """SIGTERM the host's tunnel, SIGKILL it after `timeout`; raise NotRunningError when none runs.
 
     Only the process the pid file names *and* that is still that tunneld (create time, user,
-    command line) is signalled; anything else is a stale pid file, removed and reported.
+    command line) is signalled; anything else is a stale pid file, removed and reported. A start in
+    progress is stopped too, once it has recorded the process it started. The stop holds the host's
+    stop lock throughout, so that a start meeting the stopping tunneld waits for it instead.
     """
     files = HostFiles.of(host)
     pidfile = PidFile(files)
+    if not pidfile.exists() and not os.path.lexists(files.lock):
+        raise NotRunningError(f"{host} is not running")  # never started: no files to make for it
+    with pidfile.stopping(timeout):
+        return _stop(files, pidfile, timeout)
+
+
+def _stop(files: HostFiles, pidfile: PidFile, timeout: float) -> StopResult:
+    host = files.host
     try:
         record = pidfile.read()
     except CorruptFileError as error:
@@ -73,6 +92,8 @@ def stop_tunnel(host: str, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopResul
         pidfile.remove(0)
         _mark_stopped(files)
         return StopResult(host, None, stale=True)
+    if record is None or not record.is_live():
+        record = _starting(files, pidfile, timeout) or record
     if record is not None and (owner := foreign_owner(record.pid, record.create_time)):
         raise TunneldError(
             f"{files.pid} names pid {record.pid}, a process of user {owner}: "
@@ -89,9 +110,45 @@ def stop_tunnel(host: str, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopResul
     killed = terminate(record.pid, record.create_time, timeout)
     if killed:
         reap_orphans(files)
+    if killed or state_or_empty(files).get("pid") != record.pid:  # killed, or stopped before it wrote a state
         _mark_stopped(files)
     pidfile.remove(record.pid)
     return StopResult(host, record.pid, killed=killed)
+
+
+def _starting(files: HostFiles, pidfile: PidFile, timeout: float) -> PidRecord | None:
+    """Return the process of a start in progress, or None when no start holds the host's lock.
+
+    `start` takes the lock, then launches the tunneld and records it in the pid file: wait up to
+    `timeout` for that record (a foreground `tunneld run` records itself once its config is resolved).
+    """
+    deadline = time.monotonic() + timeout
+    while pidfile.held_by_someone():
+        with contextlib.suppress(CorruptFileError):
+            record = pidfile.read()
+            if record is not None and record.is_live():
+                return record
+        if time.monotonic() >= deadline:
+            raise TunneldError(
+                f"{files.host} is starting (a process holds {files.lock}) but no tunneld is recorded in "
+                f"{files.pid} after {timeout:g} s",
+                f"try `tunneld stop {files.host}` again in a moment",
+            )
+        time.sleep(STARTING_POLL_S)
+    return None
+
+
+def stoppable_hosts() -> list[str]:
+    """Return the hosts `stop --all` stops: running, with a stale pid file, or starting (a first start holds
+    the host's lock before any pid file names its tunneld)."""
+    from tunneld.status import STALE, collect
+
+    found = []
+    for host in sorted({*known_hosts_with_files(), *hosts_with_locks()}):
+        report = collect(host)
+        if report.running or report.state == STALE or PidFile(HostFiles.of(host)).held_by_someone():
+            found.append(host)
+    return found
 
 
 def forget_host(host: str) -> list[Path]:
@@ -109,6 +166,7 @@ def forget_host(host: str) -> list[Path]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)
+        files.stopping.unlink(missing_ok=True)
         files.lock.unlink(missing_ok=True)
         return removed
     finally:

@@ -414,6 +414,9 @@ class ParamikoEngine:
         self.forwarder.on_failure = lambda exc: link.lose(ConnectError(f"the forwarding loop failed: {exc}"))
         self.forwarder.widen = widen_window
         self.forwarder.attach(link.open_channel)
+        # Every client that asked while this attempt ran is this link's now (attach took the waiting ones): a
+        # demand left set would bring up another link, for nobody, as soon as this one closes for idleness.
+        self.demand.clear()
         return link
 
     def close(self) -> None:
