@@ -90,8 +90,13 @@ def test_another_users_stale_socket_at_the_forward_path_is_refused_naming_the_ow
     os.chown(path, 65534, 65534)
     owner = f"user {pwd.getpwuid(65534).pw_name} (uid 65534)"
     line = f"LocalForward {path} 127.0.0.1:{echo.port}"
+    config = write_config(tmp_path, sshd.client_config("us", [line]))
+    checked = run_cli("check", "us", "-F", str(config), "--engine", engine)
+    assert checked.returncode == 1 and f"[FAIL] local port {path} is already in use by a socket file of {owner}" in (
+        checked.stdout
+    ), checked.stdout
     stderr = expect_fatal(
-        start(foreground, "us", write_config(tmp_path, sshd.client_config("us", [line])), engine),
+        start(foreground, "us", config, engine),
         f"local socket path {path} holds a stale socket of {owner}",
         f"ask {owner} (or root) to remove it",
     )

@@ -12,7 +12,7 @@ from tunneld.engines import Link, LinkEvents, make_engine, select_engine_name
 from tunneld.errors import AuthError, HostKeyError, PortInUseError, TunneldError, UnreachableError
 from tunneld.health import LocalProber, checks_for, run_check
 from tunneld.listen import ListenPlan, plan_spec
-from tunneld.ports import Listeners, listeners_of, port_in_use_error, port_is_free, unix_socket_answers
+from tunneld.ports import Listeners, listeners_of, port_in_use_error, port_is_free, socket_path_error
 from tunneld.settings import host_settings
 from tunneld.spec import TunnelSpec
 from tunneld.status import HostReport, collect
@@ -108,13 +108,16 @@ def _local_port_steps(spec: TunnelSpec, report: HostReport, ours: Listeners) -> 
         for address, ip in _addresses(plan):
             if (plan.path is not None and plan.path in ours.unix) or address in ours.tcp.get(plan.port, ()):
                 held += 1
-            elif plan.path is not None and unix_socket_answers(plan.path):
-                failures.append((address, port_in_use_error(path=plan.path)))
+            elif plan.path is not None and (problem := socket_path_error(plan.path)) is not None:
+                failures.append((address, problem))
             elif plan.path is None and not port_is_free(plan.port, ip):
                 failures.append((address, port_in_use_error(port=plan.port, ip=ip)))
         for address, error in failures:
-            by = f" by {error.holder}" if error.holder else ""
-            yield Step("local port", FAIL, f"{address} is already in use{by}", error.hint)
+            if isinstance(error, PortInUseError):
+                by = f" by {error.holder}" if error.holder else ""
+                yield Step("local port", FAIL, f"{address} is already in use{by}", error.hint)
+            else:
+                yield Step("local port", FAIL, error.message, error.hint)
         if failures:
             continue
         shown = ", ".join(plan.addresses)

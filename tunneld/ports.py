@@ -16,7 +16,7 @@ import psutil
 if TYPE_CHECKING:
     from psutil._ntuples import pconn, sconn
 
-from tunneld.errors import ConfigError, PortInUseError
+from tunneld.errors import ConfigError, PortInUseError, TunneldError
 
 # macOS's AirPlay Receiver listens on 5000 and 7000 (ControlCenter since Monterey).
 _AIRPLAY_PROCESSES = ("ControlCenter", "AirPlayXPCHelper")
@@ -142,35 +142,44 @@ def unix_socket_answers(path: str) -> bool:
     return True
 
 
+def socket_path_error(path: str) -> TunneldError | None:
+    """Return what keeps a LocalForward from binding the unix socket `path` (None: nothing is there, or a stale
+    socket of yours that binding may remove): a live socket, another user's, or something that is no socket."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return ConfigError(
+            f"cannot check local socket path {path}: {exc.strerror}",
+            "point the LocalForward at a socket path in a directory of yours",
+        )
+    if not stat.S_ISSOCK(info.st_mode):
+        return ConfigError(
+            f"local socket path {path} exists and is not a socket",
+            "move that file away, or point the LocalForward at another socket path",
+        )
+    if unix_socket_answers(path):
+        return port_in_use_error(path=path)
+    if info.st_uid != os.getuid():
+        owner = user_name(info.st_uid)
+        return PortInUseError(
+            f"local socket path {path} holds a stale socket of {owner}: tunneld removes only its own",
+            f"ask {owner} (or root) to remove it (rm {path}), or point the LocalForward at another socket path",
+            holder=f"a socket file of {owner}",
+        )
+    return None
+
+
 def clear_stale_socket(path: str) -> None:
     """Before binding `path`: remove a socket file of yours nobody listens on (a crashed link's); refuse a live
     one, another user's, or one that cannot be removed, naming what holds the path.
 
     OpenSSH's StreamLocalBindUnlink would remove a live socket too; this keeps another program's.
     """
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot check local socket path {path}: {exc.strerror}",
-            "point the LocalForward at a socket path in a directory of yours",
-        ) from exc
-    if not stat.S_ISSOCK(info.st_mode):
-        raise ConfigError(
-            f"local socket path {path} exists and is not a socket",
-            "move that file away, or point the LocalForward at another socket path",
-        )
-    if unix_socket_answers(path):
-        raise port_in_use_error(path=path)
-    if info.st_uid != os.getuid():
-        owner = user_name(info.st_uid)
-        raise PortInUseError(
-            f"local socket path {path} holds a stale socket of {owner}: tunneld removes only its own",
-            f"ask {owner} (or root) to remove it (rm {path}), or point the LocalForward at another socket path",
-            holder=f"a socket file of {owner}",
-        )
+    error = socket_path_error(path)
+    if error is not None:
+        raise error
     try:
         os.unlink(path)
     except FileNotFoundError:
