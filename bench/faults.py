@@ -19,185 +19,33 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness import DelayRelay, SshServer, become_subreaper, free_port, wait_for
-from tunneld.pidfile import is_tunneld
-
-ROOT = Path(__file__).resolve().parent.parent
-HOST_IP, SERVER_IP = "198.18.77.1", "198.18.77.2"
-SSH_PORT = 2222
-PROBE_EVERY_S = 0.02
-ECHO_TIMEOUT_S = 0.5
-RECOVERY_LIMIT_S = 90.0
-DETECT_LIMIT_S = 60.0
-DELAY_MS = 75  # each way: 150 ms round trip
-
-
-@dataclass
-class Result:
-    """One scenario on one engine."""
-
-    scenario: str
-    engine: str
-    detected_s: float | None
-    recovered_s: float | None
-    attempts: int
-    logins: int
-    unauthenticated: int
-    reconnects: int
-    left_behind: int
-    note: str = ""
-
-
-def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, check=check, timeout=30)
-
-
-class Namespace:
-    """A network namespace with one veth link to this one; removed by name."""
-
-    def __init__(self) -> None:
-        suffix = os.getpid() % 100000
-        self.name = f"tunneld-faults-{suffix}"
-        self.host_if, self.server_if = f"tdf{suffix}h", f"tdf{suffix}s"
-
-    def create(self) -> None:
-        run("ip", "netns", "add", self.name)
-        run("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.server_if)
-        run("ip", "link", "set", self.server_if, "netns", self.name)
-        run("ip", "addr", "add", f"{HOST_IP}/30", "dev", self.host_if)
-        run("ip", "link", "set", self.host_if, "up")
-        self.exec("ip", "addr", "add", f"{SERVER_IP}/30", "dev", self.server_if)
-        self.exec("ip", "link", "set", self.server_if, "up")
-        self.exec("ip", "link", "set", "lo", "up")
-
-    def exec(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return run("ip", "netns", "exec", self.name, *argv, check=check)
-
-    def prefix(self) -> list[str]:
-        return ["ip", "netns", "exec", self.name]
-
-    def remove(self) -> None:
-        run("ip", "link", "del", self.host_if, check=False)
-        run("ip", "netns", "del", self.name, check=False)
-
-
-class Bench:
-    """The server side in the namespace, tunneld here, and the measurements."""
-
-    def __init__(self, workdir: Path, ns: Namespace) -> None:
-        self.workdir = workdir
-        self.ns = ns
-        self.env = dict(os.environ, TUNNELD_HOME=str(workdir / "tunneld"))
-        self.sshd = SshServer(workdir / "sshd", port=SSH_PORT, host=SERVER_IP, prefix=ns.prefix())
-        self.target: subprocess.Popen[str] | None = None
-        self.target_port = 0
-        self.relay: DelayRelay | None = None
-        self.config = workdir / "ssh_config"
-        self.local_port = free_port()
-
-    def start_server(self) -> None:
-        self.sshd.start()
-        self.target = subprocess.Popen(
-            [*self.ns.prefix(), sys.executable, str(ROOT / "bench" / "target.py")], stdout=subprocess.PIPE, text=True
-        )
-        assert self.target.stdout is not None
-        self.target_port = int(self.target.stdout.readline())
-
-    def write_config(self, host: str, port: int, hostname: str) -> None:
-        text = self.sshd.client_config(host, [f"LocalForward {self.local_port} 127.0.0.1:{self.target_port}"])
-        text = text.replace(f"HostName {SERVER_IP}", f"HostName {hostname}").replace(f"Port {SSH_PORT}", f"Port {port}")
-        known = self.workdir / f"known_{host}"
-        known.write_text(f"[{hostname}]:{port} {self.sshd.host_public_key()}\n")
-        self.config.write_text(text.replace(str(self.sshd.known_hosts), str(known)))
-
-    def tunneld(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            [sys.executable, "-m", "tunneld", *args], env=self.env, capture_output=True, text=True, timeout=60,
-            check=False,
-        )  # fmt: skip
-        if check and done.returncode != 0:
-            raise RuntimeError(f"tunneld {' '.join(args)} failed: {done.stderr}")
-        return done
-
-    def state(self, host: str) -> dict[str, object]:
-        with contextlib.suppress(OSError, ValueError):
-            data = json.loads((self.workdir / "tunneld" / "state" / f"{host}.state.json").read_text())
-            return data if isinstance(data, dict) else {}
-        return {}
-
-    def echo_works(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.local_port), timeout=ECHO_TIMEOUT_S) as sock:
-                sock.settimeout(ECHO_TIMEOUT_S)
-                sock.sendall(b"ECHO\nping")
-                return sock.recv(4) == b"ping"
-        except OSError:
-            return False
-
-    def mark(self) -> int:
-        """Return where sshd's log ends now: what follows is what this scenario made sshd see."""
-        return self.sshd.log_mark()
-
-    def logins(self, since: int) -> int:
-        """Logins sshd accepted since the mark (`Accepted publickey for ...`)."""
-        text = self.sshd.log.read_bytes()[since:].decode(errors="replace")
-        return sum(line.startswith("Accepted publickey for ") for line in text.splitlines())
-
-    def unauthenticated(self, since: int) -> int:
-        """Connections sshd saw since the mark that ended before authentication: what OpenSSH 9.8+ penalises."""
-        return self.sshd.preauth_connections(since)
-
-    def first_echo_after(self, since: float) -> float | None:
-        """Seconds from `since` until a fresh connection through the forward works (bounded)."""
-        successes: list[float] = []
-        stop = threading.Event()
-
-        def one() -> None:
-            if self.echo_works():
-                successes.append(time.monotonic())
-                stop.set()
-
-        threads = []
-        deadline = since + RECOVERY_LIMIT_S
-        while not stop.is_set() and time.monotonic() < deadline:
-            thread = threading.Thread(target=one, daemon=True)
-            thread.start()
-            threads.append(thread)
-            stop.wait(PROBE_EVERY_S)
-        for thread in threads[-50:]:
-            thread.join(ECHO_TIMEOUT_S + 0.1)
-        return min(successes) - since if successes else None
-
-    def wait_state(self, host: str, states: tuple[str, ...], limit_s: float) -> float | None:
-        began = time.monotonic()
-        with contextlib.suppress(TimeoutError):
-            wait_for(lambda: self.state(host).get("state") in states, limit_s, "state", interval=0.02)
-            return time.monotonic() - began
-        return None
-
-    def stop(self) -> None:
-        if self.relay is not None:
-            self.relay.close()
-        with contextlib.suppress(Exception):
-            self.tunneld("stop", "--all", check=False)
-        self.sshd.thaw()
-        self.sshd.stop()
-        if self.target is not None:
-            self.target.kill()
-            self.target.wait(5)
-
+from bench import penalty_faults
+from bench.debian13 import prepared, unavailable_reason
+from bench.faultlab import (
+    DELAY_MS,
+    DETECT_LIMIT_S,
+    HOST_IP,
+    RECOVERY_LIMIT_S,
+    ROOT,
+    SERVER_IP,
+    SSH_PORT,
+    Bench,
+    Namespace,
+    Result,
+    count,
+    left_behind,
+    run,
+)
+from tests.harness import DelayRelay, become_subreaper, wait_for
 
 Fault = Callable[[Bench], contextlib.AbstractContextManager[None]]
 
@@ -261,14 +109,14 @@ def measure(bench: Bench, engine: str, name: str, fault: Fault, seconds: float) 
         remaining = seconds - (time.monotonic() - began)
         if remaining > 0:
             time.sleep(remaining)
-        attempts = _count(bench.state(host), "attempts")
+        attempts = count(bench.state(host), "attempts")
     ended = time.monotonic()
     recovered = bench.first_echo_after(ended)
     bench.wait_state(host, ("up", "degraded"), 10)  # traffic flows before `up` is published (health check)
     state = bench.state(host)
     result = Result(
         name, engine, detected, recovered, attempts, bench.logins(before), bench.unauthenticated(before),
-        _count(state, "reconnects"), 0,
+        count(state, "reconnects"), 0,
         "" if detected is not None else "not noticed while the fault lasted",
     )  # fmt: skip
     bench.tunneld("stop", host, check=False)
@@ -302,7 +150,7 @@ def child_kills(bench: Bench, kills: int = 6) -> Result:
     shown = ", ".join(f"{o:.2f}" for o in outages)
     return Result(
         f"ssh child killed {len(outages)} times", "openssh", None, max(outages, default=None),
-        _count(state, "attempts"), bench.logins(before), bench.unauthenticated(before), _count(state, "reconnects"),
+        count(state, "attempts"), bench.logins(before), bench.unauthenticated(before), count(state, "reconnects"),
         left_behind(bench), f"outages (s): {shown}",
     )  # fmt: skip
 
@@ -327,8 +175,8 @@ def slow_path(bench: Bench, engine: str, seconds: float) -> Result:
     bench.tunneld("stop", host, check=False)
     note = f"echo p50 {statistics.median(rtts):.0f} ms; loss not emulated (this kernel has no netem)" if rtts else ""
     return Result(
-        f"150 ms round trip for {seconds:.0f} s", engine, None, None, _count(state, "attempts"),
-        bench.logins(before), bench.unauthenticated(before), _count(state, "reconnects"), 0, note,
+        f"150 ms round trip for {seconds:.0f} s", engine, None, None, count(state, "attempts"),
+        bench.logins(before), bench.unauthenticated(before), count(state, "reconnects"), 0, note,
     )  # fmt: skip
 
 
@@ -351,34 +199,61 @@ def changed_key(bench: Bench, engine: str) -> Result:
     if carried:
         note += "; TRAFFIC STILL FLOWED"
     bench.tunneld("stop", host, check=False)
-    return Result("host key changed", engine, detected, None, _count(state, "attempts"), bench.logins(before),
-                  bench.unauthenticated(before), _count(state, "reconnects"), 0, note)  # fmt: skip
+    return Result("host key changed", engine, detected, None, count(state, "attempts"), bench.logins(before),
+                  bench.unauthenticated(before), count(state, "reconnects"), 0, note)  # fmt: skip
 
 
-def _count(state: dict[str, object], key: str) -> int:
-    value = state.get(key)
-    return value if isinstance(value, int) else 0
-
-
-def left_behind(bench: Bench) -> int:
-    """Count tunneld and ssh processes still running after `stop` (daemons are ours: we are their subreaper)."""
-    import psutil
-
-    count = 0
-    for proc in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                proc.wait(0)
-                continue
-            if is_tunneld(proc.cmdline()) or proc.name() == "ssh":
-                count += 1
-    return count
-
-
-def report(results: list[Result], path: Path) -> None:
+def _rows(results: list[Result]) -> list[str]:
     def seconds(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f} s"
 
+    rows = [
+        "| fault | engine | noticed | working again | attempts | logins | unauthenticated | reconnects "
+        "| left behind | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        rows.append(
+            f"| {r.scenario} | {r.engine} | {seconds(r.detected_s)} | {seconds(r.recovered_s)} | {r.attempts} | "
+            f"{r.logins} | {r.unauthenticated} | {r.reconnects} | {r.left_behind} | {r.note} |"
+        )
+    return rows
+
+
+def _penalty_section(results: list[Result], server: str | None, unavailable: str | None) -> list[str]:
+    lines = [
+        "",
+        "## OpenSSH 10: PerSourcePenalties",
+        "",
+        "OpenSSH 9.8 and later add 1 s of penalty to an address for every connection that ends before",
+        "authentication (5 s for a refused login) and refuse every connection from it once 15 s have",
+        "accumulated net of the time passed, for as long as the penalty (up to 600 s): more than one such",
+        "connection a second, sustained, blocks the address (bench/penalties.py measured 17-22 plain",
+        "connections in 2-5 s; one a second never blocked). tunneld probes only while TCP to the server",
+        "fails and allows itself at most 6 such connections a minute per host; a server that closes the",
+        "connection before its banner is left alone for at least 15 s. The same faults against a real",
+        "OpenSSH 10 sshd, in the same namespace:",
+        "",
+    ]
+    if unavailable is not None:
+        return [*lines, f"Not measured in this run: {unavailable}.", *_HOW_TO_GET_10]
+    return [*lines, f"Server: {server}.", "", *_rows(results), *_HOW_TO_GET_10]
+
+
+_HOW_TO_GET_10 = [
+    "",
+    "The OpenSSH 10 server: `make debian13-sshd` (root, once, about 30 s; cached in",
+    "/var/cache/tunneld/debian13) builds a Debian 13 root with its sshd by debootstrap, and",
+    "`Debian13.server()` in bench/debian13.py runs that sshd as the harness's `SshServer` (chrooted, on",
+    "loopback or, with `outer_prefix=ip netns exec NS`, in the namespace). `bench/penalties.py` (root, by",
+    "hand) measures what its penalties do to a client on 127.0.0.1, and tests/test_debian13.py proves the",
+    "instrument wherever the root has been prepared.",
+]
+
+
+def report(
+    results: list[Result], path: Path, penalties: list[Result], server: str | None, unavailable: str | None
+) -> None:
     lines = [
         "# Reliability: real faults on a real network path",
         "",
@@ -399,19 +274,37 @@ def report(results: list[Result], path: Path) -> None:
         "TCP to the server fails. For the ssh-child kills, *working again* is the longest of the",
         "outages, each from the SIGKILL to a working connection.",
         "",
-        "| fault | engine | noticed | working again | attempts | logins | unauthenticated | reconnects "
-        "| left behind | note |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *_rows(results),
+        *_penalty_section(penalties, server, unavailable),
+        "",
     ]
-    for r in results:
-        lines.append(
-            f"| {r.scenario} | {r.engine} | {seconds(r.detected_s)} | {seconds(r.recovered_s)} | {r.attempts} | "
-            f"{r.logins} | {r.unauthenticated} | {r.reconnects} | {r.left_behind} | {r.note} |"
-        )
-    lines.append("")
     path.write_text("\n".join(lines))
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "faults.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    every = [asdict(r) for r in [*results, *penalties]]
+    (ROOT / "bench" / "results" / "faults.json").write_text(json.dumps(every, indent=1))
+
+
+def run_scenarios(bench: Bench, engines: list[str], quick: bool, only: str) -> list[Result]:
+    """Every fault against the namespace's sshd, for each engine."""
+    results: list[Result] = []
+    for engine in engines:
+        for name, fault, seconds in SCENARIOS:
+            if (quick and seconds > 30) or only not in name:
+                continue
+            bench.write_config(f"f-{engine}", SSH_PORT, SERVER_IP)
+            result = measure(bench, engine, name, fault, seconds)
+            result.left_behind = left_behind(bench)
+            print(result, flush=True)
+            results.append(result)
+        if not quick:
+            results.append(slow_path(bench, engine, 60.0))
+            print(results[-1], flush=True)
+        if engine == "openssh" and only in "ssh child killed":
+            results.append(child_kills(bench))
+            print(results[-1], flush=True)
+        results.append(changed_key(bench, engine))
+        print(results[-1], flush=True)
+    return results
 
 
 def main() -> int:
@@ -432,28 +325,17 @@ def main() -> int:
     bench = Bench(workdir, ns)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     become_subreaper()  # daemons that `start` detaches stay ours to count and stop
-    results: list[Result] = []
     try:
         ns.create()
         bench.start_server()
-        for engine in args.engines.split(","):
-            for name, fault, seconds in SCENARIOS:
-                if (args.quick and seconds > 30) or args.only not in name:
-                    continue
-                bench.write_config(f"f-{engine}", SSH_PORT, SERVER_IP)
-                result = measure(bench, engine, name, fault, seconds)
-                result.left_behind = left_behind(bench)
-                print(result, flush=True)
-                results.append(result)
-            if not args.quick:
-                results.append(slow_path(bench, engine, 60.0))
-                print(results[-1], flush=True)
-            if engine == "openssh" and args.only in "ssh child killed":
-                results.append(child_kills(bench))
-                print(results[-1], flush=True)
-            results.append(changed_key(bench, engine))
-            print(results[-1], flush=True)
-        report(results, Path(args.output))
+        results = run_scenarios(bench, args.engines.split(","), args.quick, args.only)
+        found = prepared()
+        unavailable = None if found is not None else unavailable_reason()
+        penalties: list[Result] = []
+        if found is not None and args.only in "OpenSSH 10":
+            penalties = penalty_faults.run_all(bench, found, args.engines.split(","), args.quick)
+        server = penalty_faults.describe(found) if found is not None else None
+        report(results, Path(args.output), penalties, server, unavailable)
         print(f"wrote {args.output}")
         return 0
     finally:
