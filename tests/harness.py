@@ -501,21 +501,25 @@ def free_port_both() -> int:
 
 class SwitchableRelay:
     """A TCP relay in front of a server whose path the test switches: "forward", "swallow" (accept and
-    say nothing, like a frozen server's backlog) or "closed" (nothing listens: refused)."""
+    say nothing, like a frozen server's backlog), "closed" (nothing listens: refused) or "greet" (answer
+    with chosen bytes and close: a device on the path; with no bytes, a server's defences closing at once)."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
         self.mode = "forward"
+        self.payload = b""
+        self.accepted = 0
         self.port = free_port()
         self._listener: socket.socket | None = None
         self._held: list[socket.socket] = []
         self._lock = threading.Lock()
         self.set_mode("forward")
 
-    def set_mode(self, mode: str) -> None:
+    def set_mode(self, mode: str, payload: bytes = b"") -> None:
         """Switch the path; "closed" stops listening, the others listen again on the same port."""
         with self._lock:
             self.mode = mode
+            self.payload = payload
             if mode == "closed" and self._listener is not None:
                 self._listener.close()
                 self._listener = None
@@ -533,8 +537,12 @@ class SwitchableRelay:
                 client, _ = listener.accept()
             except OSError:
                 return
+            self.accepted += 1
             if self.mode == "swallow":
                 self._held.append(client)  # never answered: the client waits for a banner
+                continue
+            if self.mode == "greet":
+                threading.Thread(target=_greet, args=(client, self.payload), daemon=True).start()
                 continue
             try:
                 server = socket.create_connection(self.upstream, timeout=5)
@@ -550,6 +558,16 @@ class SwitchableRelay:
         self.set_mode("closed")
         for sock in self._held:
             sock.close()
+
+
+def _greet(client: socket.socket, payload: bytes) -> None:
+    """Send `payload` and close, reading until the client closes (unread bytes would turn the close into a reset)."""
+    with client, contextlib.suppress(OSError):
+        client.settimeout(5)
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        while client.recv(65536):
+            pass
 
 
 def _pipe(src: socket.socket, dst: socket.socket) -> None:

@@ -62,6 +62,9 @@ _OFFENDING = re.compile(r"Offending \S+ key in (.+):(\d+)$")
 _REMOVE_WITH = re.compile(r'\s+ssh-keygen -f "(.+)" -R "(.+)"$')
 _ACCEPTED = re.compile(r"Server accepts key: (.+) \S+ \S+:\S+ explicit$")  # a key file, not agent/token/FIDO
 _LOAD_FAILED = re.compile(r'Load key "(.+)": ')
+_KILLED = re.compile(r"Killed by signal (\d+)\.$")
+_WRITE_FAILED = {"kex_exchange_identification: write: Connection reset by peer": "reset",
+                 "kex_exchange_identification: write: Broken pipe": "closed"}  # fmt: skip
 _DENIED = re.compile(r"\S+@\S+: Permission denied \(.*\)\.$")
 _STDIO_TARGET = re.compile(r"channel_connect_stdio_fwd: (\S+)$")
 _FORWARD_FAILED = ("bind [", "channel_setup_fwd_listener_tcpip: cannot listen to port", "unix_listener: cannot bind",
@@ -70,7 +73,8 @@ _FORWARD_FAILED = ("bind [", "channel_setup_fwd_listener_tcpip: cannot listen to
 _BIND_ADDR_RE = re.compile(r"bind \[([^\]]*)\]:(\d+): Address already in use")
 _BIND_PORT_RE = re.compile(r"cannot listen to port: (\d+)")
 _BIND_PATH_RE = re.compile(r"cannot bind to path:? (\S+?):? Address already in use")
-_TRAILING = ("Killed by signal", "Transferred: ", "Bytes per second: ")  # said after the verdict, not about it
+# Not why ssh ended: said after the verdict (a hop's ssh killed, the byte counts), or a stage reached.
+_TRAILING = ("Killed by signal", "Transferred: ", "Bytes per second: ", "Authenticated to ")
 
 
 class Stage(enum.IntEnum):
@@ -134,6 +138,7 @@ class Hop:
     stdio_target: str = ""
     forward_errors: list[str] = field(default_factory=list)
     last: Record | None = None  # the last thing ssh said that was not debug chatter
+    killed: int = 0  # the signal ssh said ended it (SIGHUP, SIGINT after login: "Killed by signal 1.")
 
     @property
     def where(self) -> str:
@@ -178,6 +183,8 @@ class Hop:
             self.host, self.port = match[1], int(match[2])
         elif stage == Stage.START and line == "Connection established.":
             self.stage = Stage.TCP
+        elif stage <= Stage.TCP and line in _WRITE_FAILED:  # it closed or reset before ssh sent its own banner
+            self.before_banner = _WRITE_FAILED[line]
         elif stage == Stage.BANNER and (match := _AUTHENTICATING.match(line)):
             self.host, self.port, self.user = match[1], int(match[2]), match[3]
         elif stage == Stage.BANNER and (match := _HOST_KEY.match(line)):
@@ -191,7 +198,15 @@ class Hop:
 
     def _error(self, line: str) -> None:
         stage = self.stage
-        if stage == Stage.START and line.startswith(("ssh: connect to host ", "ssh: Could not resolve hostname ")):
+        if match := _KILLED.match(line):
+            self.killed = int(match[1])
+        elif (
+            stage == Stage.START
+            and line.startswith("ssh: connect to host ")
+            and line.endswith(": Connection reset by peer")
+        ):
+            self.before_banner = "reset"  # it accepted TCP, then reset it before ssh looked
+        elif stage == Stage.START and line.startswith(("ssh: connect to host ", "ssh: Could not resolve hostname ")):
             self.unreachable = line.removeprefix("ssh: ")
         elif stage <= Stage.TCP and line == "Connection timed out during banner exchange":
             self.banner_timeout = True
@@ -289,11 +304,7 @@ class Diagnosis:
     def error(self, returncode: int) -> TunneldError:
         """Why the link ended, as a typed error: only ssh's own words, each at its stage, choose the class."""
         if returncode < 0:  # killed by a signal: whatever ssh last printed is not why
-            try:
-                name = signal.Signals(-returncode).name
-            except ValueError:
-                name = f"signal {-returncode}"
-            return ConnectError(f"ssh was killed ({name})", "tunneld reconnects by itself")
+            return ConnectError(f"ssh was killed ({_signal_name(-returncode)})", "tunneld reconnects by itself")
         target = self.target
         if target.stage < Stage.BANNER:
             for hop in self.jumps():
@@ -301,6 +312,10 @@ class Diagnosis:
                     return error
         if (error := self._hop_error(target, jump=False)) is not None:
             return error
+        if target.killed:
+            return ConnectError(f"ssh was killed ({_signal_name(target.killed)})", "tunneld reconnects by itself")
+        if returncode == 0:  # ssh -N ends so on SIGTERM after login
+            return ConnectError("ssh ended without an error (status 0)", "tunneld reconnects by itself")
         last = target.last or next((hop.last for hop in reversed(self.hops) if hop.last), None)
         said = last.shown() if last is not None else ""
         hint = _connect_hint(self.spec.hostname, self.spec.port, said)
@@ -362,7 +377,7 @@ class Diagnosis:
 
     def _host_key_error(self, hop: Hop, jump: bool) -> HostKeyError | None:
         spec = self.spec
-        host = hop.host if jump else spec.hostname
+        host = f"jump host {hop.where}" if jump else spec.hostname
         if hop.revoked:
             return HostKeyError.revoked(host, hop.fingerprint, "")
         if hop.changed:
@@ -393,6 +408,13 @@ _STALLED_HINT = (
     "the server accepts TCP but sent no SSH banner in time: a frozen or overloaded sshd, or another service on "
     "that port; tunneld keeps one attempt pending"
 )
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _connect_hint(host: str, port: int, said: str, alias: str = "") -> str:
@@ -482,14 +504,14 @@ class LineRecords:
             lines, self._pending = [*lines, self._pending], b""
         records = []
         for raw in lines:
-            text = raw.decode(errors="replace").rstrip("\r")
+            text = raw.decode(errors="replace")
             if self._quoting is not None:
                 self._quoting += "\n" + text
-            elif _QUOTES_PEER.fullmatch(text):
+            elif _QUOTES_PEER.fullmatch(text.rstrip("\r")):
                 self._quoting = text
-            elif text:
-                records.append(Record(text))
+            elif text.rstrip("\r"):
+                records.append(Record(text.rstrip("\r")))
         if self._quoting is not None and (end or not self._pending):
-            records.append(Record(self._quoting.rstrip("\n")))
+            records.append(Record(self._quoting.rstrip("\r\n")))
             self._quoting = None
         return records
