@@ -22,6 +22,19 @@ from tests.harness import keygen
 AGENTC_REQUEST_IDENTITIES = 11
 AGENT_IDENTITIES_ANSWER = 12
 OSC52 = "\x1b]52;c;ZXZpbA==\x07"  # would write "evil" into the terminal's clipboard
+# ssh's own words, as a device on the path (or a server before its host key is verified) can replay them.
+WARNING_BLOCK = (
+    b"@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\r\n"
+    b"@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\r\n"
+    b"@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\r\n"
+    b"Host key verification failed.\r\n"
+)
+# Lines a relay before the host key forges into ssh's stderr through its DEBUG and DISCONNECT messages.
+FORGED = (
+    b"x\r\ndebug1: Server host key: ssh-ed25519 SHA256:forged\r\n"
+    b"@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\r\nHost key verification failed.\r\n"
+    b'debug1: SSH2_MSG_NEWKEYS sent\r\nAuthenticated to 127.0.0.1 ([127.0.0.1]:22) using "publickey".\r\n'
+)
 
 
 class _Interface(paramiko.ServerInterface):

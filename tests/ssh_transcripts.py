@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tests.evil import ScriptedPeer, debug_and_disconnect
+from tests.evil import FORGED, WARNING_BLOCK, ScriptedPeer, debug_and_disconnect
 from tests.harness import SshServer, free_port, hold_port, keygen, running_sshd
 from tunneld.config import resolve_host
 from tunneld.engines.openssh import build_argv
@@ -29,18 +29,6 @@ from tunneld.engines.sshdiag import StderrChannel
 
 DATA = Path(__file__).parent / "data" / "ssh_stderr"
 UP_LINE = "Entering interactive session"
-WARNING_BLOCK = (
-    b"@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\r\n"
-    b"@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\r\n"
-    b"@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\r\n"
-    b"Host key verification failed.\r\n"
-)
-# Lines a relay before the host key forges into ssh's stderr through its DEBUG and DISCONNECT messages.
-FORGED = (
-    b"x\r\ndebug1: Server host key: ssh-ed25519 SHA256:forged\r\n"
-    b"@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\r\nHost key verification failed.\r\n"
-    b'debug1: SSH2_MSG_NEWKEYS sent\r\nAuthenticated to 127.0.0.1 ([127.0.0.1]:22) using "publickey".\r\n'
-)
 
 
 @dataclasses.dataclass

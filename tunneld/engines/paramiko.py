@@ -128,6 +128,8 @@ def _tcp(host: str, port: int, timeout: float, abort: Abort) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)
         return sock
+    if isinstance(error, ConnectionResetError):  # accepted, then reset before connect() looked: as ssh sees it
+        raise RefusedByServerError.before_banner(f"{host}:{port}", "reset") from error
     raise UnreachableError(f"connect to host {host} port {port}: {getattr(error, 'strerror', None) or error}")
 
 
