@@ -216,6 +216,16 @@ def test_the_channel_keeps_each_write_whole_and_names_its_writer() -> None:
         assert {r.pid for r in records} == {proc.pid}
 
 
+def test_where_there_are_no_records_a_pipe_keeps_a_quoting_line_whole() -> None:
+    channel = StderrChannel(records=False)
+    code = "import os; os.write(2, b'first\\r\\n'); os.write(2, b'debug1: Remote: x\\r\\nAuthenticated to h\\r\\n')"
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=channel.child_fd)
+    channel.spawned()
+    records = list(channel.records())
+    assert proc.wait(10) == 0 and not channel.knows_writers
+    assert [r.text for r in records] == ["first", "debug1: Remote: x\r\nAuthenticated to h"]
+
+
 def test_peer_text_is_escaped_bounded_and_quoted() -> None:
     shown = quote_peer('\x1b]52;c;ZXZpbA==\x07 "hi" ' + "A" * 300)
     assert shown.startswith('"\\x1b]52;c;ZXZpbA==\\x07 \\"hi\\" ') and shown.endswith('..."')

@@ -443,17 +443,17 @@ class StderrChannel:
     """Where ssh writes its stderr: a SOCK_SEQPACKET pair where there is one (one record per write, and on
     Linux the pid of each record's writer), else a pipe read by line."""
 
-    def __init__(self) -> None:
+    def __init__(self, records: bool = True) -> None:
+        """`records` False: a pipe even where records are possible (what other platforms get)."""
         self.knows_writers = False
-        self._sock: socket.socket | None = None
-        try:
-            self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            self.child_fd = child.detach()
-        except (OSError, AttributeError):  # no SOCK_SEQPACKET for AF_UNIX (macOS)
+        pair = _socket_pair() if records else None
+        self._sock = pair[0] if pair is not None else None
+        if pair is None:
             self._pipe, self.child_fd = os.pipe()
             return
+        self.child_fd = pair[1].detach()
         with contextlib.suppress(OSError, AttributeError):  # SO_PASSCRED: Linux only
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            pair[0].setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             self.knows_writers = True
 
     def close(self) -> None:
@@ -487,6 +487,13 @@ class StderrChannel:
                 text = data.decode(errors="replace").rstrip("\r\n")
                 if text:
                     yield Record(text, pid)
+
+
+def _socket_pair() -> tuple[socket.socket, socket.socket] | None:
+    try:
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except (OSError, AttributeError):  # no SOCK_SEQPACKET for AF_UNIX (macOS)
+        return None
 
 
 class LineRecords:
