@@ -43,7 +43,7 @@ HANDSHAKE_MARGIN_S = 15.0
 CHANNEL_SETTLE_S = 2.0
 _PR_SET_PDEATHSIG = 1
 
-# ssh's version line, printed first by every ssh run with -v (the target's and each ProxyJump hop's).
+# Not worth INFO: the byte counts at exit, and the version line every ssh run with -v prints first.
 _QUIET_PREFIXES = ("Transferred: ", "Bytes per second: ", "OpenSSH_")
 _REQUEST_RE = re.compile(r"Connection to port (\d+) forwarding to (.+) port (\d+) requested")
 _NEW_CHANNEL_RE = re.compile(r"channel (\d+): new direct-(?:tcpip|streamlocal)")
