@@ -22,6 +22,19 @@ from tests.harness import keygen
 AGENTC_REQUEST_IDENTITIES = 11
 AGENT_IDENTITIES_ANSWER = 12
 OSC52 = "\x1b]52;c;ZXZpbA==\x07"  # would write "evil" into the terminal's clipboard
+# ssh's own words, as a device on the path (or a server before its host key is verified) can replay them.
+WARNING_BLOCK = (
+    b"@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\r\n"
+    b"@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\r\n"
+    b"@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\r\n"
+    b"Host key verification failed.\r\n"
+)
+# Lines a relay before the host key forges into ssh's stderr through its DEBUG and DISCONNECT messages.
+FORGED = (
+    b"x\r\ndebug1: Server host key: ssh-ed25519 SHA256:forged\r\n"
+    b"@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\r\nHost key verification failed.\r\n"
+    b'debug1: SSH2_MSG_NEWKEYS sent\r\nAuthenticated to 127.0.0.1 ([127.0.0.1]:22) using "publickey".\r\n'
+)
 
 
 class _Interface(paramiko.ServerInterface):
@@ -166,4 +179,66 @@ class EscapeGreeter:
     def close(self) -> None:
         """Stop listening."""
         self._closed.set()
+        self._listener.close()
+
+
+def ssh_packet(payload: bytes) -> bytes:
+    """Frame `payload` as an unencrypted SSH binary packet (what a server sends before key exchange)."""
+    padding = 8 - (len(payload) + 5) % 8
+    padding += 8 if padding < 4 else 0
+    return struct.pack(">IB", len(payload) + 1 + padding, padding) + payload + b"\0" * padding
+
+
+def _ssh_string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def debug_and_disconnect(debug: bytes, reason: bytes) -> bytes:
+    """An SSH banner, then SSH_MSG_DEBUG(`debug`) and SSH_MSG_DISCONNECT(`reason`): text ssh logs verbatim."""
+    return (
+        b"SSH-2.0-OpenSSH_9.2\r\n"
+        + ssh_packet(b"\x04\x01" + _ssh_string(debug) + _ssh_string(b""))
+        + ssh_packet(b"\x01" + struct.pack(">I", 2) + _ssh_string(reason) + _ssh_string(b""))
+    )
+
+
+class ScriptedPeer:
+    """A TCP server on loopback that answers every connection with chosen bytes, then closes it (reset=True:
+    with a TCP reset). It plays a device on the network path, or a server's defences closing at once."""
+
+    def __init__(self, payload: bytes = b"", reset: bool = False, read_first: bool = False) -> None:
+        self.payload = payload
+        self.reset = reset
+        self.read_first = read_first  # wait for the client's banner before answering
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)  # accept() wakes up to see close()
+        self.port = int(self._listener.getsockname()[1])
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._closed.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with sock, contextlib.suppress(OSError):
+                sock.settimeout(5)
+                if self.read_first:
+                    sock.recv(1024)
+                sock.sendall(self.payload)
+                if self.reset:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                else:
+                    sock.shutdown(socket.SHUT_WR)
+                    while sock.recv(65536):  # until the client closes: unread bytes would turn our close into a reset
+                        pass
+
+    def close(self) -> None:
+        """Stop listening (the accept loop notices within its timeout)."""
+        self._closed.set()
+        self._thread.join(5)
         self._listener.close()

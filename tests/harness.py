@@ -610,12 +610,14 @@ def free_port_both() -> int:
 class SwitchableRelay:
     """A TCP relay in front of a server whose path the test switches: "forward", "swallow" (accept and
     say nothing, like a frozen server's backlog), "full" (a full accept queue: the kernel drops SYNs, so a
-    connect hangs in SYN retransmission as on a dead path) or "closed" (nothing listens: refused).
-    `accepted` counts the connections it accepted from clients (not its own fillers)."""
+    connect hangs in SYN retransmission as on a dead path), "closed" (nothing listens: refused) or "greet"
+    (answer with chosen bytes and close: a device on the path; with no bytes, a server's defences closing at
+    once). `accepted` counts the connections it accepted from clients (not its own fillers)."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
         self.mode = "forward"
+        self.payload = b""
         self.port = free_port()
         self.accepted = 0
         self._listener: socket.socket | None = None
@@ -625,10 +627,12 @@ class SwitchableRelay:
         self._lock = threading.Lock()
         self.set_mode("forward")
 
-    def set_mode(self, mode: str) -> None:
-        """Switch the path; "closed" stops listening, "full" listens without accepting, the others accept."""
+    def set_mode(self, mode: str, payload: bytes = b"") -> None:
+        """Switch the path; "closed" stops listening, "full" listens without accepting, the others accept
+        ("greet" sends `payload`)."""
         with self._lock:
             previous, self.mode = self.mode, mode
+            self.payload = payload
             if (mode == "closed" or (mode == "full") != (previous == "full")) and self._listener is not None:
                 self._stop_listening()
             for filler in self._fillers:
@@ -675,6 +679,9 @@ class SwitchableRelay:
             if self.mode == "swallow":
                 self._held.append(client)  # never answered: the client waits for a banner
                 continue
+            if self.mode == "greet":
+                threading.Thread(target=_greet, args=(client, self.payload), daemon=True).start()
+                continue
             try:
                 server = socket.create_connection(self.upstream, timeout=5)
             except OSError:
@@ -689,6 +696,16 @@ class SwitchableRelay:
         self.set_mode("closed")
         for sock in self._held:
             sock.close()
+
+
+def _greet(client: socket.socket, payload: bytes) -> None:
+    """Send `payload` and close, reading until the client closes (unread bytes would turn the close into a reset)."""
+    with client, contextlib.suppress(OSError):
+        client.settimeout(5)
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        while client.recv(65536):
+            pass
 
 
 def _pipe(src: socket.socket, dst: socket.socket) -> None:

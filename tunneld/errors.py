@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from tunneld.safetext import printable
 
@@ -83,6 +83,21 @@ class AuthError(FatalError):
                 f"points at it; a key with a passphrase must be loaded with `ssh-add`. Try `{ssh_command}` by hand"
             )
         return cls(f"{where} refused authentication: {detail}", hint)
+
+    @classmethod
+    def locked_keys(cls, where: str, ssh_command: str, keys: Sequence[str]) -> AuthError:
+        """The key files that could log in need a passphrase, and no agent holds them (both engines' words)."""
+        return cls.refused(where, ssh_command, f"{', '.join(keys)} needs a passphrase and no agent holds it", keys[0])
+
+    @classmethod
+    def too_many_keys(cls, where: str, ssh_command: str) -> AuthError:
+        """The verified server ended the login because more keys were offered than it allows (MaxAuthTries)."""
+        return cls(
+            f"{where} refused authentication: Too many authentication failures (more keys were offered than the "
+            "server's MaxAuthTries allows)",
+            "offer only the right key: set `IdentitiesOnly yes` and `IdentityFile` for this host in your ssh_config, "
+            f"then try `{ssh_command}` by hand",
+        )
 
 
 class NeedsAuthError(AuthError):

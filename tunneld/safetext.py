@@ -23,3 +23,18 @@ def printable(text: str, keep_newlines: bool = False) -> str:
     """Return `text` with every control character shown as an escape (`\\x1b`), newlines too unless kept."""
     pattern = _UNSAFE_KEEP_NEWLINES_RE if keep_newlines else _UNSAFE_RE
     return pattern.sub(_visible, text)
+
+
+PEER_TEXT_MAX_CHARS = 100
+
+
+def quote_peer(text: str, limit: int = PEER_TEXT_MAX_CHARS) -> str:
+    """Return text a peer chose (a banner line, a disconnect reason) as tunneld shows it: escaped, at most
+    `limit` characters (then "..."), in double quotes, so it can never pass for tunneld's or ssh's own words."""
+    shown = ""
+    for char in text.strip():
+        piece = '\\"' if char == '"' else "\\\\" if char == "\\" else printable(char)
+        if len(shown) + len(piece) > limit:
+            return f'"{shown}..."'
+        shown += piece
+    return f'"{shown}"'

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import functools
 import logging
@@ -13,7 +12,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
 
 import psutil
 
@@ -26,15 +24,8 @@ from tunneld.engines import (
     ProgressCallback,
     algorithms,
 )
-from tunneld.errors import (
-    AuthError,
-    ConfigError,
-    ConnectError,
-    HandshakeStalledError,
-    HostKeyError,
-    TunneldError,
-    UnreachableError,
-)
+from tunneld.engines.sshdiag import Diagnosis, Record, StderrChannel
+from tunneld.errors import ConfigError, ConnectError, HandshakeStalledError, TunneldError
 from tunneld.health import LocalProber, Stream
 from tunneld.listen import plan_spec
 from tunneld.ports import Listeners, clear_stale_socket, listeners_of, port_in_use_error
@@ -46,51 +37,21 @@ log = logging.getLogger(__name__)
 AES_GCM_CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 POLL_S = 0.05
 STOP_GRACE_S = 2.0
-STDERR_LINES_KEPT = 60
 # Past ConnectTimeout (TCP + banner), key exchange and auth get this long before tunneld gives up.
 HANDSHAKE_MARGIN_S = 15.0
 # A channel that has not failed this long after it opened reached its target.
 CHANNEL_SETTLE_S = 2.0
 _PR_SET_PDEATHSIG = 1
 
-_MILESTONES = (
-    ("Remote protocol version", "connected, checking host key"),  # the server's banner arrived
-    ("Authenticated to ", "authenticated"),
-)
-_QUIET_PREFIXES = ("Transferred: ", "Bytes per second: ")
+# Not worth INFO: the byte counts at exit, and the version line every ssh run with -v prints first.
+_QUIET_PREFIXES = ("Transferred: ", "Bytes per second: ", "OpenSSH_")
 _REQUEST_RE = re.compile(r"Connection to port (\d+) forwarding to (.+) port (\d+) requested")
 _NEW_CHANNEL_RE = re.compile(r"channel (\d+): new direct-(?:tcpip|streamlocal)")
-_OPEN_FAILED_RE = re.compile(r"channel (\d+): open failed: (.+)$")
+_OPEN_FAILED_RE = re.compile(r"channel (\d+): open failed: ")
 _FREE_RE = re.compile(r"channel (\d+): free: direct-")
 _REMOTE_OK_RE = re.compile(r"remote forward success for: listen (\S+), connect")
-_BIND_ADDR_RE = re.compile(r"bind \[([^\]]*)\]:(\d+): Address already in use")
-_BIND_PORT_RE = re.compile(r"cannot listen to port: (\d+)")
 # After this line ssh has tried to bind every local forward (it sets them up before its main loop).
 _SESSION_LINE = "Entering interactive session"
-_BIND_PATH_RE = re.compile(r"cannot bind to path:? (\S+?):? Address already in use")
-_OFFENDING_RE = re.compile(r"Offending \S+ key in (\S+):(\d+)")
-_FINGERPRINT_RE = re.compile(r"Server host key: \S+ (\S+)")
-# Lines that decide how a link ended; kept apart from the bounded tail so DEBUG chatter cannot push them out.
-_VERDICT_NEEDLES = ("HOST IDENTIFICATION HAS CHANGED", "REVOKED HOST KEY", "marked as revoked", "Offending ",
-                    "host key check failure", "Server host key: ", "Host key verification failed")  # fmt: skip
-# ssh could not even open TCP to the first hop: the path (or the server) is down.
-_UNREACHABLE = (
-    "Could not resolve hostname",
-    "Connection refused",
-    "Connection timed out",
-    "No route to host",
-    "Network is unreachable",
-)
-_CONNECT_FAILURES = (
-    "Connection closed by",
-    "Connection reset by",
-    "closed by remote host",
-    "kex_exchange_identification",
-    "banner exchange",
-    "not responding",
-    "Broken pipe",
-    "remote port forwarding failed",
-)
 
 
 def build_argv(spec: TunnelSpec) -> list[str]:
@@ -98,7 +59,8 @@ def build_argv(spec: TunnelSpec) -> list[str]:
     ssh = ssh_binary()
     if ssh is None:
         raise ConfigError("the OpenSSH client ('ssh') is not on PATH", "install openssh-client or use another engine")
-    argv = [ssh, "-N"]
+    # -v rather than LogLevel alone: ssh passes -v on to the ssh of each ProxyJump hop, whose stages count too.
+    argv = [ssh, "-N", "-v"]
     if spec.ssh_config:
         argv += ["-F", spec.ssh_config]
     options = {
@@ -155,70 +117,71 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
 
 
 class StderrWatcher:
-    """Reads ssh's stderr: logs it, reports milestones, and tracks each forwarded channel's fate."""
+    """Reads ssh's stderr: logs it, follows how far the link got, and tracks each forwarded channel's fate."""
 
-    def __init__(self, stream: IO[bytes], spec: TunnelSpec, progress: ProgressCallback, events: LinkEvents) -> None:
+    def __init__(
+        self, channel: StderrChannel, spec: TunnelSpec, progress: ProgressCallback, events: LinkEvents, pid: int
+    ) -> None:
         self.spec = spec
         self.progress = progress
         self.events = events
         self.changed = events.changed
+        self.pid = pid
+        self.diagnosis = Diagnosis(spec, pid if channel.knows_writers else None)
         self.eof = threading.Event()
-        self.lines: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
-        self.verdicts: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
         self.remote_ok = 0
         self.binds_done = threading.Event()
         self._lock = threading.Lock()
         self._pending_port: int | None = None
         self._channels: dict[int, tuple[int | None, float]] = {}
         self._degraded: dict[int | None, str] = {}
-        self._thread = threading.Thread(target=self._read, args=(stream,), name="ssh-stderr", daemon=True)
+        self._thread = threading.Thread(target=self._read, args=(channel,), name="ssh-stderr", daemon=True)
         self._thread.start()
 
-    def _read(self, stream: IO[bytes]) -> None:
-        for raw in iter(stream.readline, b""):
-            line = raw.decode(errors="replace").rstrip()
-            if line:
-                self._handle(line)
-        stream.close()
+    def _read(self, channel: StderrChannel) -> None:
+        for record in channel.records():
+            self._handle(record)
         self.eof.set()
         self.changed.set()
 
-    def _handle(self, line: str) -> None:
-        debug = line.startswith("debug")
-        text = line.split(": ", 1)[1] if debug and ": " in line else line.removeprefix("ssh: ")
-        if (not debug or "open failed" in text) and not text.startswith(_QUIET_PREFIXES):
-            log.info("%s: ssh: %s", self.spec.alias, text)
-        else:
-            log.debug("%s: ssh: %s", self.spec.alias, text)
+    def _handle(self, record: Record) -> None:
+        own = record.pid in (None, self.pid)  # not a ProxyJump hop's ssh (nor a ProxyCommand)
+        line = record.line
+        loud = (not record.debug or "open failed" in line) and not line.startswith(_QUIET_PREFIXES)
+        log.log(logging.INFO if loud else logging.DEBUG, "%s: %s: %s", self.spec.alias, "ssh" if own else "proxy",
+                record.shown())  # fmt: skip
         with self._lock:
-            self.lines.append(text)
-            if any(needle in text for needle in _VERDICT_NEEDLES):
-                self.verdicts.append(text)
-            self._track(text)
-        for needle, milestone in _MILESTONES:
-            if text.startswith(needle):
-                self.progress(milestone)
-        if debug and text.startswith("Connection established."):
-            self.events.tcp_up.set()
-        elif text.startswith("Authenticated to "):  # with ProxyJump, the jump ssh's login comes first
-            self.events.first_hop_authenticated.set()
+            was_banner, was_authenticated = self.diagnosis.banner, self.diagnosis.authenticated
+            self.diagnosis.feed(record)
+            if own:
+                self._track(record)
+            banner, authenticated = self.diagnosis.banner, self.diagnosis.authenticated
+            if self.diagnosis.tcp_up:
+                self.events.tcp_up.set()
+            if self.diagnosis.first_hop_authenticated:
+                self.events.first_hop_authenticated.set()
+        if banner and not was_banner:
+            self.progress("connected, checking host key")
+        if authenticated and not was_authenticated:
             self.events.authenticated.set()
+            self.progress("authenticated")
 
-    def _track(self, text: str) -> None:
-        if match := _REQUEST_RE.search(text):
+    def _track(self, record: Record) -> None:
+        text = record.line
+        if match := _REQUEST_RE.match(text):
             self._pending_port = int(match[1])
-        elif match := _NEW_CHANNEL_RE.search(text):
+        elif match := _NEW_CHANNEL_RE.match(text):
             self._channels[int(match[1])] = (self._pending_port, time.monotonic())
             self._pending_port = None
-        elif match := _OPEN_FAILED_RE.search(text):
+        elif match := _OPEN_FAILED_RE.match(text):
             port, _ = self._channels.pop(int(match[1]), (None, 0.0))
-            self._degraded[port] = match[2]
+            self._degraded[port] = record.shown().split(": open failed: ", 1)[-1]  # the server's words quoted
             self.changed.set()
-        elif match := _FREE_RE.search(text):
+        elif match := _FREE_RE.match(text):
             port_opened = self._channels.pop(int(match[1]), None)
             if port_opened is not None and self._degraded.pop(port_opened[0], None) is not None:
                 self.changed.set()
-        elif _REMOTE_OK_RE.search(text):
+        elif _REMOTE_OK_RE.match(text):
             self.remote_ok += 1
         elif text.startswith(_SESSION_LINE):
             self.binds_done.set()
@@ -237,94 +200,19 @@ class StderrWatcher:
         with self._lock:
             return bool(self._channels) and bool(self._degraded)
 
-    def tail(self) -> list[str]:
-        """Return the lines that decide how ssh ended (host key verdicts), then the last lines it wrote."""
+    def error(self, returncode: int) -> TunneldError:
+        """Why ssh ended, as ssh's own words decide it (sshdiag)."""
         with self._lock:
-            return [*self.verdicts, *self.lines]
+            return self.diagnosis.error(returncode)
+
+    def last_words(self) -> str:
+        """What ssh said last, peer text quoted."""
+        with self._lock:
+            return self.diagnosis.last_words()
 
     def join(self, timeout: float) -> None:
         """Wait for ssh's stderr to reach EOF (after the child exited)."""
         self._thread.join(timeout)
-
-
-def classify_exit(spec: TunnelSpec, returncode: int, lines: list[str]) -> TunneldError:
-    """Turn how ssh ended (status and stderr) into a typed tunneld error."""
-    # Per-connection lines (a refusing target) say nothing about why the link itself ended.
-    lines = [line.removeprefix("ssh: ") for line in lines if not line.startswith(("channel ", *_QUIET_PREFIXES))]
-    text = "\n".join(lines)
-    where = f"{spec.user}@{spec.hostname}:{spec.port}"
-    host_key = _host_key_error(spec, text)
-    if host_key is not None:
-        return host_key
-    if "Permission denied" in text or "Too many authentication failures" in text:
-        locked = "" if "passphrase" in text else None  # ssh's debug lines do not always name the key
-        denied = _last_matching(lines, "Permission denied")
-        return AuthError.refused(where, spec.ssh_command, denied, locked, spec.missing_identity_files())
-    if "Address already in use" in text or "Could not request local forwarding" in text:
-        return _port_error(spec, text)
-    return _connection_error(spec, returncode, lines, text)
-
-
-def _connection_error(spec: TunnelSpec, returncode: int, lines: list[str], text: str) -> ConnectError:
-    """Why a link that is worth retrying ended: killed, stalled, refused, unreachable, or ssh's last words."""
-    if returncode < 0:  # killed by a signal: whatever ssh last printed is not why
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return ConnectError(f"ssh was killed ({name})", "tunneld reconnects by itself")
-    if "timed out during banner exchange" in text:
-        needle = "banner exchange"
-        return HandshakeStalledError(_last_matching(lines, needle), _connect_hint(spec, needle))
-    for needle in _UNREACHABLE:
-        if needle in text:
-            return UnreachableError(_last_matching(lines, needle), _connect_hint(spec, needle))
-    for needle in _CONNECT_FAILURES:
-        if needle in text:
-            return ConnectError(_last_matching(lines, needle), _connect_hint(spec, needle))
-    last = lines[-1] if lines else ""
-    return ConnectError(f"ssh exited with status {returncode}" + (f": {last}" if last else ""))
-
-
-def _host_key_error(spec: TunnelSpec, text: str) -> HostKeyError | None:
-    """Read ssh's host-key verdict; under StrictHostKeyChecking no a changed or revoked key still ends the
-    link ("forwarding disabled due to host key check failure"), and that is fatal, not a retry."""
-    if "REVOKED HOST KEY" in text or "is marked as revoked" in text:
-        fingerprint = _FINGERPRINT_RE.search(text)
-        return HostKeyError.revoked(spec.hostname, fingerprint[1] if fingerprint else "", "")
-    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or "host key check failure" in text:
-        offending = _OFFENDING_RE.search(text)
-        saved_in = f" ({offending[1]} line {offending[2]})" if offending else ""
-        return HostKeyError.changed(spec.hostname, spec.ssh_command, spec.remove_key_command, saved_in)
-    if "host key is known for" in text or "Host key verification failed" in text:
-        return HostKeyError.unknown(spec.hostname, spec.ssh_command)
-    return None
-
-
-def _last_matching(lines: list[str], needle: str) -> str:
-    return next((line for line in reversed(lines) if needle in line), needle)
-
-
-def _connect_hint(spec: TunnelSpec, needle: str) -> str:
-    if needle == "Could not resolve hostname":
-        return f"check HostName for {spec.alias} in your ssh_config and your network"
-    if needle == "banner exchange":
-        return (
-            f"{spec.hostname}:{spec.port} accepts TCP but sent no SSH banner in time: a frozen or overloaded "
-            "sshd, or another service on that port; tunneld keeps one attempt pending"
-        )
-    if needle == "remote port forwarding failed":
-        return "the server refused a RemoteForward: the port may be held by an older session there"
-    return f"is {spec.hostname} up and reachable on port {spec.port}? tunneld keeps retrying"
-
-
-def _port_error(spec: TunnelSpec, text: str) -> TunneldError:
-    if path_match := _BIND_PATH_RE.search(text):
-        return port_in_use_error(path=path_match[1])
-    if addr_match := _BIND_ADDR_RE.search(text):
-        return port_in_use_error(port=int(addr_match[2]), ip=addr_match[1])
-    port_match = _BIND_PORT_RE.search(text)
-    return port_in_use_error(port=int(port_match[1]) if port_match else None)
 
 
 class OpenSshLink:
@@ -371,7 +259,7 @@ class OpenSshLink:
         except subprocess.TimeoutExpired:
             return None
         self.watcher.join(timeout=2.0)
-        return LinkLost(classify_exit(self.spec, returncode, self.watcher.tail()))
+        return LinkLost(self.watcher.error(returncode))
 
     def close(self) -> None:
         """Stop ssh: SIGTERM, then SIGKILL after a grace period."""
@@ -436,15 +324,20 @@ class OpenSshEngine:
             if forward.listen.path is not None:
                 clear_stale_socket(forward.listen.path)  # a killed ssh leaves its socket file behind
         log.debug("%s: running %s", spec.alias, " ".join(argv))
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
-        )
-        assert proc.stderr is not None
-        link = OpenSshLink(spec, proc, StderrWatcher(proc.stderr, spec, progress, events), argv)
+        channel = StderrChannel()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=channel.child_fd,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+            )
+        except BaseException:
+            channel.close()
+            raise
+        channel.spawned()
+        link = OpenSshLink(spec, proc, StderrWatcher(channel, spec, progress, events, proc.pid), argv)
         deadline = time.monotonic() + spec.connect_timeout_s + HANDSHAKE_MARGIN_S
         try:
             _wait_until_ready(link, deadline, events.stop)
@@ -468,11 +361,6 @@ def _wait_until_ready(link: OpenSshLink, deadline: float, cancel: threading.Even
         if time.monotonic() > deadline:
             raise HandshakeStalledError(
                 f"no working link to {spec.hostname} within "
-                f"{spec.connect_timeout_s + HANDSHAKE_MARGIN_S:.0f} s (last from ssh: {_last_line(link)})",
+                f"{spec.connect_timeout_s + HANDSHAKE_MARGIN_S:.0f} s (last from ssh: {link.watcher.last_words()})",
                 "the server accepted TCP but the SSH handshake stalled; tunneld keeps retrying",
             )
-
-
-def _last_line(link: OpenSshLink) -> str:
-    tail = link.watcher.tail()
-    return tail[-1] if tail else "nothing"

@@ -19,7 +19,15 @@ from tunneld.config import resolve_hop
 from tunneld.engines import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback, algorithms
 from tunneld.engines.forwarding import DEFAULT_HOLD_S, Channel, Forwarder, unsupported_forwards
 from tunneld.engines.sshkeys import authenticate, preferred_key_types, verify_host_key
-from tunneld.errors import ConfigError, ConnectError, HandshakeStalledError, TunneldError, UnreachableError
+from tunneld.errors import (
+    ConfigError,
+    ConnectError,
+    HandshakeStalledError,
+    RefusedByServerError,
+    TunneldError,
+    UnreachableError,
+)
+from tunneld.safetext import quote_peer
 from tunneld.spec import Forward, TunnelSpec
 from tunneld.tokens import expand_tokens, token_table
 
@@ -31,6 +39,14 @@ ABORT_POLL_S = 0.05
 MIN_PROBE_WINDOW_BYTES = 64 * 1024  # a health check reads a status line, nothing more
 WATCH_S = 0.25
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
+BANNER_PEEK_BYTES = 256
+# A server silent for all of ConnectTimeout may wait for our banner first (RFC 4253 lets it): paramiko sends
+# ours, then gives the server this long for its own.
+SILENT_SERVER_GRACE_S = 2.0
+_STALLED_HINT = (
+    "the port accepts TCP but does not complete an SSH handshake: a frozen or overloaded sshd, or another service "
+    "on that port; tunneld keeps one attempt pending"
+)
 
 
 def check_supported(spec: TunnelSpec) -> None:
@@ -112,7 +128,52 @@ def _tcp(host: str, port: int, timeout: float, abort: Abort) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)
         return sock
+    if isinstance(error, ConnectionResetError):  # accepted, then reset before connect() looked: as ssh sees it
+        raise RefusedByServerError.before_banner(f"{host}:{port}", "reset") from error
     raise UnreachableError(f"connect to host {host} port {port}: {getattr(error, 'strerror', None) or error}")
+
+
+def _first_bytes(sock: socket.socket, hop: TunnelSpec, abort: Abort) -> bytes | None:
+    """Wait up to ConnectTimeout for the server's first bytes without taking them (paramiko reads them next).
+
+    Closed or reset before one byte is how a server's defences (OpenSSH's PerSourcePenalties, MaxStartups,
+    fail2ban) turn an address away: RefusedByServerError. None: the server has said nothing yet.
+    """
+    where = f"{hop.hostname}:{hop.port}"
+    sock.settimeout(hop.connect_timeout_s)
+    try:
+        data = sock.recv(BANNER_PEEK_BYTES, socket.MSG_PEEK)
+    except TimeoutError:
+        return None
+    except ConnectionResetError as exc:
+        abort.check()
+        raise RefusedByServerError.before_banner(where, "reset") from exc
+    except OSError as exc:
+        abort.check()
+        raise ConnectError(f"{where}: {exc.strerror or exc}") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(None)
+    if not data:
+        abort.check()  # an abort shuts the socket down, which reads as an end too
+        raise RefusedByServerError.before_banner(where, "closed")
+    return data
+
+
+def _handshake_error(spec: TunnelSpec, greeting: bytes | None, exc: BaseException) -> ConnectError:
+    """A failed handshake, transient whatever the peer sent; its words quoted (paramiko's messages embed them)."""
+    where = f"{spec.hostname}:{spec.port}"
+    if greeting is None:
+        return HandshakeStalledError(
+            f"{where}: no SSH banner within {spec.connect_timeout_s + SILENT_SERVER_GRACE_S:g} s", _STALLED_HINT
+        )
+    first = greeting.split(b"\n", 1)[0].rstrip(b"\r").decode(errors="replace")
+    if greeting and not first.startswith("SSH-"):
+        return ConnectError(
+            f"{where}: the peer sent {quote_peer(first)}, not an SSH banner",
+            "something other than sshd answers there, or a device on the path interferes; tunneld keeps retrying",
+        )
+    return ConnectError(f"{where}: SSH handshake failed: {quote_peer(str(exc) or type(exc).__name__)}")
 
 
 Carrier = socket.socket | paramiko.Channel | paramiko.ProxyCommand
@@ -145,26 +206,29 @@ def offer_only_openssh_algorithms(options: paramiko.SecurityOptions, spec: Tunne
         setattr(options, field, chosen)
 
 
-def _handshake(spec: TunnelSpec, sock: Carrier, progress: ProgressCallback, abort: Abort) -> paramiko.Transport:
-    """SSH over `sock` (a socket, a channel of the previous hop, or a ProxyCommand): verify, authenticate."""
+def _handshake(
+    spec: TunnelSpec, sock: Carrier, progress: ProgressCallback, abort: Abort, greeting: bytes | None = b""
+) -> paramiko.Transport:
+    """SSH over `sock` (a socket, a channel of the previous hop, or a ProxyCommand): verify, authenticate.
+
+    `greeting`: the first bytes the server sent, peeked (None: it was silent for all of ConnectTimeout).
+    """
     transport = abort.track(paramiko.Transport(sock))
-    transport.banner_timeout = spec.connect_timeout_s
+    transport.banner_timeout = spec.connect_timeout_s if greeting is not None else SILENT_SERVER_GRACE_S
     try:
         offer_only_openssh_algorithms(transport.get_security_options(), spec)
         try:
             transport.start_client(timeout=spec.connect_timeout_s)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             abort.check()
-            raise ConnectError(f"{spec.hostname}:{spec.port}: SSH handshake failed: {exc}") from exc
+            raise _handshake_error(spec, greeting, exc) from exc
         try:
             # start_client returns quietly when its timeout passes mid-handshake: no key means no session.
             key = transport.get_remote_server_key()
         except paramiko.SSHException as exc:
             abort.check()
             raise HandshakeStalledError(
-                f"{spec.hostname}:{spec.port}: no SSH handshake within {spec.connect_timeout_s} s",
-                "the port accepts TCP but does not complete an SSH handshake: a frozen or overloaded sshd, "
-                "or another service on that port; tunneld keeps one attempt pending",
+                f"{spec.hostname}:{spec.port}: no SSH handshake within {spec.connect_timeout_s} s", _STALLED_HINT
             ) from exc
         progress("connected, checking host key")
         verify_host_key(spec, key)
@@ -194,17 +258,15 @@ def open_chain(
             return transports, proxy
         hops = [resolve_hop(h, spec.ssh_config) for h in spec.proxy_jump.split(",")] if spec.proxy_jump else []
         chain = [*hops, spec]
-        sock: Carrier = _tcp(chain[0].hostname, chain[0].port, chain[0].connect_timeout_s, abort)
+        first = _tcp(chain[0].hostname, chain[0].port, chain[0].connect_timeout_s, abort)
         if events is not None:
             events.tcp_up.set()
+        greeting = _first_bytes(first, chain[0], abort)
+        sock: Carrier = first
         for index, hop in enumerate(chain):
             if index > 0:
-                try:
-                    sock = transports[-1].open_channel("direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0),
-                                                       timeout=hop.connect_timeout_s)  # fmt: skip
-                except (paramiko.SSHException, OSError) as exc:
-                    raise ConnectError(f"jump host could not reach {hop.hostname}:{hop.port}: {exc}") from exc
-            transports.append(_handshake(hop, sock, progress, abort))
+                sock = _next_hop(chain[index - 1], transports[-1], hop)
+            transports.append(_handshake(hop, sock, progress, abort, greeting if index == 0 else b""))
             if index == 0 and events is not None:
                 events.first_hop_authenticated.set()
     except BaseException:
@@ -214,6 +276,21 @@ def open_chain(
             proxy.close()
         raise
     return transports, proxy
+
+
+def _next_hop(jump: TunnelSpec, transport: paramiko.Transport, hop: TunnelSpec) -> paramiko.Channel:
+    """Open the channel from a ProxyJump hop to the next one, as `ssh -W` does."""
+    try:
+        return transport.open_channel(
+            "direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0), timeout=hop.connect_timeout_s
+        )
+    except (paramiko.SSHException, OSError) as exc:
+        # paramiko keeps the reason code's name ("Connect failed"), not the server's text.
+        why = str(exc.text).lower() if isinstance(exc, paramiko.ChannelException) else quote_peer(str(exc))
+        raise ConnectError(
+            f"jump host {jump.hostname}:{jump.port} could not reach {hop.hostname}:{hop.port}: {why}",
+            f"is {hop.hostname}:{hop.port} up and reachable from {jump.hostname}? tunneld keeps retrying",
+        ) from exc
 
 
 class ParamikoLink:
@@ -262,7 +339,9 @@ class ParamikoLink:
         except ConnectError as error:
             raise ConnectError(f"connection refused by {forward.target}") from error
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise ConnectError(f"no answer from {forward.target} within {timeout:g} s ({exc})") from exc
+            raise ConnectError(
+                f"no answer from {forward.target} within {timeout:g} s ({quote_peer(str(exc))})"
+            ) from exc
         channel.settimeout(timeout)
         return channel
 
@@ -386,7 +465,7 @@ class ParamikoEngine:
         except (paramiko.SSHException, OSError, EOFError) as exc:
             # Whatever the network does to a handshake is transient; the daemon must not die of it.
             abort.check()
-            raise ConnectError(f"{spec.hostname}:{spec.port}: connection failed: {exc}") from exc
+            raise ConnectError(f"{spec.hostname}:{spec.port}: connection failed: {quote_peer(str(exc))}") from exc
         finally:
             abort.done()
         events.authenticated.set()

@@ -13,6 +13,7 @@ import paramiko
 
 from tunneld.engines.knownhosts import evaluate, hash_name, known_types
 from tunneld.errors import AuthError, ConnectError, HostKeyError
+from tunneld.safetext import quote_peer
 from tunneld.spec import TunnelSpec
 
 log = logging.getLogger(__name__)
@@ -174,12 +175,13 @@ def authenticate(transport: paramiko.Transport, spec: TunnelSpec) -> None:
         except paramiko.AuthenticationException:
             continue
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise ConnectError(f"{spec.hostname}: connection lost during authentication: {exc}") from exc
+            raise ConnectError(
+                f"{spec.hostname}: connection lost during authentication: {quote_peer(str(exc))}"
+            ) from exc
         if transport.is_authenticated():
             return
     where = f"{spec.user}@{spec.hostname}:{spec.port}"
     if locked:
-        detail = f"{', '.join(locked)} needs a passphrase and no agent holds it"
-        raise AuthError.refused(where, spec.ssh_command, detail, locked[0])
+        raise AuthError.locked_keys(where, spec.ssh_command, locked)
     detail = f"Permission denied (publickey) after {offered} key(s)"
     raise AuthError.refused(where, spec.ssh_command, detail, missing=spec.missing_identity_files())
