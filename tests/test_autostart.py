@@ -164,7 +164,12 @@ def test_cli_enable_status_disable_with_systemd(tmp_path: Path, sshd: SshServer)
     env, record = fake_systemctl(tmp_path)
     enabled = run_cli("autostart", "enable", HOST, "-F", str(config), "--via", "systemd", env=env)
     assert enabled.returncode == 0, enabled.stderr
-    assert record.read_text().splitlines() == ["--user daemon-reload", f"--user enable tunneld@{HOST}.service"]
+    assert record.read_text().splitlines() == [
+        "--user show-environment",  # where an agent will be at login: asked before any file is written
+        "--user daemon-reload",
+        f"--user enable tunneld@{HOST}.service",
+    ]
+    assert f"no agent needed: {sshd.client_key} has no passphrase" in enabled.stdout
     unit = (unit_dir() / "tunneld@.service").read_text()
     assert f"ExecStart={os.path.abspath(sys.executable)} -m tunneld run %i" in unit
     dropin = (unit_dir() / f"tunneld@{HOST}.service.d" / "tunneld.conf").read_text()
