@@ -60,6 +60,10 @@ def stop_tunnel(host: str, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopResul
     Only the process the pid file names *and* that is still that tunneld (create time, user,
     command line) is signalled; anything else is a stale pid file, removed and reported.
     """
+    from tunneld.autostart.managed import stop_managed
+
+    if (stopped := stop_managed(host)) is not None:  # systemd/launchd own an autostarted host: they stop it
+        return StopResult(host, stopped)
     files = HostFiles.of(host)
     pidfile = PidFile(files)
     try:
