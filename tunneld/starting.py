@@ -37,10 +37,10 @@ def start_host(host: str, options: StartOptions, progress: Callable[[str], None]
     from tunneld.render import forward_text
     from tunneld.safetext import printable
 
-    spec = resolve_host(host, options.ssh_config)
     result = start_managed(host, options.timeout, progress) or start_tunnel(  # systemd/launchd own an autostarted host
-        spec, options.engine, options.timeout, progress, options.verbose, options.keep_trying
-    )
+        resolve_host(host, options.ssh_config), options.engine, options.timeout, progress, options.verbose,
+        options.keep_trying,
+    )  # fmt: skip
     if result.pending:
         return [
             f"{host}  {result.state.get('state', 'starting')}: not up yet, still trying in the background "

@@ -103,7 +103,10 @@ def find_login_agent(spec: TunnelSpec, via: str, runner: Runner, environ: Mappin
     if named is not None:
         agent = LoginAgent(named, None, f"ssh_config's IdentityAgent {named}")
         return _finding(
-            spec, agent, probe_agent(named), [f"{named} will not exist at the next login"] if is_ephemeral(named) else []
+            spec,
+            agent,
+            probe_agent(named),
+            [f"{named} will not exist at the next login"] if is_ephemeral(named) else [],
         )
     candidates: list[tuple[str, str]] = []
     reasons: list[str] = []
