@@ -218,3 +218,23 @@ def test_enable_never_writes_a_shell_agent_from_tmp_and_says_no_agent_will_be_re
     dropin = (manager.home / ".config/systemd/user" / f"{UNIT}.d" / "tunneld.conf").read_text()
     assert "SSH_AUTH_SOCK" not in dropin and str(shell_dir) not in dropin, dropin
     assert "SSH_AUTH_SOCK" not in manager.show(UNIT, "Environment")["Environment"]
+
+
+def test_a_supervisor_started_by_hand_before_enable_is_named_and_stop_then_start_moves_it_under_systemd(
+    manager: UserManager, sshd: SshServer, echo: EchoServer, agents: list[Agent]
+) -> None:
+    config, key, _ = user_host(manager, sshd, echo)
+    socket = manager.runtime / "ssh-agent.socket"
+    lock_key_in_agent(manager, agents, key, socket)
+    by_hand = manager.cli("start", HOST, "-F", str(config), env={"SSH_AUTH_SOCK": str(socket)})
+    assert by_hand.returncode == 0, by_hand.stderr
+    detached = pid_file_pid(manager)
+    assert manager.cli("autostart", "enable", HOST, "-F", str(config)).returncode == 0
+    refused = manager.cli("start", HOST)
+    assert refused.returncode == 1
+    assert f"Error: {HOST} already runs outside systemd (pid {detached}" in refused.stderr, refused.stderr
+    assert manager.systemctl("is-active", UNIT).stdout.strip() == "inactive"
+    stopped = manager.cli("stop", HOST)  # systemd runs nothing for it: the pid file names what to stop
+    assert stopped.returncode == 0 and stopped.stdout.strip() == f"{HOST}  stopped", stopped
+    assert manager.cli("start", HOST).returncode == 0
+    assert wait_up_under_systemd(manager) != detached
