@@ -218,6 +218,10 @@ def test_enable_never_writes_a_shell_agent_from_tmp_and_says_no_agent_will_be_re
     dropin = (manager.home / ".config/systemd/user" / f"{UNIT}.d" / "tunneld.conf").read_text()
     assert "SSH_AUTH_SOCK" not in dropin and str(shell_dir) not in dropin, dropin
     assert "SSH_AUTH_SOCK" not in manager.show(UNIT, "Environment")["Environment"]
+    started = manager.cli("start", HOST)  # the unit's ssh has no agent: its fatal error is start's, as today
+    assert started.returncode == 78, started
+    assert "refused authentication" in started.stderr and "ssh-add" in started.stderr, started.stderr
+    assert manager.systemctl("is-active", UNIT).stdout.strip() == "failed"  # exit 78: never restarted
 
 
 def test_a_supervisor_started_by_hand_before_enable_is_named_and_stop_then_start_moves_it_under_systemd(

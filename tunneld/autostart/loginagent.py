@@ -100,47 +100,52 @@ def find_login_agent(spec: TunnelSpec, via: str, runner: Runner, environ: Mappin
     named = _identity_agent(spec, environ)
     if named == "none":
         return _without_agent(spec, "ssh_config says IdentityAgent none for it")
+    if named is not None and is_ephemeral(named):
+        return _without_agent(spec, f"ssh_config's IdentityAgent {printable(named)} will not exist at the next login")
     if named is not None:
-        agent = LoginAgent(named, None, f"ssh_config's IdentityAgent {named}")
-        return _finding(
-            spec,
-            agent,
-            probe_agent(named),
-            [f"{named} will not exist at the next login"] if is_ephemeral(named) else [],
-        )
+        return _finding(spec, LoginAgent(named, None, f"ssh_config's IdentityAgent {named}"), probe_agent(named), [])
     candidates: list[tuple[str, str]] = []
     reasons: list[str] = []
     shell = environ.get("SSH_AUTH_SOCK", "")
-    if shell and is_ephemeral(shell):
+    launchd_socket = via == "launchd" and "/com.apple.launchd." in shell  # launchd gives it anew at every login
+    if shell and is_ephemeral(shell) and not launchd_socket:
         reasons.append(f"this shell's agent (SSH_AUTH_SOCK={printable(shell)}) will not exist at the next login")
-    elif shell:
+    elif shell and not launchd_socket:
         candidates.append((shell, "this shell's SSH_AUTH_SOCK"))
-    if via == "launchd":
-        if LAUNCHD_AGENT.exists():
-            launchd = shell if shell and "com.apple.launchd." in shell else ""
-            given = LoginAgent(launchd, None, "launchd's ssh-agent (com.openssh.ssh-agent), given to every LaunchAgent")
-            return _finding(spec, given, probe_agent(launchd) if launchd else None, [])
-        reasons.append(f"{LAUNCHD_AGENT} is missing")
-    else:
-        runtime = runtime_dir(environ)
-        manager = manager_environment(runner).get("SSH_AUTH_SOCK", "")
-        if manager and not is_ephemeral(manager):
-            candidates.append((manager, "the systemd user manager's environment"))
-        elif manager:
-            reasons.append(f"the systemd user manager's SSH_AUTH_SOCK ({printable(manager)}) is temporary")
-        else:
-            reasons.append("the systemd user manager's environment has no SSH_AUTH_SOCK")
-        found = [(os.path.join(runtime, rel), who) for rel, who in WELL_KNOWN_SOCKETS]
-        candidates += [(path, who) for path, who in found if _is_socket(path)]
-        if not any(_is_socket(path) for path, _ in found):
-            names = ", ".join(rel for rel, _ in WELL_KNOWN_SOCKETS)
-            reasons.append(f"no agent socket is in {printable(runtime)} ({names})")
+    if via != "launchd":
+        candidates += _systemd_candidates(runner, environ, reasons)
     chosen, probe = _best(spec, candidates)
+    if chosen is None and via == "launchd" and LAUNCHD_AGENT.exists():
+        given = LoginAgent(shell if launchd_socket else "", None, "launchd's ssh-agent, given to every LaunchAgent")
+        return _finding(spec, given, probe_agent(shell) if launchd_socket else None, [])
     if chosen is None:
+        if via == "launchd":
+            reasons.append(f"{LAUNCHD_AGENT} is missing")
         return _finding(spec, None, None, reasons)
     path, who = chosen
-    agent = _wired(path, who, via, runner, environ) if via == "systemd" else LoginAgent(path, path, who)
+    agent = _wired(path, who, runner, environ) if via == "systemd" else LoginAgent(path, path, who)
     return _finding(spec, agent, probe, reasons)
+
+
+def _systemd_candidates(runner: Runner, environ: Mapping[str, str], reasons: list[str]) -> list[tuple[str, str]]:
+    """Return the user manager's SSH_AUTH_SOCK and the well-known agent sockets of the runtime directory."""
+    candidates = []
+    manager = manager_environment(runner).get("SSH_AUTH_SOCK", "")
+    if manager and not is_ephemeral(manager):
+        candidates.append((manager, "the systemd user manager's environment"))
+    elif manager:
+        reasons.append(f"the systemd user manager's SSH_AUTH_SOCK ({printable(manager)}) is temporary")
+    else:
+        reasons.append("the systemd user manager's environment has no SSH_AUTH_SOCK")
+    runtime = runtime_dir(environ)
+    found = [
+        (os.path.join(runtime, rel), who) for rel, who in WELL_KNOWN_SOCKETS if _is_socket(os.path.join(runtime, rel))
+    ]
+    if not found:
+        reasons.append(
+            f"no agent socket is in {printable(runtime)} ({', '.join(rel for rel, _ in WELL_KNOWN_SOCKETS)})"
+        )
+    return candidates + found
 
 
 def _best(spec: TunnelSpec, candidates: Sequence[tuple[str, str]]) -> tuple[tuple[str, str] | None, AgentProbe | None]:
@@ -165,7 +170,7 @@ def _holds_for(spec: TunnelSpec, probe: AgentProbe) -> bool:
     return bool(keys_held(probe, named)) if named else bool(probe.blobs)
 
 
-def _wired(path: str, who: str, via: str, runner: Runner, environ: Mapping[str, str]) -> LoginAgent:
+def _wired(path: str, who: str, runner: Runner, environ: Mapping[str, str]) -> LoginAgent:
     """Return the agent with the unit setting (%t/... under the runtime directory) and the unit that provides it."""
     runtime = runtime_dir(environ)
     inside = os.path.commonpath([runtime, path]) == runtime if os.path.isabs(path) else False
@@ -178,10 +183,11 @@ def _provider(path: str, runner: Runner) -> tuple[str, bool] | None:
     """Return the user unit that provides the agent socket at `path` (and whether it is a socket unit)."""
     sockets = runner.run(["systemctl", "--user", "show", "--property=Id,Listen", "*.socket"]).output
     for block in sockets.split("\n\n"):
-        fields = dict(line.partition("=")[::2] for line in block.splitlines())
-        listens = [value.rsplit(" (", 1)[0] for key, value in fields.items() if key == "Listen"]
-        if path in listens and _UNIT_RE.fullmatch(fields.get("Id", "")):
-            return fields["Id"], True
+        fields = [line.partition("=")[::2] for line in block.splitlines()]
+        listens = [value.rsplit(" (", 1)[0] for key, value in fields if key == "Listen"]  # PATH (Stream)
+        unit = next((value for key, value in fields if key == "Id"), "")
+        if path in listens and _UNIT_RE.fullmatch(unit):
+            return unit, True
     service = runner.run(
         ["systemctl", "--user", "show", "--property=LoadState,Environment,ExecStart", "ssh-agent.service"]
     ).output

@@ -67,8 +67,13 @@ class SystemdService:
 
     def running_pid(self) -> int | None:
         """Return the unit's main pid while it runs."""
-        pid = self.properties().get("MainPID", "0")
-        return int(pid) if pid.isdigit() and int(pid) > 0 else None
+        return _pid(self.properties().get("MainPID", ""))
+
+    def started_pid(self) -> int | None:
+        """Return the pid of the run just started, even when it has ended already (ExecMainPID stays)."""
+        props = self.runner.check(["systemctl", "--user", "show", "--property=MainPID,ExecMainPID", self.unit]).output
+        values = dict(line.partition("=")[::2] for line in props.splitlines())
+        return _pid(values.get("MainPID", "")) or _pid(values.get("ExecMainPID", ""))
 
     def start(self) -> None:
         """Start the unit (a unit that failed before, or hit its start limit, is reset first: a person asks)."""
@@ -113,6 +118,10 @@ class LaunchdAgent:
         shown = self._print()
         match = re.search(r"^\s*pid = (\d+)\s*$", shown or "", re.MULTILINE)
         return int(match[1]) if match and int(match[1]) > 1 else None
+
+    def started_pid(self) -> int | None:
+        """Return the pid of the run just started (launchd shows it while it runs)."""
+        return self.running_pid()
 
     def start(self) -> None:
         """Load the agent (RunAtLoad starts it), or kickstart it when it is loaded already."""
@@ -175,7 +184,7 @@ def wait_managed(
 ) -> ManagedStart:
     """Wait until the service's supervisor reports up (or failed, or still trying) in the host's state file."""
     began = time.monotonic()
-    pid = _poll(service.running_pid, began + PID_APPEAR_TIMEOUT_S)
+    pid = _poll(service.started_pid, began + PID_APPEAR_TIMEOUT_S)
     if pid is None:
         raise StartupError(f"{host} did not start through {service.via}: {service.why_it_ended()}", service.hint())
     shown = None
@@ -246,6 +255,10 @@ def _state_of(host: str, pid: int) -> dict[str, object]:
     except CorruptFileError:
         return {}
     return state if state.get("pid") == pid else {}
+
+
+def _pid(text: str) -> int | None:
+    return int(text) if text.isdigit() and int(text) > 1 else None
 
 
 def _alive(pid: int) -> bool:
