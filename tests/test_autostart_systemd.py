@@ -218,7 +218,12 @@ def test_enable_never_writes_a_shell_agent_from_tmp_and_says_no_agent_will_be_re
     dropin = (manager.home / ".config/systemd/user" / f"{UNIT}.d" / "tunneld.conf").read_text()
     assert "SSH_AUTH_SOCK" not in dropin and str(shell_dir) not in dropin, dropin
     assert "SSH_AUTH_SOCK" not in manager.show(UNIT, "Environment")["Environment"]
-    started = manager.cli("start", HOST)  # the unit's ssh has no agent: its fatal error is start's, as today
+    # The unit has no agent: its fatal error is start's, as today. Paramiko engine: as a non-root user, an ssh
+    # child that exits on the refusal can make the openssh engine's listener check (psutil) raise AccessDenied.
+    settings = manager.tunneld_home / "config" / "tunneld.toml"
+    settings.write_text(f'[hosts.{HOST}]\nengine = "paramiko"\n')  # its directory is enable's (manifests)
+    manager.chown(settings)
+    started = manager.cli("start", HOST)
     assert started.returncode == 78, started
     assert "refused authentication" in started.stderr and "ssh-add" in started.stderr, started.stderr
     assert manager.systemctl("is-active", UNIT).stdout.strip() == "failed"  # exit 78: never restarted
