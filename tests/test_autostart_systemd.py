@@ -226,7 +226,8 @@ def test_enable_never_writes_a_shell_agent_from_tmp_and_says_no_agent_will_be_re
     started = manager.cli("start", HOST)
     assert started.returncode == 78, started
     assert "refused authentication" in started.stderr and "ssh-add" in started.stderr, started.stderr
-    assert manager.systemctl("is-active", UNIT).stdout.strip() == "failed"  # exit 78: never restarted
+    is_failed = lambda: manager.systemctl("is-active", UNIT).stdout.strip() == "failed"  # noqa: E731
+    wait_for(is_failed, 10, f"{UNIT} to be failed (exit 78: never restarted)")
 
 
 def test_a_supervisor_started_by_hand_before_enable_is_named_and_stop_then_start_moves_it_under_systemd(

@@ -35,6 +35,7 @@ MANAGERS = ("systemd", "launchd")
 POLL_INTERVAL_S = 0.1
 PID_APPEAR_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 40.0  # as `tunneld start --timeout`
+EXIT_TIMEOUT_S = 10.0  # a supervisor that recorded a fatal error exits right after
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ def wait_managed(
             return ManagedStart(pid, state, time.monotonic() - began, via=service.via)
         if name == FAILED:
             error = state.get("last_error")
+            _poll(lambda: None if _alive(pid) else pid, time.monotonic() + EXIT_TIMEOUT_S)  # it exits next, as 78
             raise error_from_dict(error if isinstance(error, dict) else {})
         if name not in (STARTING, CONNECTING) and state.get("last_error"):  # backoff, needs credentials, ...
             return ManagedStart(pid, state, time.monotonic() - began, pending=True, via=service.via)
