@@ -117,6 +117,12 @@ def pid_file_pid(manager: UserManager) -> object:
         return None
 
 
+def ok(done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    """Assert that a command succeeded, showing what it said when it did not."""
+    assert done.returncode == 0, f"exit {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr}"
+    return done
+
+
 def main_pid(manager: UserManager) -> int:
     return int(manager.show(UNIT, "MainPID")["MainPID"])
 
@@ -125,8 +131,8 @@ def wait_up_under_systemd(manager: UserManager, not_pid: int = 0) -> int:
     """Wait until the unit runs a supervisor (other than `not_pid`) whose state file says up; return its pid."""
 
     def up() -> bool:
-        pid = main_pid(manager)
-        return pid not in (0, not_pid) and state_of(manager).get("pid") == pid and state_of(manager)["state"] == "up"
+        pid, state = main_pid(manager), state_of(manager)
+        return pid not in (0, not_pid) and state.get("pid") == pid and state.get("state") == "up"
 
     wait_for(up, UP_TIMEOUT_S, f"{UNIT} to run a supervisor that is up (state: {state_of(manager)})", interval=0.2)
     return main_pid(manager)
@@ -156,7 +162,7 @@ def test_start_restart_stop_go_through_systemd_which_restarts_a_killed_superviso
 ) -> None:
     config, key, port = user_host(manager, sshd, echo)
     lock_key_in_agent(manager, agents, key, manager.runtime / "ssh-agent.socket")
-    assert manager.cli("autostart", "enable", HOST, "-F", str(config)).returncode == 0
+    ok(manager.cli("autostart", "enable", HOST, "-F", str(config)))
     assert manager.systemctl("is-active", UNIT).stdout.strip() == "inactive"
 
     started = manager.cli("start", HOST)
@@ -187,7 +193,7 @@ def test_autostart_status_asks_the_agent_systemd_reaches_whether_it_holds_the_ke
 ) -> None:
     config, key, _ = user_host(manager, sshd, echo)
     agent = lock_key_in_agent(manager, agents, key, manager.runtime / "ssh-agent.socket")
-    assert manager.cli("autostart", "enable", HOST, "-F", str(config)).returncode == 0
+    ok(manager.cli("autostart", "enable", HOST, "-F", str(config)))
     status = manager.cli("autostart", "status", HOST)
     assert status.returncode == 0, status.stderr
     socket = f"{manager.runtime}/ssh-agent.socket"
@@ -239,12 +245,12 @@ def test_a_supervisor_started_by_hand_before_enable_is_named_and_stop_then_start
     by_hand = manager.cli("start", HOST, "-F", str(config), env={"SSH_AUTH_SOCK": str(socket)})
     assert by_hand.returncode == 0, by_hand.stderr
     detached = pid_file_pid(manager)
-    assert manager.cli("autostart", "enable", HOST, "-F", str(config)).returncode == 0
+    ok(manager.cli("autostart", "enable", HOST, "-F", str(config)))
     refused = manager.cli("start", HOST)
     assert refused.returncode == 1
     assert f"Error: {HOST} already runs outside systemd (pid {detached}" in refused.stderr, refused.stderr
     assert manager.systemctl("is-active", UNIT).stdout.strip() == "inactive"
     stopped = manager.cli("stop", HOST)  # systemd runs nothing for it: the pid file names what to stop
     assert stopped.returncode == 0 and stopped.stdout.strip() == f"{HOST}  stopped", stopped
-    assert manager.cli("start", HOST).returncode == 0
+    ok(manager.cli("start", HOST))
     assert wait_up_under_systemd(manager) != detached
