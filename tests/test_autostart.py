@@ -17,6 +17,7 @@ from tests.helpers import read_state, run_cli, write_config
 from tunneld.autostart import enabled_hosts, read_manifest
 from tunneld.autostart.launchd import plist_path, render_plist
 from tunneld.autostart.manage import autostart_report, disable, enable
+from tunneld.autostart.managed import start_managed, stop_managed
 from tunneld.autostart.service import CommandResult, Launch, Runner
 from tunneld.autostart.systemd import render_dropin, render_template, unit_dir
 from tunneld.autostart.xdg import desktop_path, render_desktop
@@ -164,7 +165,12 @@ def test_cli_enable_status_disable_with_systemd(tmp_path: Path, sshd: SshServer)
     env, record = fake_systemctl(tmp_path)
     enabled = run_cli("autostart", "enable", HOST, "-F", str(config), "--via", "systemd", env=env)
     assert enabled.returncode == 0, enabled.stderr
-    assert record.read_text().splitlines() == ["--user daemon-reload", f"--user enable tunneld@{HOST}.service"]
+    assert record.read_text().splitlines() == [
+        "--user show-environment",  # where an agent will be at login: asked before any file is written
+        "--user daemon-reload",
+        f"--user enable tunneld@{HOST}.service",
+    ]
+    assert f"no agent needed: {sshd.client_key} has no passphrase" in enabled.stdout
     unit = (unit_dir() / "tunneld@.service").read_text()
     assert f"ExecStart={os.path.abspath(sys.executable)} -m tunneld run %i" in unit
     dropin = (unit_dir() / f"tunneld@{HOST}.service.d" / "tunneld.conf").read_text()
@@ -210,3 +216,55 @@ def test_fatal_error_under_launchd_exits_0_so_it_is_not_restarted(tmp_path: Path
     assert done.returncode == 0
     assert "so that launchd does not restart" in done.stderr
     assert read_state(HOST)["state"] == "failed"
+
+
+class FakeLaunchd(Runner):
+    """launchctl at the OS edge: bootstrap and kickstart run the agent's real ProgramArguments (with its
+    EnvironmentVariables) as launchd would; print reports its pid; bootout stops it."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[str, ...]] = []
+        self.loaded = False
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def run(self, argv: Sequence[str]) -> CommandResult:
+        self.commands.append(tuple(argv))
+        verb = argv[1]
+        running = self.proc is not None and self.proc.poll() is None
+        if verb == "print" and not self.loaded:
+            return CommandResult(tuple(argv), 113, f"Could not find service {argv[2]!r}")
+        if verb == "print":
+            return CommandResult(tuple(argv), 0, f"\tstate = running\n\tpid = {self.proc.pid}" if running and self.proc
+                                 else "\tstate = not running\n\tlast exit code = 0")  # fmt: skip
+        if verb in ("bootstrap", "kickstart") and not running:
+            self.loaded = True
+            agent = plistlib.loads(plist_path(HOST).read_bytes())
+            env = {**os.environ, **agent.get("EnvironmentVariables", {})}
+            self.proc = subprocess.Popen(agent["ProgramArguments"], env=env, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)  # fmt: skip
+        if verb == "bootout" and self.proc is not None:
+            self.loaded = False
+            self.proc.terminate()
+            self.proc.wait(15)
+        return CommandResult(tuple(argv), 0)
+
+
+def test_start_and_stop_of_a_launchd_host_go_through_launchctl(tmp_path: Path, sshd: SshServer) -> None:
+    config = write_config(tmp_path, sshd.client_config(HOST, [f"LocalForward {free_port()} 127.0.0.1:9"]))
+    launchd = FakeLaunchd()
+    enable(HOST, "launchd", Launch.current(str(config)), launchd)
+    started = start_managed(HOST, 30, runner=launchd)
+    assert started is not None and launchd.proc is not None
+    assert started.via == "launchd" and started.pid == launchd.proc.pid and not started.pending
+    assert started.state["state"] in ("up", "degraded")  # degraded: nothing listens on the discard port
+    assert [c[1] for c in launchd.commands].count("bootstrap") == 1
+    assert stop_managed(HOST, launchd) == started.pid
+    assert launchd.commands[-1] == ("launchctl", "bootout", f"gui/{os.getuid()}/io.tunneld.{HOST}")  # unloaded
+    assert read_state(HOST)["state"] == "stopped"
+    launchd.loaded = True  # loaded again (the next login), and its tunneld ended by itself: kickstart runs it
+    again = start_managed(HOST, 30, runner=launchd)
+    assert again is not None and again.pid == launchd.proc.pid and again.pid != started.pid
+    target = f"gui/{os.getuid()}/io.tunneld.{HOST}"
+    assert ("launchctl", "kickstart", target) in launchd.commands
+    assert [c[1] for c in launchd.commands].count("bootstrap") == 1
+    assert stop_managed(HOST, launchd) == again.pid

@@ -37,13 +37,16 @@ class StartOptions:
 
 def start_host(host: str, options: StartOptions, progress: Callable[[str], None] | None) -> list[str]:
     """Start `host` detached and return the lines that report it (raise its TunneldError when it fails)."""
+    from tunneld.autostart.managed import start_managed
     from tunneld.config import resolve_host
     from tunneld.daemon import start_tunnel
     from tunneld.render import forward_text
     from tunneld.safetext import printable
 
-    spec = resolve_host(host, options.ssh_config)
-    result = start_tunnel(spec, options.engine, options.timeout, progress, options.verbose, options.keep_trying)
+    result = start_managed(host, options.timeout, progress) or start_tunnel(  # systemd/launchd own an autostarted host
+        resolve_host(host, options.ssh_config), options.engine, options.timeout, progress, options.verbose,
+        options.keep_trying,
+    )  # fmt: skip
     if result.pending:
         return [
             f"{host}  {result.state.get('state', 'starting')}: not up yet, still trying in the background "

@@ -71,6 +71,10 @@ def stop_tunnel(host: str, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopResul
     progress is stopped too, once it has recorded the process it started. The stop holds the host's
     stop lock throughout, so that a start meeting the stopping tunneld waits for it instead.
     """
+    from tunneld.autostart.managed import stop_managed
+
+    if (stopped := stop_managed(host)) is not None:  # systemd/launchd own an autostarted host: they stop it
+        return StopResult(host, stopped)
     files = HostFiles.of(host)
     pidfile = PidFile(files)
     if not pidfile.exists() and not os.path.lexists(files.lock):

@@ -29,6 +29,7 @@ class Manifest:
     files: tuple[str, ...]
     launch: tuple[str, ...]
     enabled_at: float = field(default_factory=time.time)
+    ssh_config: str | None = None  # -F FILE at enable: `autostart status` resolves the host with it
 
     def to_dict(self) -> dict[str, object]:
         """Return the manifest as JSON-ready data."""
@@ -65,7 +66,10 @@ def read_manifest(host: str) -> Manifest | None:
         raise CorruptFileError(path, 'launch must be [PYTHON, "-m", "tunneld"]')
     if not isinstance(enabled_at, (int, float)):
         raise CorruptFileError(path, "enabled_at must be a number")
-    return Manifest(host, str(via), tuple(files), tuple(launch), float(enabled_at))
+    ssh_config = data.get("ssh_config")
+    if ssh_config is not None and not (isinstance(ssh_config, str) and Path(ssh_config).is_absolute()):
+        raise CorruptFileError(path, "ssh_config must be an absolute path or null")
+    return Manifest(host, str(via), tuple(files), tuple(launch), float(enabled_at), ssh_config)
 
 
 def enabled_hosts() -> list[str]:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from tunneld.cliopts import CONTEXT, ssh_config_option, ssh_config_unused
 from tunneld.completion import complete_configured_hosts, complete_hosts_with_files
+
+if TYPE_CHECKING:
+    from tunneld.autostart.managed import ManagedStart
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,21 +40,46 @@ def via_option(func: F) -> F:
 @via_option
 @click.option("--now", is_flag=True, help="Also start the tunnel now through the service manager.")
 def autostart_enable(host: str, ssh_config: str | None, via: str | None, now: bool) -> None:
-    """Start HOST's tunnel at every login (enabling twice is harmless). HOST may be @GROUP: each member."""
-    from tunneld.autostart.manage import default_via, enable
+    """Start HOST's tunnel at every login (enabling twice is harmless). HOST may be @GROUP: each member.
+
+    Under systemd and launchd, enable finds the ssh-agent the service will reach at login and wires the
+    service to it, or warns when none will be; `tunneld start/stop/restart HOST` then go through that
+    service manager.
+    """
+    from tunneld.autostart.manage import default_via, enable_host
+    from tunneld.autostart.managed import MANAGERS, wait_started
     from tunneld.autostart.service import Launch, Runner
     from tunneld.config import resolve_host
     from tunneld.settings import expand_groups
 
     hosts = expand_groups([host])
-    for name in hosts:  # every member is checked before any is enabled: a group is enabled whole or not at all
-        resolve_host(name, ssh_config)  # the same config step `check` runs: refuse a host that cannot work
-    for name in hosts:
-        manifest = enable(name, via or default_via(), Launch.current(ssh_config), Runner(), now)
-        click.echo(f"{name}  autostart enabled via {manifest.via}" + (" and started" if now else ""))
-        for written in manifest.files:
+    # every member is checked before any is enabled: a group is enabled whole or not at all
+    specs = [resolve_host(name, ssh_config) for name in hosts]  # the config step `check` runs
+    for spec in specs:
+        done = enable_host(spec, via or default_via(), Launch.current(ssh_config), Runner(), now)
+        click.echo(f"{spec.alias}  autostart enabled via {done.manifest.via}" + (" and started" if now else ""))
+        for note in done.notes:
+            click.echo(f"  {note}")
+        for written in done.manifest.files:
             click.echo(f"  wrote {written}")
-        click.echo(f"undo with: tunneld autostart disable {name}")
+        for warning in done.warnings:
+            click.echo(f"  warning: {warning}", err=True)
+        click.echo(f"undo with: tunneld autostart disable {spec.alias}")
+        if now and done.manifest.via in MANAGERS:
+            click.echo(_started_text(spec.alias, wait_started(spec.alias, done.manifest.via)))
+
+
+def _started_text(host: str, started: ManagedStart) -> str:
+    """Say how a host started through its service manager is doing (as `tunneld start` says it)."""
+    from tunneld.render import forward_text
+    from tunneld.safetext import printable
+
+    where = f"pid {started.pid} under {started.via}"
+    if started.pending:
+        return f"{host}  {started.state.get('state', 'starting')}: not up yet, still trying ({where})"
+    forwards = started.state.get("forwards")
+    shown = ", ".join(forward_text(f) for f in forwards if isinstance(f, dict)) if isinstance(forwards, list) else ""
+    return printable(f"{host}  {started.state.get('state')}  {shown}  ({where}, {started.elapsed_s:.1f} s)")
 
 
 @autostart.command("disable")
@@ -79,11 +107,13 @@ def autostart_disable(host: str, ssh_config: str | None, now: bool) -> None:
 @ssh_config_unused
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def autostart_status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool) -> None:
-    """Show which hosts start at login, how, and whether the tunneld they run still exists."""
+    """Show which hosts start at login, how, whether the tunneld they run still exists, and which ssh-agent the
+    service manager reaches for each (asked over its socket: does it hold a key for the host?)."""
     from tunneld.autostart import enabled_hosts
     from tunneld.autostart.manage import autostart_report
+    from tunneld.autostart.service import Runner
 
-    reports = [autostart_report(h) for h in hosts or enabled_hosts()]
+    reports = [autostart_report(h, Runner()) for h in hosts or enabled_hosts()]
     if as_json:
         click.echo(json.dumps({"version": 1, "hosts": [r.to_dict() for r in reports]}, indent=2))
         return
@@ -91,5 +121,7 @@ def autostart_status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bo
         click.echo("no host starts at login: tunneld autostart enable HOST")
     for report in reports:
         click.echo(f"{report.host}  {report.via or 'not enabled'}  {' '.join(report.launch)}".rstrip())
+        if report.agent is not None:
+            click.echo(f"  agent: {report.agent['summary']}")
         for warning in report.warnings:
             click.echo(f"  warning: {warning}", err=True)

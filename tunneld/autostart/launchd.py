@@ -36,8 +36,11 @@ def render_plist(host: str, launch: Launch) -> str:
         "StandardOutPath": log,
         "StandardErrorPath": log,
     }
-    if launch.environment:
-        agent["EnvironmentVariables"] = dict(launch.environment)
+    environment = dict(launch.environment)
+    if launch.agent is not None and launch.agent.setting:  # an agent at a fixed path (not launchd's own)
+        environment["SSH_AUTH_SOCK"] = launch.agent.setting
+    if environment:
+        agent["EnvironmentVariables"] = environment
     return plistlib.dumps(agent, sort_keys=False).decode()
 
 

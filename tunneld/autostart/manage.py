@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunneld.autostart import VIA_CHOICES, Manifest, enabled_hosts, manifest_path, read_manifest
 from tunneld.autostart.service import Launch, Mechanism, Runner
 from tunneld.errors import AutostartError, CorruptFileError
 from tunneld.pidfile import write_json_atomic
+
+if TYPE_CHECKING:
+    from tunneld.spec import TunnelSpec
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,31 @@ def mechanism(via: str) -> Mechanism:
     raise AutostartError(f"unknown autostart mechanism {via!r}", f"choose one of: {', '.join(VIA_CHOICES)}")
 
 
+@dataclass(frozen=True)
+class Enabled:
+    """What `enable` did for one host, and what the user should know about the agent it will reach at login."""
+
+    manifest: Manifest
+    notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+def enable_host(spec: TunnelSpec, via: str, launch: Launch, runner: Runner, now: bool = False) -> Enabled:
+    """Find the agent the host will reach at login, wire the service to it (or warn), then `enable`."""
+    from tunneld.autostart.loginagent import find_login_agent
+
+    finding = find_login_agent(spec, via, runner, os.environ) if via in ("systemd", "launchd") else None
+    if finding is not None:
+        launch = replace(launch, agent=finding.agent)
+    manifest = enable(spec.alias, via, launch, runner, now)
+    notes, warnings = (finding.notes, finding.warnings) if finding is not None else ((), ())
+    if via == "xdg":
+        from tunneld.autostart.xdg import session_warnings
+
+        warnings = session_warnings(spec.alias)
+    return Enabled(manifest, notes, warnings)
+
+
 def enable(host: str, via: str, launch: Launch, runner: Runner, now: bool = False) -> Manifest:
     """Write the host's autostart files, tell the service manager, record what was created."""
     chosen = mechanism(via)
@@ -60,20 +90,38 @@ def enable(host: str, via: str, launch: Launch, runner: Runner, now: bool = Fals
             f"disable it first: tunneld autostart disable {host}",
         )
     files = chosen.render(host, launch)
+    for path in chosen.owned_files(host):  # what an earlier enable wrote and this one does not (a drop-in) goes
+        if path not in files and path.exists():
+            path.unlink()
+            _remove_empty_dropin_dir(path)
     created = [path for path in files if not path.exists()]
+    new_dirs = sorted({d for path in files for d in _missing_parents(path)}, key=lambda d: len(d.parts), reverse=True)
     try:
         for path, content in files.items():
             _write(path, content)
         chosen.activate(host, launch, runner, now)
     except BaseException:
-        for path in created:  # a failed enable leaves no unit behind without a manifest
+        for path in created:  # a failed enable leaves no unit behind without a manifest, and no empty directory
             path.unlink(missing_ok=True)
-            _remove_empty_dropin_dir(path)
+        for directory in new_dirs:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         raise
     owned = tuple(str(p) for p in files if p not in chosen.shared_files())
-    manifest = Manifest(host, via, owned, launch.argv)
+    ssh_config = dict(launch.environment).get("TUNNELD_SSH_CONFIG")
+    manifest = Manifest(host, via, owned, launch.argv, ssh_config=ssh_config)
     write_json_atomic(manifest_path(host), manifest.to_dict())
     return manifest
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """Return the directories above `path` that do not exist yet (writing it will create them)."""
+    missing = []
+    for parent in path.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
 
 
 def disable(host: str, runner: Runner, now: bool = False) -> Manifest | None:
@@ -134,20 +182,23 @@ class AutostartReport:
     files: tuple[str, ...] = ()
     launch: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    agent: dict[str, object] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """Return the report as JSON-ready data."""
         return asdict(self)
 
 
-def autostart_report(host: str) -> AutostartReport:
-    """Return `host`'s autostart setup, with warnings for files or a tunneld that are gone."""
+def autostart_report(host: str, runner: Runner | None = None) -> AutostartReport:
+    """Return `host`'s autostart setup, with warnings for files or a tunneld that are gone; with a Runner, also
+    which agent the service manager reaches and whether it holds a key for the host."""
     try:
         manifest = read_manifest(host)
     except CorruptFileError as error:
         return AutostartReport(host, None, warnings=(f"{error.message} ({error.hint})",))
     if manifest is None:
         return AutostartReport(host, None)
+    agent, warned = _agent_of(manifest, runner) if runner is not None else (None, [])
     warnings = [
         f"{name} is missing; re-run: tunneld autostart enable {host}"
         for name in manifest.files
@@ -158,4 +209,19 @@ def autostart_report(host: str) -> AutostartReport:
             f"the tunneld baked into it no longer exists ({manifest.launch[0]}): "
             f"re-run `tunneld autostart enable {host}` from the tunneld you use now"
         )
-    return AutostartReport(host, manifest.via, manifest.files, manifest.launch, tuple(warnings))
+    return AutostartReport(host, manifest.via, manifest.files, manifest.launch, tuple(warnings + warned), agent)
+
+
+def _agent_of(manifest: Manifest, runner: Runner) -> tuple[dict[str, object] | None, list[str]]:
+    from tunneld.autostart.loginagent import agent_report
+    from tunneld.autostart.systemd import instance
+    from tunneld.config import resolve_host
+    from tunneld.errors import TunneldError
+
+    try:
+        spec = resolve_host(manifest.host, manifest.ssh_config)
+        unit = instance(manifest.host) if manifest.via == "systemd" else None
+        report = agent_report(spec, manifest.via, runner, unit)
+    except TunneldError as error:
+        return None, [f"cannot tell which agent {manifest.via} reaches: {error.message}"]
+    return report.to_dict(), [report.warning] if report.warning else []

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from tunneld.errors import AutostartError
+from tunneld.safetext import printable
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,19 @@ class CommandResult:
     argv: tuple[str, ...]
     returncode: int
     output: str = ""
+
+
+NO_BUS = "Failed to connect to bus"  # what systemctl --user says when no user manager runs for this login
+
+
+def no_user_manager(output: str) -> AutostartError:
+    """Explain systemctl's `Failed to connect to bus`: this login has no systemd user manager to talk to."""
+    return AutostartError(
+        f"no systemd user manager for this login: {printable(output.strip())[:200]}",
+        "systemd starts one for each login session (pam_systemd) and keeps one running without a login "
+        "after `loginctl enable-linger $USER`; over su or sudo there is none (log in as the user instead); "
+        "or start tunnels at desktop login with --via xdg",
+    )
 
 
 class Runner:
@@ -36,8 +50,10 @@ class Runner:
         return CommandResult(tuple(argv), done.returncode, (done.stdout + done.stderr).strip())
 
     def check(self, argv: Sequence[str]) -> CommandResult:
-        """Run `argv`; raise AutostartError when it fails."""
+        """Run `argv`; raise AutostartError when it fails (explained when no systemd user manager answers)."""
         result = self.run(argv)
+        if result.returncode != 0 and NO_BUS in result.output:
+            raise no_user_manager(result.output)
         if result.returncode != 0:
             raise AutostartError(
                 f"`{shlex.join(argv)}` failed (exit {result.returncode}): {result.output or 'no output'}",
@@ -47,11 +63,28 @@ class Runner:
 
 
 @dataclass(frozen=True)
+class LoginAgent:
+    """The ssh-agent a service will reach at login: the socket as it is now, and how the unit is wired to it.
+
+    `setting` is what SSH_AUTH_SOCK gets in the unit (`%t/gcr/ssh` under systemd: the runtime directory of
+    that login), None when nothing needs writing (ssh_config's IdentityAgent, launchd's own agent). `after`
+    is the unit that provides the socket (ordered after it; also pulled in with Wants= when `wants`).
+    """
+
+    path: str
+    setting: str | None
+    source: str
+    after: str | None = None
+    wants: bool = False
+
+
+@dataclass(frozen=True)
 class Launch:
-    """How the service manager starts tunneld: the absolute command line and the environment to keep."""
+    """How the service manager starts tunneld: the absolute command line, the environment to keep, the agent."""
 
     argv: tuple[str, ...]
     environment: tuple[tuple[str, str], ...] = ()
+    agent: LoginAgent | None = None
 
     @classmethod
     def current(cls, ssh_config: str | None) -> Launch:

@@ -9,6 +9,7 @@ from tunneld.autostart.service import Launch, Runner
 from tunneld.errors import AutostartError
 
 TEMPLATE = "tunneld@.service"
+RUNTIME_DIR = "%t"  # systemd's specifier for $XDG_RUNTIME_DIR of the user manager (/run/user/UID)
 RESTART_DELAY_S = 5
 START_LIMIT_INTERVAL_S = 300
 START_LIMIT_BURST = 5
@@ -37,10 +38,14 @@ def _quote(arg: str) -> str:
     return arg
 
 
-def _environment_line(key: str, value: str) -> str:
-    """Return `Environment="KEY=VALUE"`: specifiers and quotes escaped (no `$` expansion happens there)."""
+def _environment_line(key: str, value: str, specifier: str = "") -> str:
+    """Return `Environment="KEY=VALUE"`: specifiers and quotes escaped (no `$` expansion happens there).
+
+    `specifier` (`%t`, the runtime directory of the login) is written before VALUE unescaped.
+    """
     text = _refuse_controls(f"{key}={value}").replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"')
-    return f'Environment="{text}"'
+    name, _, rest = text.partition("=")
+    return f'Environment="{name}={specifier}{rest}"'
 
 
 def render_template(launch: Launch) -> str:
@@ -69,9 +74,23 @@ WantedBy=default.target
 
 
 def render_dropin(launch: Launch) -> str:
-    """Return the per-host drop-in carrying -F FILE (and TUNNELD_HOME) for that instance."""
-    lines = [_environment_line(key, value) for key, value in launch.environment]
-    return "# Written by `tunneld autostart enable`.\n[Service]\n" + "\n".join(lines) + "\n"
+    """Return the per-host drop-in carrying -F FILE (and TUNNELD_HOME) and the agent at login for that instance."""
+    unit, lines, agent = [], [_environment_line(key, value) for key, value in launch.environment], launch.agent
+    if agent is not None and agent.after:
+        unit = [f"# {_refuse_controls(agent.source)}", *([f"Wants={agent.after}"] if agent.wants else [])]
+        unit.append(f"After={agent.after}")
+    if agent is not None and agent.setting:
+        relative = agent.setting.removeprefix(f"{RUNTIME_DIR}/")
+        specifier = f"{RUNTIME_DIR}/" if relative != agent.setting else ""
+        lines.append(_environment_line("SSH_AUTH_SOCK", relative, specifier))
+    head = ["# Written by `tunneld autostart enable`."] + (["[Unit]", *unit, ""] if unit else [])
+    return "\n".join([*head, "[Service]", *lines]) + "\n"
+
+
+def needs_dropin(launch: Launch) -> bool:
+    """Return True when the instance needs its own drop-in (environment or agent to carry)."""
+    agent = launch.agent
+    return bool(launch.environment) or (agent is not None and bool(agent.setting or agent.after))
 
 
 def instance(host: str) -> str:
@@ -90,7 +109,7 @@ class SystemdUser:
 
     def render(self, host: str, launch: Launch) -> dict[Path, str]:
         files = {unit_dir() / TEMPLATE: render_template(launch)}
-        if launch.environment:
+        if needs_dropin(launch):
             files[unit_dir() / f"{instance(host)}.d" / "tunneld.conf"] = render_dropin(launch)
         return files
 

@@ -53,6 +53,29 @@ X-GNOME-Autostart-enabled=true
 """
 
 
+def session_warnings(host: str) -> tuple[str, ...]:
+    """Say that an XDG entry runs only at desktop login, and what runs a tunnel without one."""
+    warning = (
+        f"an XDG autostart entry runs only when you log in to a desktop session: nothing starts {host} "
+        "on a headless machine, over SSH, or under WSL"
+    )
+    if Path("/run/systemd/system").is_dir():  # systemd is the init system, there is just no user manager here
+        warning += (
+            "; systemd runs here: `loginctl enable-linger $USER` keeps a systemd user manager running from boot, "
+            f"then `tunneld autostart disable {host} && tunneld autostart enable {host} --via systemd`"
+        )
+    elif _is_wsl():
+        warning += "; under WSL, turn systemd on ([boot] systemd=true in /etc/wsl.conf), then use --via systemd"
+    return (warning,)
+
+
+def _is_wsl() -> bool:
+    try:
+        return "microsoft" in Path("/proc/sys/kernel/osrelease").read_text().lower()
+    except OSError:
+        return False
+
+
 class XdgAutostart:
     """Autostart through the desktop session (no service manager: tunneld supervises itself)."""
 
