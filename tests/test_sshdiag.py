@@ -34,7 +34,7 @@ from tunneld.spec import TunnelSpec
 def key_files(monkeypatch: pytest.MonkeyPatch) -> None:
     """The key files of the captured runs are gone; the one named locked_key was encrypted (a transcript carries
     ssh's words, not the file the classifier looks at to tell a locked key from a missing one)."""
-    monkeypatch.setattr("tunneld.engines.sshdiag.key_needs_passphrase", lambda path: path.endswith("locked_key"))
+    monkeypatch.setattr("tunneld.engines.sshdiag.needs_passphrase", lambda path: path.endswith("locked_key"))
 
 
 def load(case: str) -> dict[str, object]:
@@ -112,7 +112,7 @@ def test_each_real_failure_gets_its_class_and_words(case: str, with_pids: bool) 
 
 def test_a_key_whose_private_half_is_missing_is_not_called_locked(monkeypatch: pytest.MonkeyPatch) -> None:
     """ssh offers an IdentityFile's .pub and cannot sign when the private key is missing too: not a passphrase."""
-    monkeypatch.setattr("tunneld.engines.sshdiag.key_needs_passphrase", lambda path: None)
+    monkeypatch.setattr("tunneld.engines.sshdiag.needs_passphrase", lambda path: None)
     _, error = diagnose("locked_key")
     assert type(error) is AuthError and "needs a passphrase" not in error.message, error.message
 

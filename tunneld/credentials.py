@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunneld.keys import needs_passphrase, probe_agent, public_blobs
+
 AGENT_CHECK_S = 2.0
 AGENT_TIMEOUT_S = 1.0
-MAX_AGENT_REPLY_BYTES = 256 * 1024
-_REQUEST_IDENTITIES = 11
-_IDENTITIES_ANSWER = 12
 
 
 def agent_socket(identity_agent: str | None) -> str | None:
@@ -35,50 +33,13 @@ def agent_socket(identity_agent: str | None) -> str | None:
     return os.path.expanduser(identity_agent)
 
 
-def _read_exactly(sock: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise OSError("the agent closed the connection")
-        data += chunk
-    return data
-
-
 def agent_identities(path: str | None) -> tuple[bytes, ...] | None:
     """Return the public key blobs the agent at `path` offers (empty when it holds none or is locked), or None
-    when no agent answers there. Only public data is read: the agent protocol's identity list."""
+    when no agent answers there."""
     if not path:
         return None
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(AGENT_TIMEOUT_S)
-            sock.connect(path)
-            sock.sendall(struct.pack(">IB", 1, _REQUEST_IDENTITIES))
-            (length,) = struct.unpack(">I", _read_exactly(sock, 4))
-            if not 1 <= length <= MAX_AGENT_REPLY_BYTES:
-                return None
-            reply = _read_exactly(sock, length)
-    except (OSError, struct.error):
-        return None
-    return _parse_identities(reply)
-
-
-def _parse_identities(reply: bytes) -> tuple[bytes, ...] | None:
-    if reply[:1] != bytes([_IDENTITIES_ANSWER]) or len(reply) < 5:
-        return None
-    (count,) = struct.unpack(">I", reply[1:5])
-    blobs, offset = [], 5
-    try:
-        for _ in range(min(count, 4096)):
-            (size,) = struct.unpack(">I", reply[offset : offset + 4])
-            blobs.append(reply[offset + 4 : offset + 4 + size])
-            offset += 4 + size
-            (size,) = struct.unpack(">I", reply[offset : offset + 4])  # the comment: skipped
-            offset += 4 + size
-    except struct.error:
-        return None
-    return tuple(blobs)
+    probe = probe_agent(path, timeout=AGENT_TIMEOUT_S)
+    return probe.blobs if probe.reachable else None
 
 
 @dataclass(frozen=True)
@@ -150,38 +111,6 @@ def control_socket_alive(path: Path) -> bool:
     return True
 
 
-_OPENSSH_KEY_HEADER = "-----BEGIN OPENSSH PRIVATE KEY-----"
-MAX_KEY_FILE_BYTES = 64 * 1024
-
-
-def key_needs_passphrase(path: str) -> bool | None:
-    """Return whether the private key at `path` is encrypted (needs a passphrase), or None when it cannot be read
-    as a key. Only the header is looked at: the OpenSSH format names its cipher ("none" when not encrypted),
-    PEM says `Proc-Type: 4,ENCRYPTED` or `BEGIN ENCRYPTED PRIVATE KEY`."""
-    import base64
-    import binascii
-
-    try:
-        with open(path, "rb") as handle:
-            text = handle.read(MAX_KEY_FILE_BYTES).decode("ascii", "replace")
-    except OSError:
-        return None
-    if _OPENSSH_KEY_HEADER in text:
-        body = text.split(_OPENSSH_KEY_HEADER, 1)[1].split("-----END", 1)[0]
-        magic = b"openssh-key-v1\0"
-        try:
-            raw = base64.b64decode("".join(body.split()))
-            (size,) = struct.unpack(">I", raw[len(magic) : len(magic) + 4])
-        except (binascii.Error, ValueError, struct.error):
-            return None
-        return raw[len(magic) + 4 : len(magic) + 4 + size] != b"none" if raw.startswith(magic) else None
-    if "BEGIN ENCRYPTED PRIVATE KEY" in text or "Proc-Type: 4,ENCRYPTED" in text:
-        return True
-    if "PRIVATE KEY-----" in text:
-        return False
-    return None
-
-
 @dataclass(frozen=True)
 class AuthPlan:
     """Which authentication a host will need, as far as ssh_config, the key files and the agent tell."""
@@ -197,18 +126,6 @@ class AuthPlan:
 def _shown(path: str) -> str:
     home = os.path.expanduser("~")
     return "~" + path[len(home) :] if path.startswith(home + os.sep) else path
-
-
-def _public_blob(path: str) -> bytes | None:
-    import base64
-    import binascii
-
-    try:
-        with open(f"{path}.pub", "rb") as handle:
-            words = handle.read(MAX_KEY_FILE_BYTES).split()
-        return base64.b64decode(words[1])
-    except (OSError, IndexError, binascii.Error, ValueError):
-        return None
 
 
 def auth_plan(
@@ -232,11 +149,11 @@ def auth_plan(
         return AuthPlan(f"interactive only (PubkeyAuthentication no): run `tunneld login {alias}`", "interactive")
     agent = agent_identities(agent_socket(identity_agent))
     if agent and identities_only:
-        wanted = {blob for blob in map(_public_blob, identity_files) if blob}
+        wanted = {blob for path in identity_files for blob in public_blobs(path)}
         agent = tuple(blob for blob in agent if blob in wanted)
     files = [path for path in identity_files if os.path.isfile(path)]
-    locked = [path for path in files if key_needs_passphrase(path)]
-    usable = [path for path in files if path not in locked and key_needs_passphrase(path) is False]
+    locked = [path for path in files if needs_passphrase(path)]
+    usable = [path for path in files if path not in locked and needs_passphrase(path) is False]
     parts = []
     if agent:
         parts.append(f"the agent ({len(agent)} key{'s' if len(agent) != 1 else ''})")

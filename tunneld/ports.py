@@ -49,7 +49,8 @@ def format_address(ip: str, port: int) -> str:
 
 
 def listeners_of(pid: int) -> Listeners:
-    """Return what process `pid` listens on (empty when it is gone)."""
+    """Return what process `pid` listens on (empty when it is gone, or cannot be read: a process that is exiting
+    denies even its own user a look at its descriptors)."""
     tcp: dict[int, list[str]] = {}
     unix: set[str] = set()
     try:
@@ -60,7 +61,7 @@ def listeners_of(pid: int) -> Listeners:
         for conn in proc.net_connections(kind="unix"):
             if isinstance(conn.laddr, str) and conn.laddr:
                 unix.add(conn.laddr)
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
         pass
     ordered = {port: tuple(sorted(addrs, key=lambda a: a.startswith("["))) for port, addrs in tcp.items()}
     return Listeners(ordered, frozenset(unix))

@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunneld.autostart.agent import AgentProbe, keys_held, named_identity_files, probe_agent, usable_without_agent
 from tunneld.autostart.service import NO_BUS, LoginAgent, Runner, no_user_manager
+from tunneld.keys import AgentProbe, keys_held, named_identity_files, probe_agent, usable_without_agent
 from tunneld.safetext import printable
 from tunneld.spec import TunnelSpec
 

@@ -28,7 +28,6 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from tunneld.credentials import key_needs_passphrase
 from tunneld.errors import (
     AuthError,
     ConnectError,
@@ -38,6 +37,7 @@ from tunneld.errors import (
     TunneldError,
     UnreachableError,
 )
+from tunneld.keys import needs_passphrase
 from tunneld.ports import port_in_use_error
 from tunneld.safetext import printable, quote_peer
 from tunneld.spec import TunnelSpec
@@ -407,7 +407,7 @@ class Diagnosis:
             return None
         # ssh offered the key's public half and could not sign: a passphrase no agent supplies, when the key file
         # says it is encrypted (a private key that is simply missing beside its .pub is not "locked").
-        locked = [p for p in hop.accepted_files if p not in hop.unloadable and key_needs_passphrase(p) is True]
+        locked = [p for p in hop.accepted_files if p not in hop.unloadable and needs_passphrase(p) is True]
         if locked:
             return AuthError.locked_keys(login, spec.ssh_command, list(dict.fromkeys(locked)))
         missing = spec.missing_identity_files() if hop is self.target else ()

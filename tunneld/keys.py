@@ -1,5 +1,8 @@
-"""Ask an ssh-agent which keys it holds (the agent protocol's REQUEST_IDENTITIES, nothing else), and tell which of
-them a host's IdentityFiles are: what `autostart status` and `enable` report about the agent a service will use.
+"""The keys a host could log in with: ask an ssh-agent which keys it holds (the agent protocol's
+REQUEST_IDENTITIES, nothing else), tell which of them a host's IdentityFiles are, and whether a key file needs a
+passphrase. Used by `autostart` (the agent a service will reach), the supervisor (needs-auth waits for the
+agent's keys to change), `show`/`check` (which authentication a host will need) and the OpenSSH engine's
+classifier (a key that needs a passphrase).
 
 The agent's answer is data from another process: its size, key count and every length are bounded, and
 comments are only ever shown escaped. No paramiko: `autostart status` stays light.
