@@ -176,6 +176,7 @@ class SshServer:
         self.write_known_hosts()
         self.config = self.dir / "sshd_config"
         self.extra_config: list[str] = []
+        self.password_auth = False  # sshd takes the first value of a keyword: extra_config cannot turn this on
         self.log_level = "VERBOSE"  # DEBUG2 logs each client's KEXINIT proposal
         self.max_startups = "100:30:200"  # sshd's own default is 10:30:100
         self.proc: subprocess.Popen[bytes] | None = None
@@ -206,7 +207,7 @@ class SshServer:
             f"PidFile {self.dir / 'sshd.pid'}",
             f"AuthorizedKeysFile {self.authorized_keys}",
             "StrictModes no",
-            "PasswordAuthentication no",
+            f"PasswordAuthentication {'yes' if self.password_auth else 'no'}",
             "KbdInteractiveAuthentication no",
             "PubkeyAuthentication yes",
             "UsePAM no",

@@ -24,7 +24,7 @@ from pathlib import Path
 from tests.evil import FORGED, WARNING_BLOCK, ScriptedPeer, debug_and_disconnect
 from tests.harness import SshServer, free_port, hold_port, keygen, running_sshd
 from tunneld.config import resolve_host
-from tunneld.engines.openssh import build_argv
+from tunneld.engines.sshargv import build_argv
 from tunneld.engines.sshdiag import StderrChannel
 
 DATA = Path(__file__).parent / "data" / "ssh_stderr"

@@ -149,7 +149,7 @@ def test_hostile_host_names_are_refused(bad: str) -> None:
 
 
 def test_openssh_argv_adds_only_what_the_user_did_not_set(tmp_path: Path) -> None:
-    from tunneld.engines.openssh import build_argv, cpu_has_aes
+    from tunneld.engines.sshargv import build_argv, cpu_has_aes
 
     plain = build_argv(resolve_host("p", str(write_config(tmp_path, "Host p\n  LocalForward 5000 localhost:5000\n"))))
     for option in ("ExitOnForwardFailure=yes", "BatchMode=yes", "ControlMaster=no", "ControlPath=none",

@@ -135,6 +135,11 @@ def _run_each(hosts: list[str], action: Callable[[str], int]) -> int:
     "(autostart at login uses this).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log every line ssh writes (DEBUG) in the host's log.")
+@click.option(
+    "--no-prompt",
+    is_flag=True,
+    help="Never ask in the terminal: no ssh-add for a key that needs a passphrase, no interactive login.",
+)
 def start(
     hosts: tuple[str, ...],
     all_: bool,
@@ -144,10 +149,15 @@ def start(
     foreground: bool,
     keep_trying: bool,
     verbose: bool,
+    no_prompt: bool,
 ) -> None:
     """Bring up HOST's forwards in the background; return once they work or with the reason they do not.
 
     HOST may be @GROUP, a group of tunneld.toml's [groups] (`tunneld start @ml`).
+
+    On a terminal, one host: a key that needs a passphrase is loaded with ssh-add (it asks), and a host that
+    takes only a password or a one-time code is logged in as `tunneld login HOST` does. A host waiting for
+    credentials (needs-auth) is asked to try again now.
 
     \b
     Example:
@@ -168,7 +178,8 @@ def start(
         if len(names) != 1:
             raise click.UsageError("--foreground runs one host: tunneld start --foreground HOST")
         sys.exit(run_tunnel(names[0], ssh_config, engine, verbose=verbose))
-    sys.exit(start_hosts(names, StartOptions(ssh_config, engine, timeout, verbose, keep_trying), _echo))
+    prompt = len(names) == 1 and not no_prompt
+    sys.exit(start_hosts(names, StartOptions(ssh_config, engine, timeout, verbose, keep_trying, prompt), _echo))
 
 
 def _stop_host(host: str, timeout: float) -> int:
@@ -353,6 +364,25 @@ def wait(host: str, ssh_config: str | None, timeout: float) -> None:
     if not up:
         raise not_ready_error(report, timeout)
     click.echo(f"{host}  {report.state}")
+
+
+@cli.command()
+@click.argument("host", shell_complete=complete_configured_hosts)
+@ssh_config_option
+@engine_option
+def login(host: str, ssh_config: str | None, engine: str) -> None:
+    """Log in to HOST once, in this terminal (password, one-time code, Duo push, FIDO touch: whatever ssh asks),
+    and hand the connection to HOST's tunnel.
+
+    For hosts that need a human at every login. The connection is an OpenSSH master on a private socket of
+    tunneld's (your own ControlMaster settings are not used); the tunnel runs its forwards through it. When it
+    ends (network loss, server restart), the host waits in needs-auth until you run `tunneld login HOST` again.
+    """
+    from tunneld.login import login_host
+    from tunneld.status import ssh_config_for
+
+    for line in login_host(host, ssh_config_for(host, ssh_config), engine, _echo):
+        click.echo(line)
 
 
 for _verb in (autostart, check, env, exec_, list_, show, url):

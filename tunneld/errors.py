@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 from tunneld.safetext import printable
@@ -62,7 +63,28 @@ class NoForwardsError(ConfigError):
 
 
 class AuthError(FatalError):
-    """The server refused every credential offered."""
+    """The server refused every credential offered.
+
+    `locked`: key files that could log in but need a passphrase no agent supplies (`start` on a terminal offers
+    `ssh-add`); `methods`: what the server said it still accepts (`password`, `keyboard-interactive`: a human
+    can log in with `tunneld login`).
+    """
+
+    def __init__(
+        self, message: str, hint: str | None = None, locked: tuple[str, ...] = (), methods: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__(message, hint)
+        self.locked = locked
+        self.methods = methods or _methods_in(message)
+
+    @property
+    def interactive(self) -> bool:
+        """The server would take a password or answers to questions (a one-time code, Duo)."""
+        return any(method in ("password", "keyboard-interactive") for method in self.methods)
+
+    def to_dict(self) -> dict[str, object]:
+        """Return the error as JSON-ready data, with the keys and methods the CLI acts on."""
+        return {**super().to_dict(), "locked": list(self.locked), "methods": list(self.methods)}
 
     @classmethod
     def refused(
@@ -74,6 +96,7 @@ class AuthError(FatalError):
             detail += f"; IdentityFile {', '.join(missing)} does not exist"
             hint = f"point IdentityFile at your private key (or create it), then try `{ssh_command}` by hand"
             return cls(f"{where} refused authentication: {detail}", hint)
+        locked = (locked_key,) if locked_key else ()
         if locked_key is not None:
             command = f"ssh-add {locked_key}".strip()
             hint = f"your key needs a passphrase and tunneld never prompts: load it with `{command}` first"
@@ -82,7 +105,14 @@ class AuthError(FatalError):
                 "check that your public key is in ~/.ssh/authorized_keys on the server and that IdentityFile "
                 f"points at it; a key with a passphrase must be loaded with `ssh-add`. Try `{ssh_command}` by hand"
             )
-        return cls(f"{where} refused authentication: {detail}", hint)
+        error = cls(f"{where} refused authentication: {detail}", hint, locked)
+        if error.interactive and locked_key is None:
+            alias = ssh_command.rsplit(" ", 1)[-1]
+            error.hint = (
+                f"the server also takes a password or one-time code: log in with `tunneld login {alias}` in a "
+                f"terminal; or load a key it accepts with `ssh-add`"
+            )
+        return error
 
     @classmethod
     def locked_keys(cls, where: str, ssh_command: str, keys: Sequence[str]) -> AuthError:
@@ -104,16 +134,22 @@ class NeedsAuthError(AuthError):
     """A host that logged in before is refused now: it waits for its credentials to change (state needs-auth)."""
 
     @classmethod
-    def waiting(cls, alias: str, reason: str, interactive: bool = False) -> NeedsAuthError:
-        """`reason`: what the agent offers now (or that the interactive login connection ended)."""
+    def waiting(
+        cls, alias: str, reason: str, interactive: bool = False, locked: tuple[str, ...] = ()
+    ) -> NeedsAuthError:
+        """`reason`: what the agent offers now (or that the interactive login connection ended); `locked`: key files
+        that would do, once loaded with ssh-add."""
         if interactive:
-            hint = f"run `tunneld login {alias}` in a terminal; the forwards come back once you are logged in"
+            hint = (
+                f"run `tunneld login {alias}` in a terminal (or load a key the server accepts with `ssh-add`); the "
+                "forwards come back once you are logged in"
+            )
         else:
             hint = (
                 "load your key with `ssh-add` (or unlock the agent): tunneld tries again as soon as the agent's "
                 f"keys change, or at once with `tunneld start {alias}`"
             )
-        return cls(f"{alias} needs your key: {reason}", hint)
+        return cls(f"{alias} needs your key: {reason}", hint, locked, ("password",) if interactive else ())
 
 
 class HostKeyError(FatalError):
@@ -222,6 +258,15 @@ def report_error(error: TunneldError, echo: Callable[[str, bool], None]) -> int:
     return error.exit_code
 
 
+_METHODS_RE = re.compile(r"Permission denied \(([a-z0-9@.,-]+)\)")
+
+
+def _methods_in(message: str) -> tuple[str, ...]:
+    """Read the methods ssh says the server still accepts (`Permission denied (publickey,password).`)."""
+    match = _METHODS_RE.search(message)
+    return tuple(match[1].split(",")) if match else ()
+
+
 def error_from_dict(data: dict[str, object]) -> TunneldError:
     """Rebuild a TunneldError from `TunneldError.to_dict()` output (the other side of a pipe)."""
     message = str(data.get("message", "unknown error"))
@@ -233,7 +278,14 @@ def error_from_dict(data: dict[str, object]) -> TunneldError:
     cls = next((c for c in _error_classes(TunneldError) if c.__name__ == kind), TunneldError)
     if cls in (AlreadyRunningError, PortInUseError, CorruptFileError):  # their constructors take other arguments
         cls = ConfigError if cls is CorruptFileError else TunneldError
+    if issubclass(cls, AuthError):
+        locked, methods = data.get("locked"), data.get("methods")
+        return cls(message, hint_text, _strings(locked), _strings(methods))
     return cls(message, hint_text)
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    return tuple(str(item) for item in value) if isinstance(value, list) else ()
 
 
 def _error_classes(base: type[TunneldError]) -> list[type[TunneldError]]:

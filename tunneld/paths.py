@@ -12,6 +12,7 @@ from pathlib import Path
 from tunneld.errors import ConfigError
 
 APP_NAME = "tunneld"
+CONTROL_PATH_MAX = 86  # sun_path holds 108 bytes; ssh -M first binds PATH.<16 random characters>
 HOST_NAME_MAX = 128
 MAX_SYMLINKS = 40  # as Linux follows at most 40 in one path (ELOOP)
 # Host names become file names: letters, digits and . _ - @ + only, never a leading dot or dash.
@@ -246,6 +247,27 @@ class HostFiles:
     @property
     def log(self) -> Path:
         return self.directory / f"{self.host}.log"
+
+    @property
+    def master_log(self) -> Path:
+        """What the ssh of `tunneld login`'s master connection writes (`ssh -E`); no host's file can have this name."""
+        return self.directory / f"{self.host}.master-log"
+
+    @property
+    def control(self) -> Path:
+        """The private control socket of `tunneld login`'s master connection (`ssh -M -S`).
+
+        A unix socket path has room for about 100 bytes: a longer one moves to a private directory of this user
+        under $XDG_RUNTIME_DIR (or $TMPDIR, /tmp), named by a digest of where it would have been.
+        """
+        path = self.directory / f"{self.host}.master"
+        if len(os.fsencode(path)) <= CONTROL_PATH_MAX:
+            return path
+        import hashlib
+
+        base = os.environ.get("XDG_RUNTIME_DIR") or os.environ.get("TMPDIR") or "/tmp"  # noqa: S108 - private dir
+        digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:20]
+        return Path(base) / f"tunneld-{os.getuid()}" / f"{digest}.master"
 
 
 def hosts_with_files() -> tuple[list[str], list[str]]:

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 from tunneld.errors import EXIT_OK, AlreadyRunningError, TunneldError, report_error
 
 if TYPE_CHECKING:
+    from tunneld.autostart.managed import ManagedStart
+    from tunneld.daemon import StartResult
     from tunneld.status import HostReport
 
 START_CONCURRENCY = 8
@@ -33,20 +35,59 @@ class StartOptions:
     timeout: float
     verbose: bool = False
     keep_trying: bool = False
+    # On a terminal, a key that needs a passphrase is offered to ssh-add, and a host that takes only a password
+    # or a code is logged in interactively (`tunneld login`); off for several hosts at once, and with --no-prompt.
+    prompt: bool = False
 
 
 def start_host(host: str, options: StartOptions, progress: Callable[[str], None] | None) -> list[str]:
-    """Start `host` detached and return the lines that report it (raise its TunneldError when it fails)."""
+    """Start `host` detached and return the lines that report it (raise its TunneldError when it fails).
+
+    A host that waits for credentials (needs-auth) is asked to try again now instead. On a terminal (with
+    `options.prompt`), credentials that need the user are asked for there, by ssh-add or ssh.
+    """
     from tunneld.autostart.managed import start_managed
     from tunneld.config import resolve_host
     from tunneld.daemon import start_tunnel
+    from tunneld.errors import AuthError
+    from tunneld.login import login_host, offer_ssh_add, on_terminal, waiting_for_credentials
+
+    if waiting_for_credentials(host):
+        return _retry_waiting(host, options)
+    spec = resolve_host(host, options.ssh_config) if not _managed(host) else None
+
+    def attempt() -> list[str]:
+        result = start_managed(host, options.timeout, progress) or start_tunnel(  # systemd/launchd own autostart
+            spec or resolve_host(host, options.ssh_config), options.engine, options.timeout, progress,
+            options.verbose, options.keep_trying,
+        )  # fmt: skip
+        return _started_lines(host, result)
+
+    try:
+        return attempt()
+    except AuthError as error:
+        if not (options.prompt and on_terminal()) or spec is None:
+            raise
+        if error.locked and offer_ssh_add(error, spec.identity_agent, _stderr):
+            return attempt()
+        if error.interactive and not error.locked:
+            return login_host(host, options.ssh_config, options.engine, _stderr)
+        raise
+
+
+def _managed(host: str) -> bool:
+    from tunneld.autostart import read_manifest
+
+    with contextlib.suppress(TunneldError):
+        manifest = read_manifest(host)
+        return manifest is not None and manifest.via in ("systemd", "launchd")
+    return False
+
+
+def _started_lines(host: str, result: StartResult | ManagedStart) -> list[str]:
     from tunneld.render import forward_text
     from tunneld.safetext import printable
 
-    result = start_managed(host, options.timeout, progress) or start_tunnel(  # systemd/launchd own an autostarted host
-        resolve_host(host, options.ssh_config), options.engine, options.timeout, progress, options.verbose,
-        options.keep_trying,
-    )  # fmt: skip
     if result.pending:
         return [
             f"{host}  {result.state.get('state', 'starting')}: not up yet, still trying in the background "
@@ -58,6 +99,29 @@ def start_host(host: str, options: StartOptions, progress: Callable[[str], None]
         printable(f"{host}  {result.state.get('state')}  {shown}  (pid {result.pid}, {result.elapsed_s:.1f} s)"),
         f"stop it with: tunneld stop {host}",
     ]
+
+
+def _retry_waiting(host: str, options: StartOptions) -> list[str]:
+    """The host's supervisor waits for credentials: load a locked key or log in first where the terminal allows,
+    then ask it to try once now (SIGUSR1) and report what came of it."""
+    from tunneld.errors import AuthError, error_from_dict
+    from tunneld.login import hand_over, login_host, offer_ssh_add, on_terminal
+    from tunneld.status import collect
+
+    waiting = collect(host).last_error or {}
+    error = error_from_dict(waiting)
+    if options.prompt and on_terminal() and isinstance(error, AuthError):
+        if error.interactive and not error.locked:
+            return login_host(host, options.ssh_config, "openssh", _stderr)
+        if error.locked:
+            from tunneld.config import resolve_host
+
+            offer_ssh_add(error, resolve_host(host, options.ssh_config).identity_agent, _stderr)
+    return hand_over(host, options.ssh_config, _stderr)
+
+
+def _stderr(text: str, _to_stderr: bool) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunneld.engines.master import stop_master
 from tunneld.errors import CorruptFileError, NotRunningError, TunneldError
 from tunneld.paths import HostFiles, hosts_with_locks, known_hosts_with_files
 from tunneld.pidfile import (
@@ -78,9 +79,14 @@ def stop_tunnel(host: str, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopResul
     files = HostFiles.of(host)
     pidfile = PidFile(files)
     if not pidfile.exists() and not os.path.lexists(files.lock):
+        if stop_master(files):  # only the login connection of `tunneld login` was left
+            return StopResult(host, None)
         raise NotRunningError(f"{host} is not running")  # never started: no files to make for it
-    with pidfile.stopping(timeout):
-        return _stop(files, pidfile, timeout)
+    try:
+        with pidfile.stopping(timeout):
+            return _stop(files, pidfile, timeout)
+    finally:
+        stop_master(files)  # the supervisor ends it; one a killed supervisor left behind ends here
 
 
 def _stop(files: HostFiles, pidfile: PidFile, timeout: float) -> StopResult:
@@ -166,7 +172,7 @@ def forget_host(host: str) -> list[Path]:
     try:
         removed = []
         logs = sorted(files.directory.glob(f"{host}.log.*"))
-        for path in (files.pid, files.state, files.log, *logs):
+        for path in (files.pid, files.state, files.log, files.master_log, *logs):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from tunneld.credentials import Credentials, CredentialWatch
+from tunneld.credentials import Credentials, CredentialWatch, control_socket_alive
 from tunneld.engines import ChildProcess, Engine, ForwardStatus, KeepsListeners, Link, LinkEvents, OnDemandEngine
 from tunneld.errors import (
     EXIT_OK,
@@ -23,6 +23,7 @@ from tunneld.errors import (
     UnreachableError,
 )
 from tunneld.health import Health, HealthMonitor
+from tunneld.paths import HostFiles
 from tunneld.probes import ATTEMPT_GRACE_S, Environment, PathWatch, PreauthBudget, Probe, Wakeups, tcp_answers
 from tunneld.settings import HostSettings
 from tunneld.spec import TunnelSpec
@@ -156,7 +157,9 @@ class Supervisor:
         self.probe: Probe = probe or (lambda hop: bool(tcp_answers(hop)))
         self.environment = environment or Environment()
         self.budget = budget or PreauthBudget()
-        self.credentials = credentials or CredentialWatch(spec.identity_agent)
+        self.credentials = credentials or CredentialWatch(
+            spec.identity_agent, master=lambda: control_socket_alive(HostFiles.of(spec.alias).control)
+        )
         self._at_last_login: Credentials | None = None
         keepalive = f"{spec.keepalive_interval_s}s x {spec.keepalive_count_max}"
         now = time.time()
@@ -219,17 +222,26 @@ class Supervisor:
             had_link = True
             uptime, lost = self._serve(link, reconnects)
             self.backoff = self.backoff.after_link(uptime)
-            if lost is None:
-                continue  # a stop ends the loop; otherwise an on-demand link was closed for idleness
-            self._set(state=LOST, last_error=_error_record(lost), forwards=(), children=())
-            if not lost.retryable:
-                return self._fail(lost)
-            log.warning("%s: link lost after %.1f s: %s", self.spec.alias, uptime, lost.message)
-            if not self._unwanted():  # else nobody waits: idle, and the next client brings it up
-                self._pause()
+            if lost is not None:  # else a stop ends the loop, or an on-demand link was closed for idleness
+                code = self._after_lost_link(lost, uptime)
+                if code is not None:
+                    return code
         self._set(state=STOPPED, forwards=(), children=(), next_try_at=None)
         log.info("%s: stopped", self.spec.alias)
         return EXIT_OK
+
+    def _after_lost_link(self, lost: TunneldError, uptime: float) -> int | None:
+        """Record why a link ended; return the exit code when that is fatal, else wait as the reason asks."""
+        self._set(state=LOST, last_error=_error_record(lost), forwards=(), children=())
+        if isinstance(lost, AuthError) and self.status.logged_in_to:  # the login connection (tunneld login) ended
+            self._await_credentials(lost)
+            return None
+        if not lost.retryable:
+            return self._fail(lost)
+        log.warning("%s: link lost after %.1f s: %s", self.spec.alias, uptime, lost.message)
+        if not self._unwanted():  # else nobody waits: idle, and the next client brings it up
+            self._pause()
+        return None
 
     def _connect(self) -> Link:
         """One attempt (its budget slot already taken), watched while its TCP connect is pending.
@@ -377,7 +389,11 @@ class Supervisor:
         server. The ports stay ours where the engine keeps listeners, and their clients are refused at once."""
         now = self.credentials.look()
         self.credentials.last = now
-        needs = NeedsAuthError.waiting(self.spec.alias, self._why_refused(error, now))
+        if isinstance(error, NeedsAuthError):
+            needs = error
+        else:
+            reason = self._why_refused(error, now)
+            needs = NeedsAuthError.waiting(self.spec.alias, reason, error.interactive, error.locked)
         holder = self.engine if isinstance(self.engine, KeepsListeners) else None
         forwards = tuple(holder.listening()) if holder is not None else ()
         self._set(state=NEEDS_AUTH, last_error=_error_record(needs), forwards=forwards, children=(), next_try_at=None)

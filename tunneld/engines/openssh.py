@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import re
 import signal
@@ -11,30 +10,29 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
 
-from tunneld.config import ssh_binary
 from tunneld.engines import (
     ChildProcess,
     ForwardStatus,
     LinkEvents,
     LinkLost,
     ProgressCallback,
-    algorithms,
 )
+from tunneld.engines.master import MasterLink, master_pid
+from tunneld.engines.sshargv import build_argv
 from tunneld.engines.sshdiag import Diagnosis, Record, StderrChannel
 from tunneld.errors import ConfigError, ConnectError, HandshakeStalledError, TunneldError
 from tunneld.health import LocalProber, Stream
 from tunneld.listen import plan_spec
+from tunneld.paths import HostFiles
 from tunneld.ports import Listeners, clear_stale_socket, listeners_of, port_in_use_error
 from tunneld.spec import LOCAL, REMOTE, Forward, TunnelSpec
 from tunneld.states import FORWARD_DEGRADED, FORWARD_OK
 
 log = logging.getLogger(__name__)
 
-AES_GCM_CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 POLL_S = 0.05
 STOP_GRACE_S = 2.0
 # Past ConnectTimeout (TCP + banner), key exchange and auth get this long before tunneld gives up.
@@ -52,62 +50,6 @@ _FREE_RE = re.compile(r"channel (\d+): free: direct-")
 _REMOTE_OK_RE = re.compile(r"remote forward success for: listen (\S+), connect")
 # After this line ssh has tried to bind every local forward (it sets them up before its main loop).
 _SESSION_LINE = "Entering interactive session"
-
-
-def build_argv(spec: TunnelSpec) -> list[str]:
-    """Return the ssh command line that keeps `spec`'s forwards up under supervision."""
-    ssh = ssh_binary()
-    if ssh is None:
-        raise ConfigError("the OpenSSH client ('ssh') is not on PATH", "install openssh-client or use another engine")
-    # -v rather than LogLevel alone: ssh passes -v on to the ssh of each ProxyJump hop, whose stages count too.
-    argv = [ssh, "-N", "-v"]
-    if spec.ssh_config:
-        argv += ["-F", spec.ssh_config]
-    options = {
-        "ExitOnForwardFailure": "yes",
-        "BatchMode": "yes",
-        # An existing master would take our forwards and let this ssh exit 0 while the port works.
-        "ControlMaster": "no",
-        "ControlPath": "none",
-        "ForkAfterAuthentication": "no",
-        "StdinNull": "yes",
-        "RequestTTY": "no",
-        # The link is a tunnel and nothing else, whatever the host entry says for interactive use:
-        # a week-long tunnel must not lend the agent or the X display to the server.
-        "ForwardAgent": "no",
-        "ForwardX11": "no",
-        "PermitLocalCommand": "no",
-        "Tunnel": "no",
-        # DEBUG1 names the channel of each forwarded connection, so a refusing target can be told apart.
-        "LogLevel": "DEBUG1",
-    }
-    if not spec.keepalive_from_user:
-        options["ServerAliveInterval"] = str(spec.keepalive_interval_s)
-        options["ServerAliveCountMax"] = str(spec.keepalive_count_max)
-    if not spec.connect_timeout_from_user:
-        options["ConnectTimeout"] = str(spec.connect_timeout_s)
-    if not algorithms.user_set(spec, "ciphers") and cpu_has_aes():
-        # AES-GCM runs in hardware here: 400-490 MB/s against chacha20's ~280-290 (docs/benchmarks.md).
-        # '^' puts them first and keeps the rest of OpenSSH's default list.
-        options["Ciphers"] = "^" + AES_GCM_CIPHERS
-    for key, value in options.items():
-        argv += ["-o", f"{key}={value}"]
-    argv += ["--", spec.alias]
-    return argv
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_aes() -> bool:
-    """Return True when the CPU has AES instructions (x86 AES-NI, ARMv8 AES; every Apple Silicon Mac)."""
-    if sys.platform == "darwin":
-        return True
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(
-        line.startswith(("flags", "Features")) and "aes" in line.split(":", 1)[-1].split() for line in text.splitlines()
-    )
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
@@ -317,8 +259,23 @@ class OpenSshEngine:
     def close(self) -> None:
         """Nothing outlives a link here: each ssh child owns its listeners."""
 
-    def connect(self, spec: TunnelSpec, progress: ProgressCallback, events: LinkEvents) -> OpenSshLink:
-        """Start ssh and return once it listens on every forward; raise the typed reason if it ends first."""
+    def connect(self, spec: TunnelSpec, progress: ProgressCallback, events: LinkEvents) -> OpenSshLink | MasterLink:
+        """Start ssh and return once it listens on every forward; raise the typed reason if it ends first.
+
+        A host with a live login connection (`tunneld login`) uses it instead: it already listens.
+        """
+        files = HostFiles.of(spec.alias)
+        pid = master_pid(files)
+        if pid is not None:
+            master = MasterLink(spec, files, pid, events.changed)
+            try:
+                master.check_forwards()
+            except ConfigError:
+                master.abandon()
+                raise
+            events.authenticated.set()
+            progress("listening (through the login connection)")
+            return master
         argv = build_argv(spec)
         for forward in spec.local_forwards:
             if forward.listen.path is not None:

@@ -1,0 +1,192 @@
+"""The master connection of `tunneld login`: ssh logged in once, interactively, in the user's terminal, on a
+private control socket of tunneld's (`ssh -M -S`), carrying the host's forwards; the supervisor adopts it.
+
+For hosts that need a human at every login (a password, a one-time code, a Duo push, a FIDO touch): the
+background never prompts. When the master ends (network loss, server restart), the host waits in needs-auth
+until `tunneld login HOST` makes a new one. The user's own ControlMaster/ControlPath settings are neither
+touched nor used: tunneld names its own socket on the command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import subprocess
+import threading
+from pathlib import Path
+
+import psutil
+
+from tunneld.credentials import control_socket_alive
+from tunneld.engines import ChildProcess, ForwardStatus, LinkLost
+from tunneld.engines.sshargv import ssh_program, tunnel_options
+from tunneld.errors import ConfigError, NeedsAuthError
+from tunneld.health import LocalProber, Stream
+from tunneld.listen import plan_spec
+from tunneld.paths import HostFiles, ensure_private_dir, open_private
+from tunneld.ports import listeners_of
+from tunneld.safetext import printable
+from tunneld.spec import REMOTE, Forward, TunnelSpec
+from tunneld.states import FORWARD_OK
+
+log = logging.getLogger(__name__)
+
+CONTROL_TIMEOUT_S = 10.0
+WATCH_S = 0.25
+_MASTER_RE = re.compile(r"Master running \(pid=(\d+)\)")
+
+
+def _control_argv(host: str, control: Path, command: str) -> list[str]:
+    """`ssh -S CONTROL -O COMMAND HOST`: talk to the master, not to the server (no ssh_config is read: with the
+    socket named, nothing in it matters, and a `Match exec` there must not run)."""
+    return [ssh_program(), "-F", "/dev/null", "-S", str(control), "-O", command, "--", host]
+
+
+def master_argv(spec: TunnelSpec, files: HostFiles) -> list[str]:
+    """The interactive login: the tunnel's own options, but prompting allowed, a master on tunneld's socket, and
+    backgrounded once logged in (and once every forward listens: ExitOnForwardFailure)."""
+    options = tunnel_options(spec)
+    options.pop("BatchMode", None)
+    options.update(
+        ControlMaster="yes",
+        ControlPersist="no",
+        ForkAfterAuthentication="yes",
+        StdinNull="no",
+        LogLevel="INFO",  # into the master's own log (-E): why it ended, for `status`
+    )
+    argv = [ssh_program(), "-N", "-S", str(files.control), "-E", str(files.master_log)]
+    argv += ["-F", spec.ssh_config] if spec.ssh_config else []
+    for key, value in options.items():
+        argv += ["-o", f"{key}={value}"]
+    return [*argv, "--", spec.alias]
+
+
+def master_pid(files: HostFiles) -> int | None:
+    """Return the pid of the host's live master connection, or None (no socket, or nobody answers there)."""
+    if not control_socket_alive(files.control):
+        return None
+    try:
+        done = subprocess.run(_control_argv(files.host, files.control, "check"), capture_output=True, text=True,
+                              timeout=CONTROL_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = _MASTER_RE.search(done.stderr)
+    return int(match[1]) if done.returncode == 0 and match else None
+
+
+def stop_master(files: HostFiles) -> bool:
+    """Ask the host's master connection to exit (`ssh -O exit`); True when one was there."""
+    if not control_socket_alive(files.control):
+        return False
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(_control_argv(files.host, files.control, "exit"), capture_output=True, timeout=CONTROL_TIMEOUT_S,
+                       stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+    return True
+
+
+def prepare_login(files: HostFiles) -> None:
+    """Before a new master: tunneld's private directories, no stale socket file, a private log for ssh -E."""
+    ensure_private_dir(files.directory)
+    ensure_private_dir(files.control.parent)
+    if files.control.is_socket() and not control_socket_alive(files.control):
+        files.control.unlink()  # a master that died leaves its socket file; ssh -M would refuse to replace it
+
+    os.close(open_private(files.master_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND))
+
+
+def last_words(files: HostFiles) -> str:
+    """The last line the master's ssh wrote (why it ended), escaped; "" when there is none."""
+    try:
+        with files.master_log.open("rb") as handle:
+            handle.seek(0, 2)
+            handle.seek(max(0, handle.tell() - 4096))
+            lines = [line for line in handle.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return printable(lines[-1].strip())[:160] if lines else ""
+
+
+class MasterLink:
+    """The forwards of a live master connection: it listens, the supervisor watches it and checks through it."""
+
+    def __init__(self, spec: TunnelSpec, files: HostFiles, pid: int, changed: threading.Event) -> None:
+        self.spec = spec
+        self.files = files
+        self.pid = pid
+        self.create_time = psutil.Process(pid).create_time()
+        self.plans = {plan.forward: plan for plan in plan_spec(spec)}
+        self.changed = changed
+        self._ended = threading.Event()
+        self._closing = threading.Event()
+        threading.Thread(target=self._watch, name="master-watch", daemon=True).start()
+
+    def check_forwards(self) -> None:
+        """Every address of every local forward must be held by the master (it was started from this config)."""
+        listeners = listeners_of(self.pid)
+        for plan in self.plans.values():
+            held = (
+                plan.path in listeners.unix
+                if plan.path is not None
+                else set(plan.addresses) <= set(listeners.tcp.get(plan.port, ()))
+            )
+            if not held:
+                raise ConfigError(
+                    f"the login connection of {self.spec.alias} (pid {self.pid}) does not listen on "
+                    f"{', '.join(plan.addresses) or plan.path}: it was made with another ssh_config",
+                    f"log in again: `tunneld stop {self.spec.alias}`, then `tunneld login {self.spec.alias}`",
+                )
+
+    def _alive(self) -> bool:
+        try:
+            proc = psutil.Process(self.pid)
+            return abs(proc.create_time() - self.create_time) < 0.05 and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def _watch(self) -> None:
+        while not self._closing.wait(WATCH_S):
+            if not self._alive():
+                self._ended.set()
+                self.changed.set()
+                return
+
+    def wait(self, timeout: float) -> LinkLost | None:
+        """Return why the master ended (the host then needs `tunneld login`), or None while it lives."""
+        if not self._ended.wait(timeout):
+            return None
+        said = last_words(self.files)
+        reason = "the interactive login connection ended" + (f" (ssh said: {said})" if said else "")
+        return LinkLost(NeedsAuthError.waiting(self.spec.alias, reason, interactive=True))
+
+    def abandon(self) -> None:
+        """Stop watching the master without ending it (it was not used)."""
+        self._closing.set()
+
+    def close(self) -> None:
+        """The supervisor is done with the link: end the master too (a `tunneld stop`), unless it ended already."""
+        self._closing.set()
+        if self._alive():
+            stop_master(self.files)
+
+    def stats(self) -> list[ForwardStatus]:
+        statuses = []
+        for forward in self.spec.forwards:
+            plan = self.plans.get(forward)
+            listen = (f"remote {forward.listen}",) if forward.kind == REMOTE or plan is None else plan.addresses
+            target = str(forward.target) if forward.target else "SOCKS"
+            exposed = bool(plan and plan.exposed)
+            statuses.append(ForwardStatus(str(forward), listen, target, FORWARD_OK, exposed=exposed))
+        return statuses
+
+    def settling(self) -> bool:
+        return False
+
+    def children(self) -> list[ChildProcess]:
+        return []  # not the supervisor's child: a later tunneld adopts it instead of reaping it
+
+    def open_probe(self, forward: Forward, timeout: float, settle: bool) -> Stream:
+        plan = self.plans[forward]
+        address: tuple[str, int] | str = plan.path if plan.path is not None else (plan.ips[0], plan.port)
+        return LocalProber(address).open_probe(forward, timeout, settle)

@@ -1,0 +1,120 @@
+"""Credentials that need the user, in the user's terminal: `tunneld login HOST` (a password, a one-time code,
+a Duo push, a FIDO touch: whatever ssh asks) and loading a key that needs a passphrase with `ssh-add`.
+
+OpenSSH's own programs do the asking; tunneld never sees, stores or replays a secret. `login` leaves a master
+connection on a private control socket (engines/master.py) that the host's supervisor adopts: a running one is
+asked to retry at once (SIGUSR1), otherwise one is started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from tunneld.config import resolve_host
+from tunneld.credentials import agent_identities, agent_socket
+from tunneld.engines import select_engine_name
+from tunneld.errors import AuthError, ConfigError, TunneldError
+from tunneld.paths import HostFiles
+from tunneld.pidfile import PidFile, process_matches
+from tunneld.settings import host_settings
+from tunneld.states import NEEDS_AUTH, READY_STATES
+from tunneld.status import collect
+
+Echo = Callable[[str, bool], None]
+HANDOVER_TIMEOUT_S = 30.0
+HANDOVER_POLL_S = 0.2
+
+
+def on_terminal() -> bool:
+    """True when both ends of the user's terminal are here: ssh and ssh-add can ask, the user can answer."""
+    return sys.stdin.isatty() and sys.stderr.isatty()
+
+
+def login_host(host: str, ssh_config: str | None, engine: str, echo: Echo) -> list[str]:
+    """Log in to `host` interactively and hand the connection to its tunnel; return the lines that report it."""
+    from tunneld.engines.master import master_argv, master_pid, prepare_login
+
+    spec = resolve_host(host, ssh_config)
+    if select_engine_name(engine, host, host_settings(host)) != "openssh":
+        raise ConfigError(
+            f"`tunneld login` keeps an OpenSSH master connection, and {host} runs the paramiko engine",
+            f"set engine = \"openssh\" for {host} in tunneld.toml (an on-demand host needs paramiko: it cannot log in "
+            "interactively)",
+        )
+    files = HostFiles.of(host)
+    if master_pid(files) is None:
+        if not on_terminal():
+            raise ConfigError(
+                "`tunneld login` needs a terminal: ssh asks for the password, code or touch there",
+                f"run `tunneld login {host}` in a terminal",
+            )
+        prepare_login(files)
+        echo(f"{host}: logging in to {spec.user}@{spec.hostname}:{spec.port}; answer what ssh asks", True)
+        done = subprocess.run(master_argv(spec, files), check=False)
+        if done.returncode != 0 or master_pid(files) is None:
+            from tunneld.engines.master import last_words
+
+            said = last_words(files)
+            raise AuthError(
+                f"{host}: the login did not succeed (ssh exited {done.returncode}" + (f": {said})" if said else ")"),
+                f"try it by hand: {spec.ssh_command}",
+            )
+    return hand_over(host, ssh_config, echo)
+
+
+def hand_over(host: str, ssh_config: str | None, echo: Echo) -> list[str]:
+    """Give the live login connection to the host's supervisor: a running one retries now, else start one."""
+    from tunneld.starting import StartOptions, start_host
+
+    report = collect(host)
+    if not report.running:
+        return start_host(host, StartOptions(ssh_config, "openssh", HANDOVER_TIMEOUT_S), None)
+    retry_now(host)
+    deadline = time.monotonic() + HANDOVER_TIMEOUT_S
+    while time.monotonic() < deadline:
+        report = collect(host)
+        if report.state in READY_STATES or not report.running:
+            break
+        time.sleep(HANDOVER_POLL_S)
+    if report.state not in READY_STATES:
+        message = report.last_error.get("message") if report.last_error else None
+        raise TunneldError(
+            f"{host} is {report.state} after the login" + (f": {message}" if message else ""),
+            f"see `tunneld logs {host}`",
+        )
+    return [f"{host}  {report.state}  (logged in; pid {report.pid})"]
+
+
+def retry_now(host: str) -> bool:
+    """Ask the host's running supervisor to retry at once (SIGUSR1), if it is really tunneld; True when asked."""
+    record = PidFile(HostFiles.of(host)).read()
+    if record is None or not process_matches(record.pid, record.create_time):
+        return False
+    os.kill(record.pid, signal.SIGUSR1)
+    return True
+
+
+def offer_ssh_add(error: AuthError, identity_agent: str | None, echo: Echo) -> bool:
+    """A key that needs a passphrase refused a start on a terminal: load it with ssh-add in this terminal (ssh-add
+    asks for the passphrase), True once the agent holds it. Without an agent, say how to get one and refuse."""
+    key = error.locked[0]
+    if agent_identities(agent_socket(identity_agent)) is None:
+        raise AuthError(
+            f"{error.message}; and no ssh-agent runs for this shell",
+            f'start one for this shell: eval "$(ssh-agent -s)" && ssh-add {key}; for every login session: '
+            "`systemctl --user enable --now ssh-agent.socket` (or your desktop's keyring), then ssh-add it",
+            error.locked,
+            error.methods,
+        )
+    echo(f"{key} needs its passphrase: loading it into your ssh-agent (ssh-add asks; tunneld never sees it)", True)
+    return subprocess.run(["ssh-add", key], check=False).returncode == 0
+
+
+def waiting_for_credentials(host: str) -> bool:
+    """True when the host's supervisor waits in needs-auth."""
+    return collect(host).state == NEEDS_AUTH
