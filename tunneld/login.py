@@ -43,7 +43,7 @@ def login_host(host: str, ssh_config: str | None, engine: str, echo: Echo) -> li
     if select_engine_name(engine, host, host_settings(host)) != "openssh":
         raise ConfigError(
             f"`tunneld login` keeps an OpenSSH master connection, and {host} runs the paramiko engine",
-            f"set engine = \"openssh\" for {host} in tunneld.toml (an on-demand host needs paramiko: it cannot log in "
+            f'set engine = "openssh" for {host} in tunneld.toml (an on-demand host needs paramiko: it cannot log in '
             "interactively)",
         )
     files = HostFiles.of(host)
