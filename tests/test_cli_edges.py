@@ -247,7 +247,6 @@ def test_show_says_what_is_probed_while_reconnecting(tmp_path: Path) -> None:
         "Host piped\n  ProxyCommand nc %h %p\n  LocalForward 5002 h:1\n",
     )
     assert "TCP to 192.0.2.5:22 (the server)" in run_cli("show", "direct", "-F", str(config)).stdout
-    assert (
-        "TCP to bastion.example:2222 (the first ProxyJump hop)" in run_cli("show", "jumped", "-F", str(config)).stdout
-    )
+    shown = run_cli("show", "jumped", "-F", str(config)).stdout
+    assert "TCP to bastion.example:2222 (the first ProxyJump hop, bastion.example:2222)" in shown, shown
     assert "probes      none: behind a ProxyCommand" in run_cli("show", "piped", "-F", str(config)).stdout

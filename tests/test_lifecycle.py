@@ -346,8 +346,9 @@ def test_status_json_matches_the_documented_schema(config: Path, sshd: SshServer
     assert run_cli("start", HOST, "-F", str(config)).returncode == EXIT_CONFIG
     failed = json.loads(run_cli("status", "--json").stdout)["hosts"][0]
     assert failed["state"] == "failed" and isinstance(failed["last_error"], dict)
-    assert_types(failed["last_error"], ERROR_TYPES)
+    assert_types(failed["last_error"], {**ERROR_TYPES, "locked": (list,), "methods": (list,)})  # a refused login
     assert failed["last_error"]["kind"] == "AuthError" and failed["last_error"]["exit_code"] == EXIT_CONFIG
+    assert failed["last_error"]["methods"] == ["publickey"]
 
 
 @pytest.mark.parametrize("verb", ["start", "stop", "status", "logs", "wait", "check"])
