@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port_both, wait_for
-from tests.helpers import ForegroundTunnel, read_state, run_cli, start, write_config
+from tests.helpers import ForegroundTunnel, read_state, run_cli, start, write_config, write_settings
 from tunneld.errors import EXIT_CONFIG
 
 UP = ("up", "degraded")
@@ -109,3 +110,27 @@ def test_the_login_is_remembered_across_runs_of_the_same_target(
     ssh_add(str(key))
     second.wait_state(*UP, timeout=20)
     wait_for(lambda: read_state("remembered").get("state") in UP, 5, "up")
+
+
+def test_an_on_demand_port_stays_held_through_a_refused_login(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, agent: Path
+) -> None:
+    """Any local user may connect to an idle on-demand port and make the daemon log in. With the agent locked the
+    login is refused: the port must stay the tunnel's (another user binding it would get the next client), and the
+    host waits in needs-auth instead of failing."""
+    port = free_port_both()
+    config, key = agent_only_config(tmp_path, sshd, "lazy", port, echo.port)
+    write_settings("[hosts.lazy]\non_demand = true\nidle_timeout_s = 2\n")
+    ssh_add(str(key))
+    started = run_cli("start", "lazy", "-F", str(config))
+    assert started.returncode == 0 and "lazy  idle" in started.stdout, started.stderr
+    ssh_add("-D")
+    assert closed_at_once(port)  # the client that woke it is refused at once, not held for hold_connections_s
+    wait_for(lambda: read_state("lazy").get("state") == "needs-auth", 20, "needs-auth")
+    with pytest.raises(OSError):  # still ours: nobody else can take it
+        socket.create_server(("127.0.0.1", port)).close()
+    assert closed_at_once(port)
+    ssh_add(str(key))
+    wait_for(lambda: read_state("lazy").get("state") == "idle", 20, "idle again once the agent has the key")
+    assert echo_roundtrip(("127.0.0.1", port), b"lazy but back") == b"lazy but back"
+    assert run_cli("stop", "lazy").returncode == 0
