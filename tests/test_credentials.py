@@ -69,6 +69,10 @@ def test_an_emptied_agent_waits_in_needs_auth_and_a_refilled_one_brings_the_tunn
     assert waited.returncode == EXIT_CONFIG and "ssh-add" in waited.stderr, waited.stderr
     shown = json.loads(run_cli("status", "agented", "--json").stdout)
     assert shown["hosts"][0]["state"] == "needs-auth"
+    before = refused_logins(sshd, mark)
+    checked = run_cli("check", "agented", "-F", str(config))
+    assert checked.returncode == 1 and "[FAIL] auth" in checked.stdout and "needs your key" in checked.stdout
+    assert refused_logins(sshd, mark) == before, "check tried a login of its own while the tunnel waits"
     time.sleep(5)  # two looks at the unchanged agent: no attempt against the server
     assert refused_logins(sshd, mark) <= 2, sshd.log.read_text()[-3000:]
     assert read_state("agented")["state"] == "needs-auth"

@@ -8,13 +8,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tunneld.config import resolve_host
+from tunneld.credentials import AuthPlan, auth_plan, control_socket_alive
 from tunneld.engines import Link, LinkEvents, make_engine, select_engine_name
 from tunneld.errors import AuthError, HostKeyError, PortInUseError, TunneldError, UnreachableError
 from tunneld.health import LocalProber, checks_for, run_check
 from tunneld.listen import ListenPlan, plan_spec
+from tunneld.paths import HostFiles
 from tunneld.ports import Listeners, listeners_of, port_in_use_error, port_is_free, socket_path_error
 from tunneld.settings import host_settings
 from tunneld.spec import TunnelSpec
+from tunneld.states import NEEDS_AUTH
 from tunneld.status import HostReport, collect
 
 PASS = "ok"  # noqa: S105 - a verdict, not a password
@@ -73,11 +76,32 @@ def run_checks(host: str, ssh_config: str | None, engine_name: str) -> Iterator[
         yield Step("forwards", PASS, "listening: " + "; ".join(_listen_of(f) for f in report.forwards))
         yield from _target_steps(spec, ours)
         return
+    if report.running and report.state == NEEDS_AUTH:
+        yield from _waiting_steps(report)
+        return
     if any(step.verdict == FAIL for step in ports):
         # Connecting only to find out whether TCP works would cost a connection that ends before authentication.
         yield from _skip_from("tcp", "a local port is taken; fix that first (check connects only when it can log in)")
         return
     yield from _connect_steps(spec, engine_name)
+
+
+def plan_of(spec: TunnelSpec) -> AuthPlan:
+    """Which authentication the host will need, as far as ssh_config, the key files and the agent tell."""
+    files = HostFiles.of(spec.alias)
+    return auth_plan(spec.alias, spec.identity_files, spec.identities_only, spec.identity_agent, spec.option,
+                     master=control_socket_alive(files.control))  # fmt: skip
+
+
+def _waiting_steps(report: HostReport) -> Iterator[Step]:
+    """The tunnel waits for credentials (needs-auth): report why, without a login attempt of check's own (the
+    server penalises refused logins, and the tunnel itself tries again as soon as the credentials change)."""
+    error = report.last_error or {}
+    yield Step("tcp", PASS, f"the running tunnel (pid {report.pid}) reached the server at its last attempt")
+    yield Step("host key", PASS, "accepted at the last login")
+    yield Step("auth", FAIL, str(error.get("message", "the tunnel waits for credentials")),
+               str(error["hint"]) if error.get("hint") else None)  # fmt: skip
+    yield from _skip_from("forwards", "the tunnel waits for credentials (needs-auth)")
 
 
 def _listen_of(forward: dict[str, object]) -> str:
@@ -167,7 +191,7 @@ def _connect_steps(spec: TunnelSpec, engine_name: str) -> Iterator[Step]:
     yield _tcp_step(hop, events)
     try:
         yield Step("host key", PASS, f"{spec.hostname}'s key matches known_hosts")
-        yield Step("auth", PASS, f"authenticated as {spec.user}")
+        yield Step("auth", PASS, f"authenticated as {spec.user} ({plan_of(spec).summary})")
         listening = "; ".join(_listen_of(s.to_dict()) for s in link.stats())
         yield Step("forwards", PASS, "listening: " + listening)
         yield from _target_steps(spec)
@@ -193,7 +217,7 @@ def _failure_steps(spec: TunnelSpec, error: TunneldError) -> Iterator[Step]:
     if isinstance(error, (AuthError, PortInUseError)):
         yield Step("host key", PASS, f"{spec.hostname}'s key matches known_hosts")
     if isinstance(error, AuthError):
-        yield Step("auth", FAIL, error.message, error.hint)
+        yield Step("auth", FAIL, f"{error.message} ({plan_of(spec).summary})", error.hint)
         yield from _skip_from("forwards", "authentication must succeed first")
     elif isinstance(error, PortInUseError):
         yield Step("auth", PASS, f"authenticated as {spec.user}")
