@@ -100,7 +100,7 @@ def _result(
     return Result(
         name, engine, values.get("detected"), values.get("recovered"), count(state, "attempts"),  # type: ignore[arg-type]
         lab.server.log.read_bytes()[since:].decode(errors="replace").count("Accepted publickey for "),
-        lab.server.preauth_connections(since), count(state, "reconnects"), left_behind(lab.bench),
+        lab.server.preauth_connections(since), count(state, "reconnects"), 0,
         f"{shown}; your own ssh afterwards: {login}" + (f"; {note}" if note else ""),
     )  # fmt: skip
 
@@ -115,6 +115,7 @@ def remote_forward_held(lab: Lab10, seconds: float) -> Result:
         time.sleep(seconds)
         result = _result(lab, f"OpenSSH 10: RemoteForward port held {seconds:.0f} s", "openssh", since, host, "")
         lab.bench.tunneld("stop", host, check=False)
+    result.left_behind = left_behind(lab.bench)
     return result
 
 
@@ -137,6 +138,7 @@ def flapping(lab: Lab10, engine: str, seconds: float, every_s: float = 3.0) -> R
     result = _result(lab, f"OpenSSH 10: sshd restarted every {every_s:.0f} s for {seconds:.0f} s", engine, since,
                      host, f"{cycles} restarts", recovered=recovered)  # fmt: skip
     lab.bench.tunneld("stop", host, check=False)
+    result.left_behind = left_behind(lab.bench)
     return result
 
 
@@ -165,6 +167,7 @@ def blocked_by_others(lab: Lab10, engine: str) -> Result:
     result = _result(lab, f"OpenSSH 10: address blocked by {STRAY_CONNECTS} stray connections, links dropped",
                      engine, since, host, note, others=1, detected=detected, recovered=recovered)  # fmt: skip
     lab.bench.tunneld("stop", host, check=False)
+    result.left_behind = left_behind(lab.bench)
     return result
 
 

@@ -6,6 +6,9 @@ how many attempts were made, and what was published, never how long something to
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import pathlib
 import random
 import threading
 import time
@@ -20,6 +23,7 @@ from tunneld.credentials import CredentialWatch
 from tunneld.engines import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback
 from tunneld.errors import (
     AuthError,
+    ConfigError,
     ConnectError,
     HandshakeStalledError,
     PortInUseError,
@@ -29,7 +33,8 @@ from tunneld.errors import (
 )
 from tunneld.health import Stream
 from tunneld.probes import Environment, PathWatch, PreauthBudget, Wakeups
-from tunneld.spec import TunnelSpec
+from tunneld.settings import HostSettings
+from tunneld.spec import LOCAL, Endpoint, Forward, TunnelSpec
 from tunneld.supervisor import Backoff, Supervisor, TunnelStatus
 
 SPEC = TunnelSpec(alias="fake", hostname="127.0.0.1", port=9, user="u", forwards=())
@@ -202,18 +207,23 @@ def run() -> Iterator[Callable[..., Harness]]:
         credentials: CredentialWatch | None = None,
         logged_in_to: str | None = None,
         engine: FakeEngine | None = None,
+        config: FakeConfig | None = None,
+        spec: TunnelSpec = SPEC,
+        drift_every_s: float | None = None,
     ) -> Harness:
         recorder, wakeups, rng = Recorder(), Wakeups(), RecordingRandom()
         engine = engine or FakeEngine(script)
         path = path or Path()
         supervisor = Supervisor(
-            SPEC, engine, recorder, wakeups, fail_fast=fail_fast, rng=rng, probe=path,
+            spec, engine, recorder, wakeups, fail_fast=fail_fast, rng=rng, probe=path, config=config,
             backoff=backoff or Backoff(base_s=STEP_S, cap_s=4 * STEP_S, stable_s=0.2, refused_s=STEP_S),
             environment=environment or Environment(addresses=frozenset),
             budget=budget or PreauthBudget(limit=1000),
             credentials=credentials or CredentialWatch(None, identities=lambda _path: None),
             logged_in_to=logged_in_to,
         )  # fmt: skip
+        if drift_every_s is not None and supervisor.reloader is not None:
+            supervisor.reloader.watch.every_s = drift_every_s
         result: list[int] = []
         thread = threading.Thread(target=lambda: result.append(supervisor.run()), daemon=True)
         harness = Harness(engine, supervisor, recorder, wakeups, rng, path, thread, result)
@@ -554,3 +564,101 @@ def test_an_interactive_start_fails_at_once_even_after_an_earlier_login(run: Cal
     h = run([refused()], logged_in_to="u@127.0.0.1:9", fail_fast=True)
     h.thread.join(5)
     assert h.result == [78] and h.state() == "failed"
+
+
+class FakeConfig:
+    """What the files say: the test edits `spec`, `settings` or `broken`, and touches `file` like an editor."""
+
+    def __init__(self, file: pathlib.Path) -> None:
+        self.spec, self.settings, self.broken = SPEC, HostSettings(), False
+        self.file = file
+        file.write_text("v1")
+
+    def load(self) -> tuple[TunnelSpec, HostSettings]:
+        if self.broken:
+            raise ConfigError("ssh_config line 3: Bad configuration option: Prot")
+        return self.spec, self.settings
+
+    def files(self) -> list[pathlib.Path]:
+        return [self.file]
+
+    def edit(self, **changes: object) -> None:
+        for key, value in changes.items():
+            setattr(self, key, value)
+        stamp = self.file.stat().st_mtime + 2
+        os.utime(self.file, (stamp, stamp))
+
+
+@dataclass
+class InPlaceEngine(FakeEngine):
+    """An engine that takes forwards and settings without a new link (the paramiko engine)."""
+
+    forwards: list[TunnelSpec] = field(default_factory=list)
+    hold: list[float] = field(default_factory=list)
+
+    def change_forwards(self, spec: TunnelSpec) -> None:
+        self.forwards.append(spec)
+
+    def change_settings(self, settings: HostSettings) -> None:
+        self.hold.append(settings.hold_connections_s)
+
+
+FORWARD_5000 = Forward(LOCAL, Endpoint(port=5000), Endpoint("localhost", 5000))
+FORWARD_5001 = Forward(LOCAL, Endpoint(port=5001), Endpoint("localhost", 5000))
+
+
+def reload_and_wait(h: Harness, what: str) -> None:
+    before = len(h.recorder.statuses)
+    h.wakeups.request_reload()
+    h.until(lambda: not h.wakeups.reload.is_set() and len(h.recorder.statuses) > before, what)
+
+
+def test_a_reload_of_settings_keeps_the_link(run: Callable[..., Harness], tmp_path: pathlib.Path) -> None:
+    config = FakeConfig(tmp_path / "tunneld.toml")
+    h = run([], config=config)
+    h.until(links_up(h, 1), "the link")
+    config.edit(settings=HostSettings(health_interval_s=7.0, env=(("MLFLOW_TRACKING_URI", "http://{local}"),)))
+    reload_and_wait(h, "the reload")
+    assert len(h.engine.links) == 1 and not h.engine.links[0].closed, "a settings change dropped the link"
+    assert h.recorder.last.config["health_interval_s"] == ["7"] and h.recorder.last.config_changed == ()
+    assert h.supervisor.settings.health_interval_s == 7.0
+
+
+def test_a_reload_of_the_connection_replaces_the_link(run: Callable[..., Harness], tmp_path: pathlib.Path) -> None:
+    config = FakeConfig(tmp_path / "ssh_config")
+    h = run([], config=config)
+    h.until(links_up(h, 1), "the link")
+    config.edit(spec=dataclasses.replace(SPEC, hostname="127.0.0.2"))
+    h.wakeups.request_reload()
+    h.until(links_up(h, 2), "a new link with the new HostName")
+    assert h.engine.links[0].closed and h.supervisor.spec.hostname == "127.0.0.2"
+    assert h.recorder.last.config["HostName"] == ["127.0.0.2"]
+
+
+def test_a_reload_of_forwards_changes_listeners_in_place(run: Callable[..., Harness], tmp_path: pathlib.Path) -> None:
+    config = FakeConfig(tmp_path / "ssh_config")
+    config.spec = dataclasses.replace(SPEC, forwards=(FORWARD_5000,))
+    engine = InPlaceEngine([])
+    h = run([], config=config, engine=engine, spec=config.spec)
+    h.until(links_up(h, 1), "the link")
+    config.edit(spec=dataclasses.replace(SPEC, forwards=(FORWARD_5000, FORWARD_5001)))
+    reload_and_wait(h, "the reload")
+    assert len(h.engine.links) == 1 and not h.engine.links[0].closed
+    assert engine.forwards == [config.spec] and h.supervisor.spec.forwards == (FORWARD_5000, FORWARD_5001)
+
+
+def test_an_edit_is_reported_until_reloaded_and_a_broken_one_is_not_applied(
+    run: Callable[..., Harness], tmp_path: pathlib.Path
+) -> None:
+    config = FakeConfig(tmp_path / "ssh_config")
+    h = run([], config=config, drift_every_s=0.0)
+    h.until(links_up(h, 1), "the link")
+    config.edit(spec=dataclasses.replace(SPEC, port=2222))
+    h.wakeups.wake.set()
+    h.until(lambda: h.recorder.last.config_changed == ("Port 9 -> 2222",), "the drift to be published")
+    config.edit(broken=True)
+    h.wakeups.wake.set()
+    h.until(lambda: "cannot be used" in " ".join(h.recorder.last.config_changed), "the broken edit to be reported")
+    reload_and_wait(h, "the reload of a broken config")
+    assert "not applied: ssh_config line 3" in h.recorder.last.config_changed[0]
+    assert len(h.engine.links) == 1 and h.state() == "up", "a broken config must not cost the running link"

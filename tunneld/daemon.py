@@ -36,7 +36,8 @@ from tunneld.pidfile import (
     write_json_atomic,
 )
 from tunneld.probes import Wakeups
-from tunneld.settings import host_settings
+from tunneld.reloading import FileConfig
+from tunneld.settings import HostSettings, host_settings
 from tunneld.spec import TunnelSpec
 from tunneld.states import FAILED, READY_STATES
 from tunneld.stopping import DEFAULT_STOP_TIMEOUT_S, reap_orphans, state_or_empty
@@ -99,6 +100,17 @@ class StateReporter:
         elif status.state == FAILED:
             self.notifier.send("failed", status.last_error)
             self.notifier.close()
+
+    def configure_notices(self, host: str, settings: HostSettings, fail_fast: bool) -> None:
+        """Desktop notifications as tunneld.toml asks (default: on for a supervisor that keeps trying)."""
+        notify = settings.notify if settings.notify is not None else not fail_fast
+        if not notify and self.notices is not None:
+            self.notices.close()
+            self.notices = None
+        elif notify and self.notices is None:
+            self.notices = DesktopNotices(host, settings.notify_after_s)
+        elif self.notices is not None:
+            self.notices.after_s = settings.notify_after_s
 
     def progress(self, text: str) -> None:
         """Forward a progress step to a waiting `tunneld start`."""
@@ -171,9 +183,7 @@ def _run_supervised(
         raise
     previous = state_or_empty(files)
     reap_orphans(files)
-    notify = settings.notify if settings.notify is not None else not fail_fast  # default: on when it keeps trying
-    if notify:
-        reporter.notices = DesktopNotices(host, settings.notify_after_s)
+    reporter.configure_notices(host, settings, fail_fast)
     pidfile.write(PidRecord.of_current_process(host, engine.name))
     wakeups = Wakeups()
     _install_signal_handlers(wakeups)
@@ -189,6 +199,8 @@ def _run_supervised(
     supervisor = Supervisor(
         spec, engine, reporter, wakeups, fail_fast=fail_fast, settings=settings,
         logged_in_to=logged_in_to if isinstance(logged_in_to, str) else None,
+        config=FileConfig(host, ssh_config),
+        on_settings=lambda changed: reporter.configure_notices(host, changed, fail_fast),
     )  # fmt: skip
     try:
         return supervisor.run()
@@ -217,7 +229,7 @@ def _install_signal_handlers(wakeups: Wakeups) -> None:
     """Handlers only set flags; the supervisor loop acts on them."""
     signal.signal(signal.SIGTERM, lambda *_: wakeups.request_stop())
     signal.signal(signal.SIGINT, lambda *_: wakeups.request_stop())
-    signal.signal(signal.SIGHUP, lambda *_: wakeups.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: wakeups.request_reload())
     signal.signal(signal.SIGUSR1, lambda *_: wakeups.request_retry())
 
 

@@ -131,11 +131,12 @@ def local_addresses() -> frozenset[str]:
 
 @dataclass
 class Wakeups:
-    """Reasons to stop waiting: stop requested, or 'retry now' (SIGUSR1, sleep, network change)."""
+    """Reasons to stop waiting: stop requested, 'retry now' (SIGUSR1, sleep, network change), or 'reload' (SIGHUP)."""
 
     stop: threading.Event = field(default_factory=threading.Event)
     retry_now: threading.Event = field(default_factory=threading.Event)
     wake: threading.Event = field(default_factory=threading.Event)
+    reload: threading.Event = field(default_factory=threading.Event)  # SIGHUP, `tunneld reload`
     attempt: threading.Event | None = None  # cancels the connection attempt in progress
 
     def request_stop(self) -> None:
@@ -149,6 +150,11 @@ class Wakeups:
     def request_retry(self) -> None:
         """Ask the supervisor to skip the current backoff wait."""
         self.retry_now.set()
+        self.wake.set()
+
+    def request_reload(self) -> None:
+        """Ask the supervisor to read its ssh_config and tunneld.toml again and apply what changed."""
+        self.reload.set()
         self.wake.set()
 
 

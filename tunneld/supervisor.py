@@ -7,14 +7,17 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from tunneld.configdiff import summary
 from tunneld.credentials import Credentials, CredentialWatch, control_socket_alive
 from tunneld.engines import ChildProcess, Engine, ForwardStatus, KeepsListeners, Link, LinkEvents, OnDemandEngine
 from tunneld.errors import (
     EXIT_OK,
     AuthError,
+    ConnectError,
     HandshakeStalledError,
     NeedsAuthError,
     PortInUseError,
@@ -25,6 +28,7 @@ from tunneld.errors import (
 from tunneld.health import Health, HealthMonitor
 from tunneld.paths import HostFiles
 from tunneld.probes import ATTEMPT_GRACE_S, Environment, PathWatch, PreauthBudget, Probe, Wakeups, tcp_answers
+from tunneld.reloading import ConfigSource, Reloader
 from tunneld.settings import HostSettings
 from tunneld.spec import TunnelSpec
 from tunneld.states import (
@@ -105,6 +109,8 @@ class TunnelStatus:
     keepalive: str = ""
     ssh_config: str | None = None  # the -F file it was started with, so `restart` can use it again
     logged_in_to: str | None = None  # user@host:port this host has logged in to (kept across runs: needs-auth)
+    config: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # what it runs with (configdiff.summary)
+    config_changed: tuple[str, ...] = ()  # how the files differ from that, not applied yet (`tunneld reload`)
 
     def to_dict(self) -> dict[str, object]:
         """Return the snapshot as JSON-ready data."""
@@ -145,6 +151,8 @@ class Supervisor:
         budget: PreauthBudget | None = None,
         credentials: CredentialWatch | None = None,
         logged_in_to: str | None = None,
+        config: ConfigSource | None = None,
+        on_settings: Callable[[HostSettings], None] | None = None,
     ) -> None:
         self.spec = spec
         self.settings = settings or HostSettings()
@@ -168,8 +176,10 @@ class Supervisor:
         known = logged_in_to if logged_in_to == self._login_target() else None
         self.status = TunnelStatus(
             spec.alias, engine.name, STARTING, now, now, keepalive=keepalive, ssh_config=spec.ssh_config,
-            logged_in_to=known,
+            logged_in_to=known, config=summary(spec, self.settings),
         )  # fmt: skip
+        self.reloader = Reloader(config, spec, self.settings) if config is not None else None
+        self.on_settings = on_settings
         # On demand: the engine keeps listening without a link; the link lives while clients use it.
         self.on_demand = engine if self.settings.on_demand and isinstance(engine, OnDemandEngine) else None
         self._verified = False  # on demand: the first link checked host key and login, and was closed
@@ -300,16 +310,24 @@ class Supervisor:
         return False
 
     def _serve(self, link: Link, reconnects: int) -> tuple[float, TunneldError | None]:
-        """Check the forwards, publish `up`, hold the link until it ends; always close it."""
-        health = HealthMonitor(self.spec, link, self.settings, self.wakeups.wake.set, stop=self.wakeups.stop)
+        """Check the forwards, publish `up`, hold the link until it ends; always close it. A reload that keeps the
+        link checks again with the new settings."""
+        started = time.monotonic()
         try:
-            health.check_now()  # before `up` is reported: the forwards carry traffic to their targets
-            if self.wakeups.stop.is_set():  # a stop cut the checks short: never report `up` on the way out
-                return 0.0, None
-            health.start()
-            return self._hold(link, health, reconnects)
+            while True:
+                health = HealthMonitor(self.spec, link, self.settings, self.wakeups.wake.set, stop=self.wakeups.stop)
+                try:
+                    health.check_now()  # before `up` is reported: the forwards carry traffic to their targets
+                    if self.wakeups.stop.is_set():  # a stop cut the checks short: never report `up` on the way out
+                        return 0.0, None
+                    health.start()
+                    held = self._hold(link, health, reconnects, started)
+                finally:
+                    health.stop()
+                if held is not None:
+                    return held
+                reconnects = self.status.reconnects
         finally:
-            health.stop()
             link.close()
 
     def _progress(self, text: str) -> None:
@@ -323,10 +341,11 @@ class Supervisor:
         self._set(state=FAILED, last_error=_error_record(error), forwards=(), children=())
         return error.exit_code
 
-    def _hold(self, link: Link, health: HealthMonitor, reconnects: int) -> tuple[float, TunneldError | None]:
-        """Hold a live link; return (uptime, why it was lost), with None when a stop was requested or an
-        on-demand link went unused for idle_timeout_s."""
-        started = time.monotonic()
+    def _hold(
+        self, link: Link, health: HealthMonitor, reconnects: int, started: float
+    ) -> tuple[float, TunneldError | None] | None:
+        """Hold a live link; return (uptime, why it was lost), with None for the reason when a stop was requested or
+        an on-demand link went unused for idle_timeout_s; None when a reload kept the link (check it again)."""
         cleared = self.status.last_error
         self._publish_up(link, health, reconnects=reconnects, attempts=0, last_error=None,
                          previous_error=cleared or self.status.previous_error)  # fmt: skip
@@ -352,12 +371,40 @@ class Supervisor:
             if self.wakeups.retry_now.is_set():
                 self.wakeups.retry_now.clear()
                 log.info("%s: retry requested, but the link is up", self.spec.alias)
+            if self.wakeups.reload.is_set():
+                if self._reload(link_up=True):
+                    return time.monotonic() - started, ConnectError("reconnecting with the new configuration")
+                return None
+            self._look_at_config()
             before = self.status.state
             if self._publish_up(link, health, force=time.monotonic() - last_beat >= HEARTBEAT_S):
                 last_beat = time.monotonic()
             if self.status.state != before:
                 self._log_forward_health()
         return time.monotonic() - started, None
+
+    def _reload(self, link_up: bool) -> bool:
+        """`tunneld reload` (SIGHUP): apply the configuration on disk; True when the link must be replaced for it."""
+        self.wakeups.reload.clear()
+        if self.reloader is None:
+            return False
+        reloaded = self.reloader.reload(self.spec, self.settings, self.engine, link_up)
+        if reloaded.settings != self.settings and self.on_settings is not None:
+            self.on_settings(reloaded.settings)
+        self.spec, self.settings = reloaded.spec, reloaded.settings
+        self._set(
+            config=summary(self.spec, self.settings), config_changed=reloaded.pending, ssh_config=self.spec.ssh_config
+        )
+        return reloaded.reconnect
+
+    def _look_at_config(self) -> None:
+        """Publish how the files on disk differ from what runs, once they changed (cheap: modification times)."""
+        news = self.reloader.poll() if self.reloader is not None else None
+        if news is not None and news != self.status.config_changed:
+            if news:
+                log.info("%s: the configuration on disk differs from the running one: %s (tunneld reload %s applies "
+                         "it)", self.spec.alias, "; ".join(news), self.spec.alias)  # fmt: skip
+            self._set(config_changed=news)
 
     def _login_target(self) -> str:
         return f"{self.spec.user}@{self.spec.hostname}:{self.spec.port}"
@@ -409,6 +456,11 @@ class Supervisor:
                     self.wakeups.retry_now.clear()
                     log.info("%s: retry requested: trying to log in once", self.spec.alias)
                     return
+                if self.wakeups.reload.is_set():
+                    self._reload(link_up=False)
+                    log.info("%s: configuration reloaded: trying to log in once", self.spec.alias)
+                    return
+                self._look_at_config()
                 changed = self.credentials.changed()
                 if changed:
                     log.info("%s: %s: trying to log in once", self.spec.alias, changed)
@@ -457,6 +509,9 @@ class Supervisor:
                 self.wakeups.retry_now.clear()
                 log.info("%s: connect requested (SIGUSR1)", self.spec.alias)
                 return True
+            if self.wakeups.reload.is_set():
+                self._reload(link_up=False)
+            self._look_at_config()
             self.wakeups.wake.wait(HEARTBEAT_S)
             self.wakeups.wake.clear()
             forwards = tuple(engine.listening())
@@ -526,6 +581,10 @@ class Supervisor:
                 if self.wakeups.retry_now.is_set():
                     self.wakeups.retry_now.clear()
                     return "retry requested (SIGUSR1)"
+                if self.wakeups.reload.is_set():
+                    self._reload(link_up=False)
+                    return "configuration reloaded"
+                self._look_at_config()
                 if watch.came_back.is_set() and hop is not None:
                     return f"{hop[0]}:{hop[1]} answers again"
                 changed = self.environment.changed()

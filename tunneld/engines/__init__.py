@@ -141,6 +141,18 @@ class KeepsListeners(Protocol):
         """Close new (and waiting) connections at once while `refusing`; hold them for the next link otherwise."""
 
 
+@runtime_checkable
+class ChangesInPlace(Protocol):
+    """An engine that takes a changed configuration without a new link (`tunneld reload`)."""
+
+    def change_forwards(self, spec: TunnelSpec) -> None:
+        """Listen for `spec`'s local forwards: bind new ones, close removed ones, keep the rest and their
+        connections; a TunneldError (a new port taken) changes nothing."""
+
+    def change_settings(self, settings: HostSettings) -> None:
+        """Apply tunneld.toml's settings that concern the engine (how long connections wait for a link)."""
+
+
 class Engine(Protocol):
     """Turns a TunnelSpec into a Link."""
 

@@ -16,7 +16,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -24,7 +24,7 @@ from typing import Protocol
 from tunneld.engines import ForwardStatus
 from tunneld.engines.windows import MIN_SAMPLE_S, WindowGrowth
 from tunneld.errors import ConfigError, TunneldError
-from tunneld.listen import plan_spec
+from tunneld.listen import ListenPlan, plan_spec
 from tunneld.ports import clear_stale_socket, format_address, port_in_use_error
 from tunneld.spec import LOCAL, Forward, TunnelSpec
 from tunneld.states import FORWARD_DEGRADED, FORWARD_OK
@@ -37,6 +37,7 @@ OPEN_WORKERS = 4
 PENDING_POLL_S = 0.002
 IDLE_TICK_S = 0.5
 DEFAULT_HOLD_S = 10.0
+UPDATE_TIMEOUT_S = 10.0
 # A forwarded connection holds its local socket and the pipe paramiko makes for a channel's fileno().
 FDS_PER_CONNECTION = 3
 FD_RESERVE = 64  # listeners, the SSH socket, log files, the opener pool, psutil
@@ -150,6 +151,7 @@ class Forwarder:
         self.widen: Callable[[Channel, int], None] | None = None  # grants a channel more window (the engine)
         self.on_demand: Callable[[], None] = lambda: None  # a client arrived while no link is attached
         self._refusing = False  # the host waits for credentials: clients are closed at once, not held
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 
     def bind(self) -> None:
         """Bind every address OpenSSH would listen on (tunneld.listen); raise PortInUseError naming a holder.
@@ -157,13 +159,7 @@ class Forwarder:
         No address is skipped because it is taken: half a forward is not a forward.
         """
         try:
-            for plan in self.plans:
-                if plan.path is not None:
-                    clear_stale_socket(plan.path)
-                    self.listeners.append(_listen(plan.forward, socket.AF_UNIX, plan.path))
-                for ip in plan.ips:
-                    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-                    self.listeners.append(_listen(plan.forward, family, ip))
+            self.listeners = _bind_plans(self.plans)
         except BaseException:
             self.close()
             raise
@@ -172,6 +168,65 @@ class Forwarder:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._loop, name="forwarder", daemon=True)
         self._thread.start()
+
+    def update(self, spec: TunnelSpec, timeout: float = UPDATE_TIMEOUT_S) -> None:
+        """Listen for `spec`'s forwards from now on: bind the new ones, close those that are gone, keep the others
+        (and every open connection). Runs in the loop's thread; a new address that is taken is a PortInUseError
+        and then nothing changes."""
+        done, failures = threading.Event(), []
+
+        def apply() -> None:
+            try:
+                self._apply(spec)
+            except BaseException as exc:  # handed to the caller
+                failures.append(exc)
+            finally:
+                done.set()
+
+        self._calls.put(apply)
+        self._wake()
+        if not done.wait(timeout):
+            raise ConfigError(f"the forwarding loop did not take the new forwards within {timeout:g} s")
+        if failures:
+            raise failures[0]
+
+    def _apply(self, spec: TunnelSpec) -> None:
+        plans = plan_spec(spec)
+        wanted = {plan.forward for plan in plans}
+        gone = [listener for listener in self.listeners if listener.forward not in wanted]
+        kept = {listener.forward for listener in self.listeners} & wanted
+        for listener in gone:
+            self._release(listener)
+        try:
+            added = _bind_plans([plan for plan in plans if plan.forward not in kept])
+        except BaseException:
+            self.listeners = [listener for listener in self.listeners if listener not in gone]
+            restored = _bind_plans([plan for plan in self.plans if plan.forward in {g.forward for g in gone}])
+            self._adopt(restored)
+            raise
+        self.listeners = [listener for listener in self.listeners if listener not in gone]
+        self._adopt(added)
+        self.spec, self.plans = spec, plans
+        for forward in spec.local_forwards:
+            self.counters.setdefault(forward, Counters())
+        for listener in gone:
+            log.info("%s: stopped listening on %s (%s)", spec.alias, listener.address, listener.forward)
+        for listener in added:
+            log.info("%s: listening on %s (%s)", spec.alias, listener.address, listener.forward)
+
+    def _adopt(self, listeners: list[Listener]) -> None:
+        for listener in listeners:
+            self.listeners.append(listener)
+            if not self._paused:
+                self._selector.register(listener.sock, selectors.EVENT_READ, listener)
+
+    def _release(self, listener: Listener) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(listener.sock)
+        listener.sock.close()
+        if listener.forward.listen.path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(listener.forward.listen.path)
 
     def probe(self, forward: Forward, open_channel: Callable[[], Channel]) -> Channel:
         """Open a channel for a health check: it marks the forward refused or not, but is not counted as traffic."""
@@ -269,6 +324,11 @@ class Forwarder:
             self.on_failure(exc)
 
     def _turn(self) -> None:
+        while True:  # work handed to the loop's thread (update)
+            try:
+                self._calls.get_nowait()()
+            except queue.Empty:
+                break
         pending = any(p.to_channel for p in self._pairs.values())
         events = self._selector.select(PENDING_POLL_S if pending else IDLE_TICK_S)
         for key, mask in events:
@@ -571,6 +631,24 @@ class Forwarder:
 def unsupported_forwards(spec: TunnelSpec) -> list[Forward]:
     """Return the forwards an in-process forwarder cannot serve: only LocalForward to host:port is implemented."""
     return [f for f in spec.forwards if f.kind != LOCAL or f.target is None or f.target.path is not None]
+
+
+def _bind_plans(plans: Sequence[ListenPlan]) -> list[Listener]:
+    """Bind every address of `plans` (all or none: what was bound is closed again when one is taken)."""
+    bound: list[Listener] = []
+    try:
+        for plan in plans:
+            if plan.path is not None:
+                clear_stale_socket(plan.path)
+                bound.append(_listen(plan.forward, socket.AF_UNIX, plan.path))
+            for ip in plan.ips:
+                family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+                bound.append(_listen(plan.forward, family, ip))
+    except BaseException:
+        for listener in bound:
+            listener.sock.close()
+        raise
+    return bound
 
 
 def _listen(forward: Forward, family: int, address: str) -> Listener:

@@ -28,6 +28,7 @@ from tunneld.errors import (
     UnreachableError,
 )
 from tunneld.safetext import quote_peer
+from tunneld.settings import HostSettings
 from tunneld.spec import Forward, TunnelSpec
 from tunneld.tokens import expand_tokens, token_table
 
@@ -448,6 +449,18 @@ class ParamikoEngine:
     def listening(self) -> list[ForwardStatus]:
         """Return the forwards' listeners and counters while no link is attached."""
         return self.forwarder.stats() if self.forwarder is not None else []
+
+    def change_forwards(self, spec: TunnelSpec) -> None:
+        """`tunneld reload`: the listeners follow the new forwards; the link and unchanged listeners stay."""
+        check_supported(spec)
+        if self.forwarder is not None:
+            self.forwarder.update(spec)
+
+    def change_settings(self, settings: HostSettings) -> None:
+        """`tunneld reload`: how long a connection waits for a link."""
+        self.hold_s = settings.hold_connections_s
+        if self.forwarder is not None:
+            self.forwarder.hold_s = settings.hold_connections_s
 
     def refuse_clients(self, refusing: bool) -> None:
         """While the host waits for credentials: keep the ports, close clients at once (they would wait in vain)."""
