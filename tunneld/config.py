@@ -10,8 +10,9 @@ import os
 import re
 import shlex
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunneld.errors import ConfigError, NoForwardsError
@@ -36,23 +37,45 @@ _ADD_FORWARD_HINT = "add a line under 'Host {alias}', for example:  LocalForward
 MAX_JUMP_DEPTH = 8  # a chain of ProxyJumps deeper than this (or a loop) is not followed for probing
 
 
-def resolve_hop(hop: str, ssh_config: str | None, depth: int = 0) -> TunnelSpec:
+@dataclass(frozen=True)
+class Resolver:
+    """Where the (keyword, value) lines of a host come from: `ssh -G`, or tunneld's reader where no ssh exists."""
+
+    name: str
+    read: Callable[[str, str | None], list[tuple[str, str]]]
+
+
+def default_resolver() -> Resolver:
+    """Return `ssh -G` when an OpenSSH client is on PATH, else the fallback reader (which `show` names)."""
+    return SSH_G if ssh_binary() is not None else fallback_resolver()
+
+
+def fallback_resolver() -> Resolver:
+    """Return tunneld's own ssh_config reader, used where no `ssh` binary exists."""
+    from tunneld.configfallback import RESOLVER, config_pairs
+
+    return Resolver(RESOLVER, lambda alias, ssh_config: config_pairs(alias, ssh_config, local_home()))
+
+
+def resolve_hop(hop: str, ssh_config: str | None, depth: int = 0, resolver: Resolver | None = None) -> TunnelSpec:
     """Resolve one ProxyJump hop (`[user@]host[:port]` or `ssh://[user@]host[:port]`, an alias or not) as ssh
     does: `ssh -G` of the host, with the user and port the hop names taking precedence."""
     hop = hop.removeprefix("ssh://")
     user, _, rest = hop.rpartition("@")
     host, port = parse_jump(rest, default_port=0)
-    spec = resolve_host(host, ssh_config, require_forwards=False, depth=depth)
+    spec = resolve_host(host, ssh_config, require_forwards=False, depth=depth, resolver=resolver)
     return dataclasses.replace(spec, user=user or spec.user, port=port or spec.port)
 
 
-def first_jump_hop(proxy_jump: str, ssh_config: str | None, depth: int) -> tuple[str, int] | None:
+def first_jump_hop(
+    proxy_jump: str, ssh_config: str | None, depth: int, resolver: Resolver | None = None
+) -> tuple[str, int] | None:
     """Return where ssh connects first for `ProxyJump proxy_jump`: the first jump's own first hop (it may have
     a ProxyJump of its own), or None behind a ProxyCommand, past MAX_JUMP_DEPTH, or when it does not resolve."""
     if depth >= MAX_JUMP_DEPTH:
         return None
     try:
-        return resolve_hop(proxy_jump.split(",", maxsplit=1)[0].strip(), ssh_config, depth + 1).first_hop()
+        return resolve_hop(proxy_jump.split(",", maxsplit=1)[0].strip(), ssh_config, depth + 1, resolver).first_hop()
     except (ConfigError, ValueError):
         return None
 
@@ -109,17 +132,17 @@ def config_error_from_stderr(stderr: str, ssh_config: str | None, alias: str = "
 
 
 def resolve_host(
-    alias: str, ssh_config: str | None = None, require_forwards: bool = True, depth: int = 0
+    alias: str,
+    ssh_config: str | None = None,
+    require_forwards: bool = True,
+    depth: int = 0,
+    resolver: Resolver | None = None,
 ) -> TunnelSpec:
     """Return the TunnelSpec of `alias` exactly as `ssh` would resolve it (a jump host needs no forwards;
-    `depth`: how many ProxyJumps deep this host is, when it is one)."""
+    `depth`: how many ProxyJumps deep this host is, when it is one; `resolver`: default_resolver())."""
     name = validate_host(alias) if require_forwards else alias
-    if ssh_binary() is not None:
-        pairs, resolver = run_ssh_g(name, ssh_config), "ssh -G"
-    else:
-        from tunneld.configfallback import RESOLVER, paramiko_pairs
-
-        pairs, resolver = paramiko_pairs(name, ssh_config, local_home()), RESOLVER
+    resolver = resolver or default_resolver()
+    pairs = resolver.read(name, ssh_config)
     values: dict[str, list[str]] = {}
     for key, value in pairs:
         values.setdefault(key, []).append(value)
@@ -140,7 +163,9 @@ def resolve_host(
     timeout = optional("connecttimeout")
     agent = values.get("identityagent", [None])[0]  # "none" (no agent) differs from unset (SSH_AUTH_SOCK)
     proxy_jump, proxy_command = optional("proxyjump"), optional("proxycommand")
-    jump_first_hop = first_jump_hop(proxy_jump, ssh_config, depth) if proxy_jump and not proxy_command else None
+    jump_first_hop = (
+        first_jump_hop(proxy_jump, ssh_config, depth, resolver) if proxy_jump and not proxy_command else None
+    )
     return TunnelSpec(
         alias=alias,
         hostname=hostname,
@@ -156,10 +181,7 @@ def resolve_host(
         proxy_command=proxy_command,
         host_key_alias=optional("hostkeyalias"),
         strict_host_key_checking=normalize_strict(one("stricthostkeychecking", "ask")),
-        # ssh -G prints these already expanded; paramiko's parser does not expand them.
-        user_known_hosts_files=tuple(
-            v if resolver == "ssh -G" else expand_tokens(v, tokens) for v in one("userknownhostsfile").split()
-        ),
+        user_known_hosts_files=tuple(one("userknownhostsfile").split()),  # ssh -G prints them expanded
         global_known_hosts_files=tuple(one("globalknownhostsfile").split()),
         keepalive_interval_s=interval or DEFAULT_KEEPALIVE_INTERVAL_S,
         keepalive_count_max=int(one("serveralivecountmax", str(DEFAULT_KEEPALIVE_COUNT_MAX))),
@@ -167,9 +189,12 @@ def resolve_host(
         connect_timeout_s=int(timeout) if timeout else DEFAULT_CONNECT_TIMEOUT_S,
         connect_timeout_from_user=timeout is not None,
         ssh_config=ssh_config,
-        resolver=resolver,
+        resolver=resolver.name,
         options=tuple(pairs),
     )
+
+
+SSH_G = Resolver("ssh -G", run_ssh_g)
 
 
 def normalize_strict(value: str) -> str:
