@@ -21,6 +21,7 @@ from tunneld.configsyntax import (
     ParsedForward,
     format_forward,
     format_jump,
+    forward_hint,
     jump_hop,
     matches,
     parse_forward,
@@ -138,7 +139,7 @@ class _Reader:
             try:
                 self._line(line.rstrip(" \t\r\f"), user_config, state, depth)
             except LineError as error:
-                raise ConfigError(f"{path} line {number}: {error}", "fix that line") from None
+                raise ConfigError(f"{path} line {number}: {error}", forward_hint(line) or "fix that line") from None
 
     def _line(self, line: str, user_config: bool, state: dict[str, bool], depth: int) -> None:
         keyword, rest = split_keyword(line)

@@ -1,6 +1,6 @@
 """ssh_config's syntax as OpenSSH's readconf.c and misc.c read it: keywords and words (quotes, escapes, comments,
 `keyword=value`), `*`/`?` patterns, time values, ports, forward and ProxyJump specifications, and how `ssh -G` prints
-forwards. Used by the fallback resolver (configfallback) and by the host listing (config.host_patterns)."""
+forwards. Used by the fallback resolver (configfallback) and by the host listing (config.host_lines)."""
 
 from __future__ import annotations
 
@@ -168,3 +168,21 @@ def format_jump(value: str) -> str:
     """Print a ProxyJump as `ssh -G` does: the hops before the last as written, the last without `ssh://`."""
     extra, _, last = value.rpartition(",")
     return f"{extra}," * bool(extra) + last.strip().removeprefix("ssh://")
+
+
+def forward_hint(line: str) -> str | None:
+    """Return how to fix a LocalForward/RemoteForward line ssh refused (None for any other line): ssh -L's one-word
+    `5000:localhost:5050` becomes the two arguments ssh_config wants, `5000 localhost:5050`."""
+    keyword, rest = split_keyword(line)
+    name = {"localforward": "LocalForward", "remoteforward": "RemoteForward"}.get(keyword)
+    if name is None:
+        return None
+    try:
+        words = split_words(rest)
+    except LineError:
+        return None
+    fields = re.findall(r"\[[^\]]*\]|[^:]+", words[0]) if len(words) == 1 else []
+    if len(fields) in (3, 4):
+        listen, target = ":".join(fields[:-2]), ":".join(fields[-2:])
+        return f"{name} takes two arguments, not ssh -L's one: write `{name} {listen} {target}`"
+    return f"{name} takes the listen port (or address:port) and the target host:port, e.g. `{name} 5000 localhost:5000`"
