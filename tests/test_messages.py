@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.helpers import run_cli, write_config
+from tests.harness import SshServer, free_port
+from tests.helpers import read_state, run_cli, write_config
 from tunneld.config import describe_sources
-from tunneld.errors import EXIT_CONFIG
+from tunneld.errors import EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_UNAVAILABLE
 
 CONFIG = """\
 Host mlflowserver
@@ -77,3 +78,17 @@ def test_ssh_minus_l_syntax_in_local_forward_gets_the_two_argument_form(tmp_path
         assert "hint: LocalForward takes two arguments, not ssh -L's one: write `LocalForward 5000 localhost:5050`" in (
             done.stderr
         )
+
+
+def test_a_server_down_at_a_plain_start_points_to_keep_trying(tmp_path: Path, sshd: SshServer, engine: str) -> None:
+    config = write_config(tmp_path, sshd.client_config("down", [f"LocalForward {free_port()} 127.0.0.1:9"]))
+    sshd.stop()
+    done = run_cli("start", "down", "-F", str(config), "--engine", engine)
+    assert done.returncode == EXIT_UNAVAILABLE, done.stderr
+    assert "keeps retrying" not in done.stderr
+    command = f"tunneld start down -F {config} --keep-trying"
+    assert f"othing is left running: to keep retrying in the background until the server answers, run `{command}`" in (
+        done.stderr
+    )
+    assert read_state("down").get("state") == "failed"  # what `status` shows: nothing runs
+    assert run_cli("status", "down").returncode == EXIT_NOT_RUNNING
