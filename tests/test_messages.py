@@ -3,14 +3,25 @@ a server that is down at `start`, names tunneld never ran, a ProxyCommand as ssh
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import re
+import select
+import signal
+import struct
+import subprocess
+import termios
+import time
 from pathlib import Path
 
-from tests.harness import SshServer, free_port
-from tests.helpers import read_state, run_cli, write_config
+import tunneld
+from tests.harness import EchoServer, SshServer, free_port, scaled
+from tests.helpers import read_state, run_cli, tunneld_cmd, write_config, write_settings
 from tunneld.config import describe_sources
-from tunneld.errors import EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_UNAVAILABLE
+from tunneld.errors import EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_RUNTIME, EXIT_UNAVAILABLE
 
+HOST = "mlflowserver"
 CONFIG = """\
 Host mlflowserver
   HostName 127.0.0.1
@@ -92,3 +103,107 @@ def test_a_server_down_at_a_plain_start_points_to_keep_trying(tmp_path: Path, ss
     )
     assert read_state("down").get("state") == "failed"  # what `status` shows: nothing runs
     assert run_cli("status", "down").returncode == EXIT_NOT_RUNNING
+
+
+def read_terminal(fd: int, seconds: float) -> str:
+    """What arrives on a pty's main side within `seconds` (bounded), until the other side closes."""
+    out = b""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([fd], [], [], left)[0]:
+            continue
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: every process on the other side has closed it
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out.decode().replace("\r\n", "\n")
+
+
+def in_terminal(args: list[str], columns: int, watch_s: float | None = None) -> str:
+    """Run the CLI with a terminal of `columns` columns as stdout; a --watch runs `watch_s` seconds, then Ctrl-C."""
+    main, secondary = os.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen(tunneld_cmd(*args), stdin=secondary, stdout=secondary, stderr=secondary,
+                            start_new_session=True)  # fmt: skip
+    os.close(secondary)
+    try:
+        if watch_s is None:
+            return read_terminal(main, scaled(30.0))
+        output = read_terminal(main, scaled(watch_s))
+        proc.send_signal(signal.SIGINT)
+        return output + read_terminal(main, scaled(10.0))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        os.close(main)
+
+
+def test_the_status_table_fits_the_terminal_and_pipes_keep_everything(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer
+) -> None:
+    forwards = [f"LocalForward {free_port()} 127.0.0.1:{echo.port}" for _ in range(4)]
+    config = write_config(tmp_path, sshd.client_config("wide", forwards))
+    assert run_cli("start", "wide", "-F", str(config)).returncode == 0
+    try:
+        piped = run_cli("status").stdout.splitlines()
+        assert len(piped[1]) > 120 and "…" not in piped[1] and piped[1].count("->") == 4
+        shown = in_terminal(["status"], columns=80).splitlines()
+        assert [line.split()[:2] for line in shown] == [["HOST", "STATE"], ["wide", "up"]], shown
+        assert all(len(line) <= 80 for line in shown) and "…" in shown[1], shown
+        frames = in_terminal(["status", "--watch", "--interval", "0.5"], columns=80, watch_s=2.0)
+        rows = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line) for line in frames.split("\n")]
+        table = [row for row in rows if row.startswith(("HOST ", "wide "))]
+        assert len(table) >= 2 and all(len(row) < 80 for row in table), table
+    finally:
+        run_cli("stop", "wide")
+
+
+def test_stop_status_and_logs_of_a_name_tunneld_never_ran_say_so_and_name_the_known_ones(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer
+) -> None:
+    config = write_config(tmp_path, sshd.client_config(HOST, [f"LocalForward {free_port()} 127.0.0.1:{echo.port}"]))
+    assert run_cli("start", HOST, "-F", str(config)).returncode == 0
+    try:
+        stopped = run_cli("stop", "mlflowsever")
+        assert stopped.returncode == EXIT_RUNTIME, stopped
+        assert f"Error: tunneld has never run mlflowsever; known: {HOST}" in stopped.stderr
+        assert f"hint: did you mean {HOST}?" in stopped.stderr and "not running" not in stopped.stdout
+        assert run_cli("status", HOST).returncode == 0  # the typo stopped nothing
+        status = run_cli("status", HOST, "mlflowsever")
+        assert status.returncode == EXIT_NOT_RUNNING
+        assert f"Error: tunneld has never run mlflowsever; known: {HOST}" in status.stderr
+        assert [line.split()[0] for line in status.stdout.splitlines()] == ["HOST", HOST]
+        logs = run_cli("logs", "mlflowsever")
+        assert logs.returncode == EXIT_RUNTIME and f"tunneld has never run mlflowsever; known: {HOST}" in logs.stderr
+    finally:
+        assert run_cli("stop", HOST).returncode == 0
+    again = run_cli("stop", HOST)  # it ran once: stopping it again is fine
+    assert again.returncode == 0 and again.stdout == f"{HOST}  not running\n"
+    write_settings(f'[groups]\nml = ["{HOST}", "tensorboard"]\n')
+    group = run_cli("stop", "@ml")  # a member nobody started is no typo
+    assert group.returncode == 0, group.stderr
+    assert "tensorboard  not running (tunneld has never run it)" in group.stdout
+    assert tunneld.stop("tensorboard") is False  # the Python API: nothing ran
+
+
+def test_a_host_failed_on_tunneld_toml_says_config_changed_once_the_file_is_fixed(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer
+) -> None:
+    settings = write_settings('[hosts.cfgd]\nhold_connections_s = "ten"\n')
+    config = write_config(tmp_path, sshd.client_config("cfgd", [f"LocalForward {free_port()} 127.0.0.1:{echo.port}"]))
+    failed = run_cli("start", "cfgd", "-F", str(config))
+    assert failed.returncode == EXIT_CONFIG and str(settings) in failed.stderr
+    assert run_cli("status").stdout.splitlines()[1].split("  ")[:2] == ["cfgd", "failed"]
+    write_settings("[hosts.cfgd]\nhold_connections_s = 10\n")
+    row = run_cli("status").stdout.splitlines()[1]
+    assert row.startswith("cfgd  failed (config changed since)  "), row
+    assert json.loads(run_cli("status", "--json").stdout)["hosts"][0]["state"] == "failed"  # the schema is kept
+    assert run_cli("start", "cfgd", "-F", str(config)).returncode == 0
+    try:
+        assert "config changed" not in run_cli("status").stdout
+    finally:
+        run_cli("stop", "cfgd")

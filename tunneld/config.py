@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import glob
 import os
 import re
@@ -216,6 +215,8 @@ def normalize_strict(value: str) -> str:
 def no_forwards_error(alias: str, ssh_config: str | None) -> NoForwardsError:
     """Explain a host without forwards: one that no Host entry names (only wildcards match it, or nothing does:
     perhaps a typo of a name the config has) apart from one whose entry has no forwards; name the files read."""
+    import difflib
+
     files = config_files(ssh_config)
     shown = describe_sources(ssh_config)
     lines = host_lines(files)
