@@ -207,3 +207,16 @@ def test_a_host_failed_on_tunneld_toml_says_config_changed_once_the_file_is_fixe
         assert "config changed" not in run_cli("status").stdout
     finally:
         run_cli("stop", "cfgd")
+
+
+def test_show_prints_the_proxy_command_as_ssh_runs_it_and_json_keeps_it_as_written(tmp_path: Path) -> None:
+    written = "nc -X connect -x proxy:8080 %h %p # %r@%n 100%%"
+    config = write_config(
+        tmp_path, f"Host pc\n  HostName real.example\n  User bob\n  Port 2200\n  ProxyCommand {written}\n"
+    )
+    ran = "nc -X connect -x proxy:8080 real.example 2200 # bob@pc 100%"
+    shown = run_cli("show", "pc", "-F", str(config))
+    assert f"connects to bob@real.example:2200 via ProxyCommand {ran}\n" in shown.stdout
+    assert "%h" not in shown.stdout
+    data = json.loads(run_cli("show", "pc", "-F", str(config), "--json").stdout)
+    assert (data["proxy_command"], data["proxy_command_raw"]) == (ran, written)

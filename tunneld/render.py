@@ -27,7 +27,7 @@ def spec_lines(spec: TunnelSpec, engine: str, recorded: Launch | None = None) ->
     if spec.proxy_jump:
         via.append(f"ProxyJump {spec.proxy_jump}")
     if spec.proxy_command:
-        via.append(f"ProxyCommand {spec.proxy_command}")
+        via.append(f"ProxyCommand {proxy_command_shown(spec)}")
     keepalive_origin = "from your ssh_config" if spec.keepalive_from_user else "tunneld's default"
     lines = [
         f"host        {spec.alias}",
@@ -101,11 +101,22 @@ def probe_text(spec: TunnelSpec) -> str:
     return f"TCP to {shown} ({which}) every 0.25 s, only while it refuses or does not answer TCP"
 
 
+def proxy_command_shown(spec: TunnelSpec) -> str | None:
+    """Return the ProxyCommand as ssh runs it: its %h, %n, %p, %r and %% expanded (None without one)."""
+    from tunneld.tokens import expand_proxy_command, token_table
+
+    if spec.proxy_command is None:
+        return None
+    return expand_proxy_command(spec.proxy_command, token_table(spec.alias, spec.hostname, spec.port, spec.user))
+
+
 def spec_json(spec: TunnelSpec, engine: str, recorded: Launch | None = None) -> dict[str, object]:
-    """Return `tunneld show --json`: the spec, the engine, and each forward's listen addresses and exposure."""
+    """Return `tunneld show --json`: the spec (ProxyCommand expanded, as written in `proxy_command_raw`), the engine,
+    and each forward's listen addresses and exposure."""
     from tunneld.listen import plan_spec
 
     data = {**spec.to_dict(), "engine": engine, "warnings": [] if spec.forwards else [NO_FORWARDS_WARNING]}
+    data["proxy_command"], data["proxy_command_raw"] = proxy_command_shown(spec), spec.proxy_command
     data["last_start"] = {"engine": recorded.engine, "ssh_config": recorded.ssh_config} if recorded else None
     hop = spec.first_hop()
     data["probes"] = {

@@ -41,6 +41,11 @@ def expand_tokens(value: str, tokens: dict[str, str]) -> str:
     return "".join(out)
 
 
+def expand_proxy_command(command: str, tokens: dict[str, str]) -> str:
+    """Expand what ssh expands in a ProxyCommand before running it (%%, %h, %n, %p, %r); leave anything else."""
+    return re.sub(r"%([%hnpr])", lambda match: tokens[match[1]], command)
+
+
 def expand_path(value: str, tokens: dict[str, str], tilde: bool = True) -> str:
     """Expand `~` (unless `tilde` is False), `%x` and `${VAR}` as ssh expands ControlPath, IdentityAgent and
     UserKnownHostsFile (and the socket paths of forwards, without `~`)."""
