@@ -56,7 +56,10 @@ def show(host: str, ssh_config: str | None, engine: str, as_json: bool) -> None:
 @click.command("list")
 @ssh_config_option
 def list_(ssh_config: str | None) -> None:
-    """List the hosts of the ssh_config that have forwards, then tunneld.toml's groups (`start @GROUP`)."""
+    """List the hosts of the ssh_config that have forwards, then tunneld.toml's groups (`start @GROUP`).
+
+    The ssh_config files read are named on stderr (`~/.ssh/config (does not exist)` when there is none).
+    """
     from tunneld.config import describe_sources, list_hosts
     from tunneld.settings import groups
 
