@@ -275,7 +275,7 @@ def test_without_an_ssh_binary_paramiko_resolves_and_runs(
     no_ssh = dict(os.environ, PATH=str(tmp_path / "empty-path"))
     shown = run_cli("show", "nossh", "-F", str(config), env=no_ssh)
     assert shown.returncode == 0, shown.stderr
-    assert "resolved by paramiko SSHConfig (no ssh binary on PATH)" in shown.stdout
+    assert "resolved by tunneld's own ssh_config reader (no ssh binary on PATH)" in shown.stdout
     assert "engine      paramiko" in shown.stdout and "install openssh-client" in shown.stdout
     proc = subprocess.Popen(tunneld_cmd("run", "nossh", "-F", str(config)), env=no_ssh, stderr=subprocess.DEVNULL)
     try:

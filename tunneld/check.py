@@ -15,6 +15,7 @@ from tunneld.health import LocalProber, checks_for, run_check
 from tunneld.listen import ListenPlan, plan_spec
 from tunneld.paths import HostFiles
 from tunneld.ports import Listeners, listeners_of, port_in_use_error, port_is_free, socket_path_error
+from tunneld.render import proxy_command_shown
 from tunneld.settings import host_settings
 from tunneld.spec import TunnelSpec
 from tunneld.states import NEEDS_AUTH
@@ -163,7 +164,8 @@ def _dns_step(spec: TunnelSpec) -> Step:
     """Resolve the first hop's name (no connection is made: the connect step tells whether TCP works)."""
     hop = spec.first_hop()
     if hop is None:
-        return Step("dns", SKIP, f"reached through ProxyCommand {spec.proxy_command or '(of the first ProxyJump hop)'}")
+        via = proxy_command_shown(spec) or "(of the first ProxyJump hop)"
+        return Step("dns", SKIP, f"reached through ProxyCommand {via}")
     host, port = hop
     try:
         addresses = sorted({str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})

@@ -182,13 +182,21 @@ def start(
     sys.exit(start_hosts(names, StartOptions(ssh_config, engine, timeout, verbose, keep_trying, prompt), _echo))
 
 
-def _stop_host(host: str, timeout: float) -> int:
+def _stop_host(host: str, timeout: float, typed: bool = False) -> int:
+    """Stop one host; a name tunneld never ran is an error when it was typed (a typo: `stop mlflowsever` must not
+    pass for success while mlflowserver runs), a mere `not running` for a member of a group."""
+    from tunneld.status import never_ran, never_ran_error
     from tunneld.stopping import stop_tunnel
 
     try:
         result = stop_tunnel(host, timeout)
     except NotRunningError:
-        click.echo(f"{host}  not running")
+        if never_ran(host):
+            if typed:
+                raise never_ran_error(host) from None
+            click.echo(f"{host}  not running (tunneld has never run it)")
+        else:
+            click.echo(f"{host}  not running")
         return EXIT_OK
     if result.stale and result.pid is None:
         click.echo(f"{host}  not running (removed its unreadable pid file)")
@@ -209,7 +217,8 @@ def _stop_host(host: str, timeout: float) -> int:
     "--timeout", type=POSITIVE_S, default=10.0, show_default=True, help="Seconds to wait after SIGTERM before SIGKILL."
 )
 def stop(hosts: tuple[str, ...], all_: bool, ssh_config: str | None, timeout: float) -> None:
-    """Stop HOST's tunnel: SIGTERM, then SIGKILL after --timeout. Stopping a stopped host is fine.
+    """Stop HOST's tunnel: SIGTERM, then SIGKILL after --timeout. Stopping a stopped host is fine (exit 0); a
+    name tunneld has never run is an error (exit 1) that lists the known ones.
 
     HOST may be @GROUP, a group of tunneld.toml's [groups].
     """
@@ -219,7 +228,8 @@ def stop(hosts: tuple[str, ...], all_: bool, ssh_config: str | None, timeout: fl
     if all_ and not names:
         click.echo("no tunnel is running")
         return
-    sys.exit(_run_each(names, lambda host: _stop_host(host, timeout)))
+    typed = {host for host in hosts if not host.startswith("@")}
+    sys.exit(_run_each(names, lambda host: _stop_host(host, timeout, typed=host in typed)))
 
 
 @cli.command()
@@ -259,14 +269,15 @@ def restart(ctx: click.Context, host: str, ssh_config: str | None, engine: str, 
 def status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool, watch: bool, interval: float) -> None:
     """Show each tunnel: state, pid, uptime, forwards, reconnects, last error.
 
-    Exit 0 when every named host is up, 3 when one is not (as `systemctl is-active`).
+    Exit 0 when every named host is up, 3 when one is not (as `systemctl is-active`) or when tunneld has never
+    run it (then it says so on stderr, with the known names).
     HOST may be @GROUP, a group of tunneld.toml's [groups]. With --watch: retry countdowns and byte
     rates (paramiko engine) live; plain frames when stdout is not a terminal; NO_COLOR turns colour off.
     """
     from tunneld.paths import validate_host
-    from tunneld.render import status_lines
+    from tunneld.render import status_lines, terminal_width
     from tunneld.settings import expand_groups
-    from tunneld.status import STATUS_SCHEMA_VERSION, collect, listed_hosts
+    from tunneld.status import NOT_RUNNING, STATUS_SCHEMA_VERSION, collect, listed_hosts, never_ran, never_ran_error
 
     if watch and as_json:
         raise click.UsageError("--watch draws the table; for JSON, poll `tunneld status --json`")
@@ -284,11 +295,15 @@ def status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool, watch:
         draw_until_interrupted(current, interval, sys.stdout)
         return
     reports = current(warn=True)
+    typed = {host for host in hosts if not host.startswith("@")}
+    never = {r.host for r in reports if r.host in typed and r.state == NOT_RUNNING and never_ran(r.host)}
+    for host in sorted(never):
+        report_error(never_ran_error(host, not_running=True), _echo)
     if as_json:
         click.echo(json.dumps({"version": STATUS_SCHEMA_VERSION, "hosts": [r.to_dict() for r in reports]}, indent=2))
-    elif reports:
-        click.echo("\n".join(status_lines(reports)))
-    else:
+    elif any(r.host not in never for r in reports):
+        click.echo("\n".join(status_lines([r for r in reports if r.host not in never], terminal_width())))
+    elif not never:
         click.echo("no tunnels: start one with `tunneld start HOST` (`tunneld list` shows the candidates)")
     if hosts and not all(r.is_up for r in reports):
         sys.exit(EXIT_NOT_RUNNING)
@@ -338,9 +353,12 @@ def logs(host: str, ssh_config: str | None, follow: bool, count: int) -> None:
     """Print HOST's log (what `tunneld run` wrote: connects, losses, retries, errors)."""
     from tunneld.logfile import follow_lines, tail_lines
     from tunneld.paths import HostFiles
+    from tunneld.status import never_ran, never_ran_error
 
     files = HostFiles.of(host)
     if not files.log.exists():
+        if never_ran(host):
+            raise never_ran_error(host)
         raise TunneldError(f"no log for {host} yet", f"start it with: tunneld start {host}")
     for line in tail_lines(files.log, count):
         click.echo(line)

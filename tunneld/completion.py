@@ -15,15 +15,11 @@ def complete_configured_hosts(ctx: click.Context, param: click.Parameter, incomp
     """
     import os
 
-    from tunneld.config import config_files, host_patterns
+    from tunneld.config import config_files, host_lines, literal_hosts
     from tunneld.paths import is_valid_host
 
     ssh_config = ctx.params.get("ssh_config") or os.environ.get("TUNNELD_SSH_CONFIG")
-    names: list[str] = []
-    for patterns in host_patterns(config_files(ssh_config)):
-        for name in patterns:
-            if not any(c in name for c in "*?!") and is_valid_host(name) and name not in names:
-                names.append(name)
+    names = [name for name in literal_hosts(host_lines(config_files(ssh_config))) if is_valid_host(name)]
     return [name for name in [*names, *_group_names()] if name.startswith(incomplete)]
 
 

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import getpass
 import glob
 import os
 import re
 import shlex
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+from tunneld.configsyntax import LineError, forward_hint, matches, split_keyword, split_words
 from tunneld.errors import ConfigError, NoForwardsError
 from tunneld.paths import find_program, is_valid_host, validate_host
 from tunneld.spec import (
@@ -24,35 +24,57 @@ from tunneld.spec import (
     parse_forwards,
     parse_jump,
 )
-from tunneld.tokens import expand_tokens, local_home, token_table
+from tunneld.tokens import expand_tokens, local_home, local_user, token_table
 
 SSH_G_TIMEOUT_S = 10.0
-USER_CONFIG = Path("~/.ssh/config")
 SYSTEM_CONFIG = Path("/etc/ssh/ssh_config")
 _FILE_LINE_RE = re.compile(r"^(?P<file>.+?):? line (?P<line>\d+): (?P<reason>.+)$")
-_ADD_FORWARD_HINT = "add a line under 'Host {alias}', for example:  LocalForward 5000 localhost:5000"
+_MATCH_HOST = ("host", "originalhost")
+_TTY_NOTE = "Pseudo-terminal will not be allocated"  # ssh -G 9.2 says it whenever stdin is no terminal: not a reason
 
 
 MAX_JUMP_DEPTH = 8  # a chain of ProxyJumps deeper than this (or a loop) is not followed for probing
 
 
-def resolve_hop(hop: str, ssh_config: str | None, depth: int = 0) -> TunnelSpec:
+@dataclass(frozen=True)
+class Resolver:
+    """Where the (keyword, value) lines of a host come from: `ssh -G`, or tunneld's reader where no ssh exists."""
+
+    name: str
+    read: Callable[[str, str | None], list[tuple[str, str]]]
+
+
+def default_resolver() -> Resolver:
+    """Return `ssh -G` when an OpenSSH client is on PATH, else the fallback reader (which `show` names)."""
+    return SSH_G if ssh_binary() is not None else fallback_resolver()
+
+
+def fallback_resolver() -> Resolver:
+    """Return tunneld's own ssh_config reader, used where no `ssh` binary exists."""
+    from tunneld.configfallback import RESOLVER, config_pairs
+
+    return Resolver(RESOLVER, lambda alias, ssh_config: config_pairs(alias, ssh_config, local_home()))
+
+
+def resolve_hop(hop: str, ssh_config: str | None, depth: int = 0, resolver: Resolver | None = None) -> TunnelSpec:
     """Resolve one ProxyJump hop (`[user@]host[:port]` or `ssh://[user@]host[:port]`, an alias or not) as ssh
     does: `ssh -G` of the host, with the user and port the hop names taking precedence."""
     hop = hop.removeprefix("ssh://")
     user, _, rest = hop.rpartition("@")
     host, port = parse_jump(rest, default_port=0)
-    spec = resolve_host(host, ssh_config, require_forwards=False, depth=depth)
+    spec = resolve_host(host, ssh_config, require_forwards=False, depth=depth, resolver=resolver)
     return dataclasses.replace(spec, user=user or spec.user, port=port or spec.port)
 
 
-def first_jump_hop(proxy_jump: str, ssh_config: str | None, depth: int) -> tuple[str, int] | None:
+def first_jump_hop(
+    proxy_jump: str, ssh_config: str | None, depth: int, resolver: Resolver | None = None
+) -> tuple[str, int] | None:
     """Return where ssh connects first for `ProxyJump proxy_jump`: the first jump's own first hop (it may have
     a ProxyJump of its own), or None behind a ProxyCommand, past MAX_JUMP_DEPTH, or when it does not resolve."""
     if depth >= MAX_JUMP_DEPTH:
         return None
     try:
-        return resolve_hop(proxy_jump.split(",", maxsplit=1)[0].strip(), ssh_config, depth + 1).first_hop()
+        return resolve_hop(proxy_jump.split(",", maxsplit=1)[0].strip(), ssh_config, depth + 1, resolver).first_hop()
     except (ConfigError, ValueError):
         return None
 
@@ -95,31 +117,42 @@ def run_ssh_g(alias: str, ssh_config: str | None) -> list[tuple[str, str]]:
 def config_error_from_stderr(stderr: str, ssh_config: str | None, alias: str = "HOST") -> ConfigError:
     """Turn OpenSSH's complaint about a config file into a ConfigError with `file line N: reason`."""
     command = shlex.join(["ssh", "-G", *(["-F", ssh_config] if ssh_config else []), alias])
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not line.startswith(_TTY_NOTE)]
     for line in lines:
         match = _FILE_LINE_RE.match(line)
         if match:
             return ConfigError(
                 f"{match['file']} line {match['line']}: {match['reason']}",
-                f"fix that line; `{command}` reports the same error",
+                forward_hint(_line_of(match["file"], int(match["line"])))
+                or f"fix that line; `{command}` reports the same error",
             )
-    where = ssh_config or str(USER_CONFIG)
+    where = ssh_config or "~/.ssh/config"
     reason = lines[0] if lines else "ssh -G failed without a message"
     return ConfigError(f"cannot read ssh_config {where}: {reason}", f"check the file with `{command}`")
 
 
+def _line_of(path: str, number: int) -> str:
+    """Return line `number` of `path` ("" when it cannot be read): the line ssh complained about."""
+    try:
+        with open(path, "rb") as handle:
+            lines = handle.read(1024 * 1024).decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return lines[number - 1] if 0 < number <= len(lines) else ""
+
+
 def resolve_host(
-    alias: str, ssh_config: str | None = None, require_forwards: bool = True, depth: int = 0
+    alias: str,
+    ssh_config: str | None = None,
+    require_forwards: bool = True,
+    depth: int = 0,
+    resolver: Resolver | None = None,
 ) -> TunnelSpec:
     """Return the TunnelSpec of `alias` exactly as `ssh` would resolve it (a jump host needs no forwards;
-    `depth`: how many ProxyJumps deep this host is, when it is one)."""
+    `depth`: how many ProxyJumps deep this host is, when it is one; `resolver`: default_resolver())."""
     name = validate_host(alias) if require_forwards else alias
-    if ssh_binary() is not None:
-        pairs, resolver = run_ssh_g(name, ssh_config), "ssh -G"
-    else:
-        from tunneld.configfallback import RESOLVER, paramiko_pairs
-
-        pairs, resolver = paramiko_pairs(name, ssh_config, local_home()), RESOLVER
+    resolver = resolver or default_resolver()
+    pairs = resolver.read(name, ssh_config)
     values: dict[str, list[str]] = {}
     for key, value in pairs:
         values.setdefault(key, []).append(value)
@@ -131,7 +164,7 @@ def resolve_host(
         value = one(key, "none")
         return None if value.lower() == "none" else value
 
-    hostname, port, user = one("hostname", alias), int(one("port", "22")), one("user", getpass.getuser())
+    hostname, port, user = one("hostname", alias), int(one("port", "22")), one("user", local_user())
     tokens = token_table(alias, hostname, port, user)
     forwards = parse_forwards(pairs)
     if not forwards and require_forwards:
@@ -140,7 +173,9 @@ def resolve_host(
     timeout = optional("connecttimeout")
     agent = values.get("identityagent", [None])[0]  # "none" (no agent) differs from unset (SSH_AUTH_SOCK)
     proxy_jump, proxy_command = optional("proxyjump"), optional("proxycommand")
-    jump_first_hop = first_jump_hop(proxy_jump, ssh_config, depth) if proxy_jump and not proxy_command else None
+    jump_first_hop = (
+        first_jump_hop(proxy_jump, ssh_config, depth, resolver) if proxy_jump and not proxy_command else None
+    )
     return TunnelSpec(
         alias=alias,
         hostname=hostname,
@@ -156,10 +191,7 @@ def resolve_host(
         proxy_command=proxy_command,
         host_key_alias=optional("hostkeyalias"),
         strict_host_key_checking=normalize_strict(one("stricthostkeychecking", "ask")),
-        # ssh -G prints these already expanded; paramiko's parser does not expand them.
-        user_known_hosts_files=tuple(
-            v if resolver == "ssh -G" else expand_tokens(v, tokens) for v in one("userknownhostsfile").split()
-        ),
+        user_known_hosts_files=tuple(one("userknownhostsfile").split()),  # ssh -G prints them expanded
         global_known_hosts_files=tuple(one("globalknownhostsfile").split()),
         keepalive_interval_s=interval or DEFAULT_KEEPALIVE_INTERVAL_S,
         keepalive_count_max=int(one("serveralivecountmax", str(DEFAULT_KEEPALIVE_COUNT_MAX))),
@@ -167,9 +199,12 @@ def resolve_host(
         connect_timeout_s=int(timeout) if timeout else DEFAULT_CONNECT_TIMEOUT_S,
         connect_timeout_from_user=timeout is not None,
         ssh_config=ssh_config,
-        resolver=resolver,
+        resolver=resolver.name,
         options=tuple(pairs),
     )
+
+
+SSH_G = Resolver("ssh -G", run_ssh_g)
 
 
 def normalize_strict(value: str) -> str:
@@ -178,94 +213,112 @@ def normalize_strict(value: str) -> str:
 
 
 def no_forwards_error(alias: str, ssh_config: str | None) -> NoForwardsError:
-    """Explain a host without forwards, telling an unknown alias apart from a known one."""
+    """Explain a host without forwards: one that no Host entry names (only wildcards match it, or nothing does:
+    perhaps a typo of a name the config has) apart from one whose entry has no forwards; name the files read."""
+    import difflib
+
     files = config_files(ssh_config)
-    shown = ", ".join(str(f) for f in files) or (ssh_config or str(USER_CONFIG))
-    hint = _ADD_FORWARD_HINT.format(alias=alias)
-    if not any(host_matches(alias, patterns) for patterns in host_patterns(files)):
+    shown = describe_sources(ssh_config)
+    lines = host_lines(files)
+    if any(matches(alias, patterns) and alias in patterns for patterns in lines):
         return NoForwardsError(
-            f"no 'Host {alias}' entry in {shown}",
-            f"add one, for example:\n    Host {alias}\n      HostName <server>\n      LocalForward 5000 localhost:5000",
+            f"host {alias} has no LocalForward, RemoteForward or DynamicForward in {shown}",
+            f"add a line under 'Host {alias}', for example:  LocalForward 5000 localhost:5000",
         )
-    return NoForwardsError(f"host {alias} has no LocalForward, RemoteForward or DynamicForward in {shown}", hint)
+    wildcards = [" ".join(patterns) for patterns in lines if matches(alias, patterns)]
+    only = f" (only {', '.join(repr('Host ' + w) for w in wildcards)} match{'es' * (len(wildcards) == 1)} it)"
+    close = difflib.get_close_matches(alias, literal_hosts(lines), n=3)
+    add = f"add one, for example:\n    Host {alias}\n      HostName <server>\n      LocalForward 5000 localhost:5000"
+    hint = f"did you mean {' or '.join(close)}? (`tunneld list` shows the hosts with forwards) If not, {add}"
+    return NoForwardsError(f"no 'Host {alias}' entry in {shown}" + (only if wildcards else ""), hint if close else add)
 
 
-def config_files(ssh_config: str | None) -> list[Path]:
+def config_roots(ssh_config: str | None, home: str | None = None) -> list[tuple[Path, bool]]:
+    """Return the files ssh starts from, each with whether it is a user's config (relative Includes are then under
+    ~/.ssh): the -F file, else the user's ~/.ssh/config and the system's /etc/ssh/ssh_config."""
+    if ssh_config:
+        return [(Path(ssh_config), True)]
+    return [(Path(home or local_home()) / ".ssh" / "config", True), (SYSTEM_CONFIG, False)]
+
+
+def config_files(ssh_config: str | None, home: str | None = None) -> list[Path]:
     """Return the ssh_config files ssh reads (the -F file, else the user's and the system's), with Includes."""
-    roots = [Path(ssh_config)] if ssh_config else [Path(local_home()) / ".ssh" / "config", SYSTEM_CONFIG]
     seen: list[Path] = []
-    for root in roots:
-        _collect_includes(root, seen, depth=0)
+    for root, user_config in config_roots(ssh_config, home):
+        _collect_includes(root, user_config, seen, home or local_home(), depth=0)
     return seen
 
 
-def _collect_includes(path: Path, seen: list[Path], depth: int) -> None:
+def describe_sources(ssh_config: str | None, home: str | None = None) -> str:
+    """Name the ssh_config files ssh reads, as `~/.ssh/config (does not exist), /etc/ssh/ssh_config`."""
+    home = home or local_home()
+
+    def shown(path: Path) -> str:
+        text = str(path)
+        return "~" + text[len(home) :] if text.startswith(home.rstrip("/") + "/") else text
+
+    parts: list[str] = []
+    for root, user_config in config_roots(ssh_config, home):
+        read: list[Path] = []
+        _collect_includes(root, user_config, read, home, depth=0)
+        parts += [shown(path) for path in read] or [f"{shown(root)} (does not exist)"]
+    return ", ".join(dict.fromkeys(parts))
+
+
+def _collect_includes(path: Path, user_config: bool, seen: list[Path], home: str, depth: int) -> None:
     if depth > 16 or path in seen or not path.is_file():
         return
     seen.append(path)
-    base = Path(local_home()) / ".ssh" if path != SYSTEM_CONFIG else SYSTEM_CONFIG.parent
-    for words in _config_lines(path):
-        if words[0].lower() == "include":
-            for pattern in words[1:]:
-                expanded = local_home() + pattern[1:] if pattern.startswith("~/") else pattern
+    base = Path(home) / ".ssh" if user_config else SYSTEM_CONFIG.parent
+    for keyword, words in _config_lines(path):
+        if keyword == "include":
+            for pattern in words:
+                expanded = home + pattern[1:] if pattern.startswith("~/") else pattern
                 full = expanded if os.path.isabs(expanded) else str(base / expanded)
                 for match in sorted(glob.glob(full)):
-                    _collect_includes(Path(match), seen, depth + 1)
+                    _collect_includes(Path(match), user_config, seen, home, depth + 1)
 
 
-def _config_lines(path: Path) -> Iterable[list[str]]:
+def _config_lines(path: Path) -> Iterable[tuple[str, list[str]]]:
+    """Yield (keyword, words) of every line as ssh splits it; a line ssh refuses is skipped (ssh -G reports it)."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        line = line.replace("=", " ", 1) if "=" in line.split(None, 1)[0] else line
+    for line in text.splitlines():
+        keyword, rest = split_keyword(line)
         try:
-            words = shlex.split(line, comments=True)
-        except ValueError:
-            words = line.split()
+            words = split_words(rest) if keyword else []
+        except LineError:
+            continue
         if words:
-            yield words
+            yield keyword, words
 
 
-def host_patterns(files: Sequence[Path]) -> list[list[str]]:
+def host_lines(files: Sequence[Path]) -> list[list[str]]:
     """Return the pattern lists of every `Host` line (and `Match [original]host`) in `files`."""
     found = []
     for path in files:
-        for words in _config_lines(path):
-            keyword = words[0].lower()
+        for keyword, words in _config_lines(path):
             if keyword == "host":
-                found.append(words[1:])
+                found.append(words)
             elif keyword == "match":
-                for i, word in enumerate(words[1:-1], start=1):
-                    if word.lower() in ("host", "originalhost"):
-                        found.append(words[i + 1].split(","))
+                found += [words[i + 1].split(",") for i, w in enumerate(words[:-1]) if w.lower() in _MATCH_HOST]
     return found
 
 
-def host_matches(alias: str, patterns: Sequence[str]) -> bool:
-    """Match `alias` against one Host line's patterns as ssh does (negations veto)."""
-    matched = False
-    for pattern in patterns:
-        negated = pattern.startswith("!")
-        if fnmatch.fnmatchcase(alias, pattern.lstrip("!")):
-            if negated:
-                return False
-            matched = True
-    return matched
+def literal_hosts(lines: Sequence[Sequence[str]]) -> list[str]:
+    """Return the host names the Host lines spell out (no `*`, `?` or `!`), in the config's order."""
+    names: list[str] = []
+    for patterns in lines:
+        names += [p for p in patterns if not any(c in p for c in "*?!") and p not in names]
+    return names
 
 
 def list_hosts(ssh_config: str | None = None) -> tuple[list[TunnelSpec], list[str]]:
     """Return the specs of every literally named host in the ssh_config that has forwards, and why others
     were skipped: an alias tunneld cannot use as a file name is skipped, never a reason to fail them all."""
-    names: list[str] = []
-    for patterns in host_patterns(config_files(ssh_config)):
-        for pattern in patterns:
-            if not any(c in pattern for c in "*?!") and pattern not in names:
-                names.append(pattern)
+    names = literal_hosts(host_lines(config_files(ssh_config)))
     usable = [name for name in names if is_valid_host(name)]
     skipped = [
         f"skipping Host {name!r}: tunneld names files after hosts and uses letters, digits and . _ - @ + only"

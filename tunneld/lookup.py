@@ -41,6 +41,11 @@ def show(host: str, ssh_config: str | None, engine: str, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     click.echo("\n".join(spec_lines(spec, engine_name, recorded)))
+    if not spec.forwards:
+        from tunneld.config import no_forwards_error
+
+        why = no_forwards_error(host, ssh_config)
+        click.echo(f"warning: {why.message}\n  hint: {why.hint}", err=True)
     if settings.on_demand:
         click.echo(
             f"on demand   listens from `start`, connects when the first client does, disconnects after "
@@ -51,14 +56,20 @@ def show(host: str, ssh_config: str | None, engine: str, as_json: bool) -> None:
 @click.command("list")
 @ssh_config_option
 def list_(ssh_config: str | None) -> None:
-    """List the hosts of the ssh_config that have forwards, then tunneld.toml's groups (`start @GROUP`)."""
-    from tunneld.config import list_hosts
+    """List the hosts of the ssh_config that have forwards, then tunneld.toml's groups (`start @GROUP`).
+
+    The ssh_config files read are named on stderr (`~/.ssh/config (does not exist)` when there is none).
+    """
+    from tunneld.config import describe_sources, list_hosts
     from tunneld.settings import groups
 
     specs, skipped = list_hosts(ssh_config)
     warn_skipped(skipped)
-    if not specs:
-        click.echo("no host in the ssh_config has a LocalForward, RemoteForward or DynamicForward", err=True)
+    sources = describe_sources(ssh_config)
+    if specs:
+        click.echo(f"ssh_config files read: {sources}", err=True)
+    else:
+        click.echo(f"no host in {sources} has a LocalForward, RemoteForward or DynamicForward", err=True)
     for spec in specs:
         click.echo(f"{spec.alias}  " + ", ".join(str(f) for f in spec.forwards))
     listed = {spec.alias for spec in specs}

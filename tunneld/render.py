@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from tunneld.probes import PREAUTH_LIMIT, PREAUTH_WINDOW_S
 from tunneld.safetext import printable
@@ -25,7 +27,7 @@ def spec_lines(spec: TunnelSpec, engine: str, recorded: Launch | None = None) ->
     if spec.proxy_jump:
         via.append(f"ProxyJump {spec.proxy_jump}")
     if spec.proxy_command:
-        via.append(f"ProxyCommand {spec.proxy_command}")
+        via.append(f"ProxyCommand {proxy_command_shown(spec)}")
     keepalive_origin = "from your ssh_config" if spec.keepalive_from_user else "tunneld's default"
     lines = [
         f"host        {spec.alias}",
@@ -99,11 +101,22 @@ def probe_text(spec: TunnelSpec) -> str:
     return f"TCP to {shown} ({which}) every 0.25 s, only while it refuses or does not answer TCP"
 
 
+def proxy_command_shown(spec: TunnelSpec) -> str | None:
+    """Return the ProxyCommand as ssh runs it: its %h, %n, %p, %r and %% expanded (None without one)."""
+    from tunneld.tokens import expand_proxy_command, token_table
+
+    if spec.proxy_command is None:
+        return None
+    return expand_proxy_command(spec.proxy_command, token_table(spec.alias, spec.hostname, spec.port, spec.user))
+
+
 def spec_json(spec: TunnelSpec, engine: str, recorded: Launch | None = None) -> dict[str, object]:
-    """Return `tunneld show --json`: the spec, the engine, and each forward's listen addresses and exposure."""
+    """Return `tunneld show --json`: the spec (ProxyCommand expanded, as written in `proxy_command_raw`), the engine,
+    and each forward's listen addresses and exposure."""
     from tunneld.listen import plan_spec
 
     data = {**spec.to_dict(), "engine": engine, "warnings": [] if spec.forwards else [NO_FORWARDS_WARNING]}
+    data["proxy_command"], data["proxy_command_raw"] = proxy_command_shown(spec), spec.proxy_command
     data["last_start"] = {"engine": recorded.engine, "ssh_config": recorded.ssh_config} if recorded else None
     hop = spec.first_hop()
     data["probes"] = {
@@ -151,19 +164,51 @@ def size(count: int) -> str:
     return f"{value:.1f} GiB"
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Return left-aligned columns separated by two spaces (the last column is not padded)."""
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], width: int | None = None) -> list[str]:
+    """Return left-aligned columns separated by two spaces (the last column is not padded).
+
+    With `width` (a terminal's), the widest columns are cut first (with `…`) until a line fits, never the first two
+    (HOST and STATE) and none below its header's width.
+    """
     rows = [[printable(str(cell)) for cell in row] for row in rows]  # cells quote state files and servers
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    marker = ellipsis(sys.stdout)
+    for _ in range(sum(widths)):  # one column one character narrower per round: bounded by the table's width
+        if width is None or sum(widths) + 2 * (len(widths) - 1) <= width:
+            break
+        cuttable = [i for i in range(2, len(widths)) if widths[i] > max(len(header[i]), len(marker))]
+        if not cuttable:
+            break
+        widths[max(cuttable, key=lambda i: widths[i])] -= 1
     out = []
     for row in [header, *rows]:
-        cells = [str(cell).ljust(widths[i]) for i, cell in enumerate(row[:-1])]
-        out.append("  ".join([*cells, str(row[-1])]).rstrip())
+        cells = [cell if len(cell) <= widths[i] else cell[: widths[i] - len(marker)] + marker
+                 for i, cell in enumerate(row)]  # fmt: skip
+        out.append("  ".join([*(cell.ljust(widths[i]) for i, cell in enumerate(cells[:-1])), cells[-1]]).rstrip())
     return out
 
 
+def ellipsis(stream: TextIO) -> str:
+    """Return `…`, or `...` where the stream's encoding cannot write it."""
+    try:
+        "…".encode(getattr(stream, "encoding", None) or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return "..."
+    return "…"
+
+
+def terminal_width(stream: TextIO | None = None) -> int | None:
+    """Return the width of the terminal `stream` (stdout) writes to; None for a pipe or a file (they keep every
+    character) or a terminal that does not know its size."""
+    stream = stream or sys.stdout
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns if stream.isatty() else 0
+    except (OSError, ValueError):
+        columns = 0
+    return columns or None
+
+
 STATUS_HEADER = ("HOST", "STATE", "PID", "UPTIME", "FORWARDS", "RECONNECTS", "AUTOSTART", "LAST ERROR")
-LAST_ERROR_WIDTH = 70
 
 
 def forward_text(forward: dict[str, object]) -> str:
@@ -191,9 +236,9 @@ def status_row(report: HostReport) -> list[str]:
     error = "-"
     if report.last_error and report.state not in (UP, DEGRADED, STOPPED):
         error = str(report.last_error.get("message", "-"))
-        if len(error) > LAST_ERROR_WIDTH:
-            error = error[: LAST_ERROR_WIDTH - 3] + "..."
     state = report.state
+    if report.config_changed_since:
+        state += " (config changed since)"
     if report.state == IDLE:
         state += " (on demand)"
     if report.next_try_at and report.state == BACKOFF:
@@ -210,9 +255,9 @@ def status_row(report: HostReport) -> list[str]:
     ]
 
 
-def status_lines(reports: Sequence[HostReport]) -> list[str]:
-    """Return the whole status table."""
-    return table(STATUS_HEADER, [status_row(r) for r in reports])
+def status_lines(reports: Sequence[HostReport], width: int | None = None) -> list[str]:
+    """Return the whole status table (fitted to `width`, a terminal's, when given)."""
+    return table(STATUS_HEADER, [status_row(r) for r in reports], width)
 
 
 def step_line(name: str, verdict: str, detail: str) -> str:

@@ -8,6 +8,8 @@ fails by chance. Each host's result is reported in one piece, `[N/M]` as it ends
 from __future__ import annotations
 
 import contextlib
+import re
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tunneld.errors import EXIT_OK, AlreadyRunningError, TunneldError, report_error
+from tunneld.errors import EXIT_OK, EXIT_UNAVAILABLE, AlreadyRunningError, TunneldError, report_error
 
 if TYPE_CHECKING:
     from tunneld.autostart.managed import ManagedStart
@@ -51,16 +53,22 @@ def start_host(host: str, options: StartOptions, progress: Callable[[str], None]
     from tunneld.daemon import start_tunnel
     from tunneld.errors import AuthError
     from tunneld.login import login_host, offer_ssh_add, on_terminal, waiting_for_credentials
+    from tunneld.status import collect
 
     if waiting_for_credentials(host):
         return _retry_waiting(host, options)
     spec = resolve_host(host, options.ssh_config) if not _managed(host) else None
 
     def attempt() -> list[str]:
-        result = start_managed(host, options.timeout, progress) or start_tunnel(  # systemd/launchd own autostart
-            spec or resolve_host(host, options.ssh_config), options.engine, options.timeout, progress,
-            options.verbose, options.keep_trying,
-        )  # fmt: skip
+        try:
+            result = start_managed(host, options.timeout, progress) or start_tunnel(  # systemd/launchd: autostart
+                spec or resolve_host(host, options.ssh_config), options.engine, options.timeout, progress,
+                options.verbose, options.keep_trying,
+            )  # fmt: skip
+        except TunneldError as error:
+            if error.exit_code == EXIT_UNAVAILABLE and not options.keep_trying and not collect(host).running:
+                error.hint = fail_fast_hint(host, options.ssh_config, error.hint)
+            raise
         return _started_lines(host, result)
 
     try:
@@ -122,6 +130,20 @@ def _retry_waiting(host: str, options: StartOptions) -> list[str]:
 
 def _stderr(text: str, _to_stderr: bool) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+_RETRY_CLAUSE = re.compile(r"(?:[;,]\s*|(?<=[?.!])\s+|^)tunneld (?:keeps|waits|reconnects|retries)\b[^;]*")
+
+
+def fail_fast_hint(host: str, ssh_config: str | None, hint: str | None) -> str:
+    """The hint of a plain `start` that could not reach the server (exit 69): nothing is left running, so the engine's
+    "tunneld keeps retrying" is untrue; keep the rest of its hint and name the way to keep trying."""
+    kept = _RETRY_CLAUSE.sub("", hint or "").strip().rstrip(";,").strip()
+    command = shlex.join(["tunneld", "start", host, *(["-F", ssh_config] if ssh_config else []), "--keep-trying"])
+    advice = f"nothing is left running: to keep retrying in the background until the server answers, run `{command}`"
+    if not kept:
+        return advice
+    return f"{kept} {advice[0].upper()}{advice[1:]}" if kept.endswith(("?", ".")) else f"{kept}; {advice}"
 
 
 @dataclass(frozen=True)

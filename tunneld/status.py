@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from dataclasses import asdict, dataclass
 
 from tunneld.autostart import enabled_hosts, read_manifest
-from tunneld.errors import CorruptFileError, NeedsAuthError, StartupError, TunneldError
-from tunneld.paths import HostFiles, hosts_with_files, known_hosts_with_files, state_dir
+from tunneld.errors import CorruptFileError, NeedsAuthError, NotRunningError, StartupError, TunneldError
+from tunneld.paths import HostFiles, hosts_with_files, is_valid_host, known_hosts_with_files, state_dir
 from tunneld.pidfile import PidFile, read_json
 from tunneld.safetext import printable
-from tunneld.states import ALL_STATES, FORWARD_DEGRADED, NEEDS_AUTH, READY_STATES, RUNNING_STATES
+from tunneld.states import ALL_STATES, FAILED, FORWARD_DEGRADED, NEEDS_AUTH, READY_STATES, RUNNING_STATES
 
 STATUS_SCHEMA_VERSION = 1
 STALE = "dead (stale pid file)"
@@ -40,6 +42,8 @@ class HostReport:
     forwards: tuple[dict[str, object], ...] = ()
     children: tuple[int, ...] = ()
     autostart: str | None = None
+    # Failed on tunneld.toml or ssh_config, and that file changed since: a start may work now (the table says so).
+    config_changed_since: bool = False
 
     @property
     def is_up(self) -> bool:
@@ -59,6 +63,7 @@ class HostReport:
     def to_dict(self) -> dict[str, object]:
         """Return the documented JSON form (docs/usage.md, `status --json`)."""
         data = asdict(self)
+        data.pop("config_changed_since")  # the table's remark only: the JSON schema stays as documented
         data["forwards"] = list(self.forwards)
         data["children"] = list(self.children)
         return data
@@ -68,6 +73,38 @@ def listed_hosts() -> tuple[list[str], list[str]]:
     """Return (the hosts `status` lists: those with files or with autostart, sorted; stray state-directory names)."""
     with_files, stray = hosts_with_files()
     return sorted({*with_files, *enabled_hosts()}), stray
+
+
+def known_names() -> list[str]:
+    """Return every host tunneld has run or set up: a pid, state or log file, or an autostart manifest (sorted)."""
+    logs = {path.name.removesuffix(".log") for path in state_dir().glob("*.log")} if state_dir().is_dir() else set()
+    return sorted({*known_hosts_with_files(), *(name for name in logs if is_valid_host(name)), *enabled_hosts()})
+
+
+def never_ran(host: str) -> bool:
+    """Return True when tunneld has never run `host` nor set it up: no pid, state or log file, no autostart."""
+    files = HostFiles.of(host)
+    if any(path.exists() for path in (files.pid, files.state, files.log)):
+        return False
+    try:
+        return read_manifest(host) is None
+    except CorruptFileError:
+        return False
+
+
+def never_ran_error(host: str, not_running: bool = False) -> TunneldError:
+    """The error of `stop`, `status` or `logs` of a name tunneld has never run (a typo, most often), naming the known
+    ones and the closest of them; a NotRunningError (exit 3) for `status`, else exit 1."""
+    import difflib
+
+    known = known_names()
+    close = difflib.get_close_matches(host, known, n=2)
+    kind = NotRunningError if not_running else TunneldError
+    return kind(
+        f"tunneld has never run {host}; known: {', '.join(known) or 'none yet'}",
+        (f"did you mean {' or '.join(close)}? " if close else "")
+        + "`tunneld list` shows the hosts of your ssh_config; `tunneld start HOST` starts one",
+    )
 
 
 def collect(host: str) -> HostReport:
@@ -124,7 +161,36 @@ def collect(host: str) -> HostReport:
         forwards=tuple(f for f in forwards if isinstance(f, dict)) if isinstance(forwards, list) else (),
         children=_child_pids(state.get("children")) if running else (),
         autostart=_autostart_of(host),
+        config_changed_since=shown == FAILED and _config_changed_since(last_error, state),
     )
+
+
+CONFIG_ERRORS = ("ConfigError", "NoForwardsError")  # the kinds a fixed tunneld.toml or ssh_config can cure
+_PATH_RE = re.compile(r"(?:^|[\s,(])(~?/[^\s,:;()']+)")
+
+
+def _config_changed_since(error: object, state: dict[str, object]) -> bool:
+    """Return True when `error` is a tunneld.toml or ssh_config error and one of those files (tunneld.toml, the
+    recorded -F file or ~/.ssh/config, a file the message names) changed after it. Stats only: `status` stays cheap."""
+    if not isinstance(error, dict) or error.get("kind") not in CONFIG_ERRORS:
+        return False
+    when = _number(error.get("at")) or _number(state.get("since"))
+    if when is None:
+        return False
+    from tunneld.settings import settings_path
+    from tunneld.tokens import local_home
+
+    recorded = state.get("ssh_config")
+    files = [str(settings_path()), recorded if isinstance(recorded, str) else "~/.ssh/config"]
+    files += _PATH_RE.findall(str(error.get("message", "")))
+    for name in files:
+        path = local_home() + name[1:] if name.startswith("~/") else name
+        try:
+            if os.stat(path).st_mtime > when:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _death(pid: object, files: HostFiles) -> dict[str, object]:

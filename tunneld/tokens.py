@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import os
 import pwd
+import re
 import socket
 
 from tunneld.errors import ConfigError
@@ -40,6 +41,24 @@ def expand_tokens(value: str, tokens: dict[str, str]) -> str:
     return "".join(out)
 
 
+def expand_proxy_command(command: str, tokens: dict[str, str]) -> str:
+    """Expand what ssh expands in a ProxyCommand before running it (%%, %h, %n, %p, %r); leave anything else."""
+    return re.sub(r"%([%hnpr])", lambda match: tokens[match[1]], command)
+
+
+def expand_path(value: str, tokens: dict[str, str], tilde: bool = True) -> str:
+    """Expand `~` (unless `tilde` is False), `%x` and `${VAR}` as ssh expands ControlPath, IdentityAgent and
+    UserKnownHostsFile (and the socket paths of forwards, without `~`)."""
+
+    def variable(match: re.Match[str]) -> str:
+        if match[1] not in os.environ:
+            raise ConfigError(f"env var ${{{match[1]}}} has no value (in {value!r})")
+        return os.environ[match[1]]
+
+    head = "~" if not tilde and value.startswith("~") else ""
+    return head + re.sub(r"\$\{(\w+)\}", variable, expand_tokens(value[len(head) :], tokens))
+
+
 def local_home() -> str:
     """Return the home directory ssh uses for `~` and `%d`: the passwd entry's, not $HOME."""
     try:
@@ -48,10 +67,17 @@ def local_home() -> str:
         return os.path.expanduser("~")
 
 
+def local_user() -> str:
+    """Return the local user name as ssh knows it (%u, the default User): the passwd entry's, not $USER."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return getpass.getuser()
+
+
 def token_table(alias: str, hostname: str, port: int, user: str) -> dict[str, str]:
     """Return the values of ssh's `%` tokens for one connection."""
     local_host = socket.gethostname()
-    local_user = getpass.getuser()
     return {
         "%": "%",
         "d": local_home(),
@@ -62,7 +88,7 @@ def token_table(alias: str, hostname: str, port: int, user: str) -> dict[str, st
         "n": alias,
         "p": str(port),
         "r": user,
-        "u": local_user,
+        "u": local_user(),
     }
 
 

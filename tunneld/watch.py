@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-from tunneld.render import STATUS_HEADER, size, status_row, table
+from tunneld.render import STATUS_HEADER, size, status_row, table, terminal_width
 from tunneld.states import BACKOFF, CONNECTING, DEGRADED, FAILED, LOST, NEEDS_AUTH, STARTING, UP
 from tunneld.status import HostReport
 
@@ -53,8 +53,11 @@ class ByteRates:
         return rates
 
 
-def frame_lines(reports: Sequence[HostReport], rates: Rates, interval: float, colour: bool) -> list[str]:
-    """Return one frame: a title line, then the status table with byte rates where they are known."""
+def frame_lines(
+    reports: Sequence[HostReport], rates: Rates, interval: float, colour: bool, width: int | None = None
+) -> list[str]:
+    """Return one frame: a title line, then the status table with byte rates where they are known (fitted to
+    `width`, when given)."""
     rows = []
     for report in reports:
         row = status_row(report)
@@ -66,7 +69,7 @@ def frame_lines(reports: Sequence[HostReport], rates: Rates, interval: float, co
     title = f"tunneld status  every {interval:g} s  {time.strftime('%H:%M:%S')}  (Ctrl-C ends)"
     if not reports:
         return [title, "", "no tunnels: start one with `tunneld start HOST`"]
-    lines = table(STATUS_HEADER, rows)
+    lines = table(STATUS_HEADER, rows, width)
     if colour:
         lines[1:] = [COLOURS.get(r.state, "") + line + (RESET if r.state in COLOURS else "")
                      for r, line in zip(reports, lines[1:], strict=True)]  # fmt: skip
@@ -90,7 +93,11 @@ def draw_until_interrupted(
     try:
         while frames is None or drawn < frames:
             current = reports()
-            lines = frame_lines(current, rates.update(current, time.monotonic()), interval, colour)
+            width = terminal_width(out) if terminal else None  # asked every frame: the window may be resized
+            # One column short of the edge: a line that fills the last column leaves the cursor there, and the
+            # erase-to-end-of-line after it would erase that column's character.
+            fitted = width - 1 if width else None
+            lines = frame_lines(current, rates.update(current, time.monotonic()), interval, colour, fitted)
             if terminal:
                 out.write(HOME + "".join(line + ERASE_LINE + "\n" for line in lines) + ERASE_BELOW)
             else:
