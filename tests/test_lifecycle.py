@@ -20,7 +20,8 @@ from tunneld.errors import EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_RUNTIME, EXIT_UNA
 HOST = "mlflowserver"
 STATUS_KEYS = {
     "host", "state", "running", "pid", "engine", "started_at", "since", "uptime_s", "reconnects", "attempts",
-    "next_try_at", "last_error", "previous_error", "forwards", "children", "autostart",
+    "next_try_at", "last_error", "previous_error", "forwards", "children", "autostart", "config_changed",
+    "config_changes",
 }  # fmt: skip
 # Field -> the types the documented schema allows (docs/usage.md, `status --json`).
 NUMBER, OPTIONAL_NUMBER = (int, float), (int, float, type(None))
@@ -29,6 +30,7 @@ HOST_TYPES: dict[str, tuple[type, ...]] = {
     "started_at": OPTIONAL_NUMBER, "since": OPTIONAL_NUMBER, "uptime_s": OPTIONAL_NUMBER, "reconnects": (int,),
     "attempts": (int,), "next_try_at": OPTIONAL_NUMBER, "last_error": (dict, type(None)),
     "previous_error": (dict, type(None)), "forwards": (list,), "children": (list,), "autostart": (str, type(None)),
+    "config_changed": (bool,), "config_changes": (list,),
 }  # fmt: skip
 FORWARD_TYPES: dict[str, tuple[type, ...]] = {
     "forward": (str,), "listen": (list,), "target": (str,), "state": (str,), "detail": (str, type(None)),

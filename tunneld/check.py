@@ -8,12 +8,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tunneld.config import resolve_host
-from tunneld.credentials import AuthPlan, auth_plan, control_socket_alive
+from tunneld.credentials import host_auth_plan
 from tunneld.engines import Link, LinkEvents, make_engine, select_engine_name
 from tunneld.errors import AuthError, HostKeyError, PortInUseError, TunneldError, UnreachableError
-from tunneld.health import LocalProber, checks_for, run_check
+from tunneld.health import LocalProber, check_health_keys, checks_for, run_check
 from tunneld.listen import ListenPlan, plan_spec
-from tunneld.paths import HostFiles
 from tunneld.ports import Listeners, listeners_of, port_in_use_error, port_is_free, socket_path_error
 from tunneld.render import proxy_command_shown
 from tunneld.settings import host_settings
@@ -49,7 +48,7 @@ def run_checks(host: str, ssh_config: str | None, engine_name: str) -> Iterator[
     that needs it is `[skip]`, so one problem is never reported twice under two names."""
     try:
         spec = resolve_host(host, ssh_config)
-        host_settings(host)  # tunneld.toml is part of the configuration
+        check_health_keys(spec, host_settings(host))  # tunneld.toml is part of the configuration
         select_engine_name(engine_name, host)
     except TunneldError as error:
         yield Step("config", FAIL, error.message, error.hint)
@@ -85,13 +84,6 @@ def run_checks(host: str, ssh_config: str | None, engine_name: str) -> Iterator[
         yield from _skip_from("tcp", "a local port is taken; fix that first (check connects only when it can log in)")
         return
     yield from _connect_steps(spec, engine_name)
-
-
-def plan_of(spec: TunnelSpec) -> AuthPlan:
-    """Which authentication the host will need, as far as ssh_config, the key files and the agent tell."""
-    files = HostFiles.of(spec.alias)
-    return auth_plan(spec.alias, spec.identity_files, spec.identities_only, spec.identity_agent, spec.option,
-                     master=control_socket_alive(files.control))  # fmt: skip
 
 
 def _waiting_steps(report: HostReport) -> Iterator[Step]:
@@ -193,7 +185,7 @@ def _connect_steps(spec: TunnelSpec, engine_name: str) -> Iterator[Step]:
     yield _tcp_step(hop, events)
     try:
         yield Step("host key", PASS, f"{spec.hostname}'s key matches known_hosts")
-        yield Step("auth", PASS, f"authenticated as {spec.user} ({plan_of(spec).summary})")
+        yield Step("auth", PASS, f"authenticated as {spec.user} ({host_auth_plan(spec).summary})")
         listening = "; ".join(_listen_of(s.to_dict()) for s in link.stats())
         yield Step("forwards", PASS, "listening: " + listening)
         yield from _target_steps(spec)
@@ -219,7 +211,7 @@ def _failure_steps(spec: TunnelSpec, error: TunneldError) -> Iterator[Step]:
     if isinstance(error, (AuthError, PortInUseError)):
         yield Step("host key", PASS, f"{spec.hostname}'s key matches known_hosts")
     if isinstance(error, AuthError):
-        yield Step("auth", FAIL, f"{error.message} ({plan_of(spec).summary})", error.hint)
+        yield Step("auth", FAIL, f"{error.message} ({host_auth_plan(spec).summary})", error.hint)
         yield from _skip_from("forwards", "authentication must succeed first")
     elif isinstance(error, PortInUseError):
         yield Step("auth", PASS, f"authenticated as {spec.user}")

@@ -385,6 +385,24 @@ def wait(host: str, ssh_config: str | None, timeout: float) -> None:
 
 
 @cli.command()
+@click.argument("host", shell_complete=complete_hosts_with_files)
+@ssh_config_unused
+def reload(host: str, ssh_config: str | None) -> None:
+    """Apply HOST's changed ssh_config and tunneld.toml to its running tunnel (also: SIGHUP to it).
+
+    tunneld.toml's settings apply in place; changed forwards too with the paramiko engine (unchanged ones keep
+    their connections); anything else that concerns the connection (and forwards with the OpenSSH engine) with a
+    new link; an engine change at a restart. A broken configuration is reported and not applied. It reads the
+    ssh_config file the tunnel was started with.
+    """
+    from tunneld.drift import reload_host
+    from tunneld.status import ssh_config_for
+
+    for line in reload_host(host, ssh_config_for(host, None), _echo):
+        click.echo(line)
+
+
+@cli.command()
 @click.argument("host", shell_complete=complete_configured_hosts)
 @ssh_config_option
 @engine_option

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunneld.keys import needs_passphrase, probe_agent, public_blobs
+from tunneld.spec import TunnelSpec
 
 AGENT_CHECK_S = 2.0
 AGENT_TIMEOUT_S = 1.0
@@ -167,3 +168,12 @@ def auth_plan(
     if interactive_ok:
         return AuthPlan(f"no key ({where}, no IdentityFile exists): run `tunneld login {alias}`", "interactive")
     return AuthPlan(f"no key ({where}, no IdentityFile exists): the server will refuse the login", "keys")
+
+
+def host_auth_plan(spec: TunnelSpec) -> AuthPlan:
+    """Which authentication `spec`'s host will need, as far as ssh_config, the key files and the agent tell (and
+    whether the interactive login connection of `tunneld login` is there)."""
+    from tunneld.paths import HostFiles
+
+    return auth_plan(spec.alias, spec.identity_files, spec.identities_only, spec.identity_agent, spec.option,
+                     master=control_socket_alive(HostFiles.of(spec.alias).control))  # fmt: skip

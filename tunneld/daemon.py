@@ -27,6 +27,7 @@ from tunneld.errors import (
     TunneldError,
     error_from_dict,
 )
+from tunneld.health import check_health_keys
 from tunneld.logfile import configure_logging
 from tunneld.notices import DesktopNotices
 from tunneld.paths import HostFiles, config_dir, ensure_private_dir, open_private, state_dir
@@ -173,6 +174,7 @@ def _run_supervised(
         fd = lock_fd if lock_fd is not None else pidfile.lock()
         spec = resolve_host(host, ssh_config)
         settings = host_settings(host)
+        check_health_keys(spec, settings)
         engine = make_engine(engine_name, host, settings)
     except TunneldError as error:
         notifier.send("failed", error.to_dict())

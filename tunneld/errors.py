@@ -226,9 +226,10 @@ class AlreadyRunningError(TunneldError):
 
     exit_code = EXIT_OK
 
-    def __init__(self, host: str, pid: int | None) -> None:
+    def __init__(self, host: str, pid: int | None, note: str = "") -> None:
         shown = f"pid {pid}" if pid else "starting"
-        super().__init__(f"{host} is already running ({shown})", f"stop it with: tunneld stop {host}")
+        note = f"; {note}" if note else ""
+        super().__init__(f"{host} is already running ({shown}){note}", f"stop it with: tunneld stop {host}")
         self.pid = pid
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from tunneld.errors import ConnectError, TunneldError
+from tunneld.errors import ConfigError, ConnectError, TunneldError
 from tunneld.probes import name_for_lookup
 from tunneld.settings import HostSettings
 from tunneld.spec import LOCAL, Forward, TunnelSpec
@@ -122,6 +122,22 @@ class Health:
             "latency_ms": self.latency_ms,
             "configured": self.configured,
         }
+
+
+def check_health_keys(spec: TunnelSpec, settings: HostSettings) -> None:
+    """A `[hosts.X.health]` key must name a LocalForward of the host (its local port or socket path): a typo would
+    otherwise check nothing, silently. Raise a ConfigError listing the forwards' ports."""
+    names = [f.listen.path if f.listen.path is not None else str(f.listen.port) for f in spec.local_forwards]
+    for key, _ in settings.health:
+        if key not in names:
+            from tunneld.settings import settings_path
+
+            shown = ", ".join(f'"{name}"' for name in names) or "none"
+            raise ConfigError(
+                f"{settings_path()} [hosts.{spec.alias}.health]: {key!r} names no LocalForward of {spec.alias} "
+                f"(its forwards listen on: {shown})",
+                "use the local port (or socket path) of one of the host's LocalForwards as the key",
+            )
 
 
 def checks_for(spec: TunnelSpec, settings: HostSettings) -> list[HealthCheck]:

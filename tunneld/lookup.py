@@ -24,23 +24,32 @@ def show(host: str, ssh_config: str | None, engine: str, as_json: bool) -> None:
     Shows every host `ssh -G` resolves, also one without forwards (with a warning: start would refuse it).
     """
     from tunneld.config import resolve_host
+    from tunneld.credentials import host_auth_plan
     from tunneld.engines import select_engine_name
+    from tunneld.health import check_health_keys
     from tunneld.paths import is_valid_host
     from tunneld.render import spec_json, spec_lines
     from tunneld.settings import host_settings
-    from tunneld.status import recorded_launch
+    from tunneld.status import recorded_launch, ssh_config_for
 
+    if is_valid_host(host):
+        ssh_config = ssh_config_for(host, ssh_config)  # the file the running (or last) tunnel was started with
     spec = resolve_host(host, ssh_config, require_forwards=False)
     settings = host_settings(host)
+    check_health_keys(spec, settings)
+    plan = host_auth_plan(spec) if is_valid_host(host) else None
     engine_name = select_engine_name(engine, host, settings)
     recorded = recorded_launch(host) if is_valid_host(host) else None
     if as_json:
         data = spec_json(spec, engine_name, recorded)
         data["on_demand"] = settings.on_demand
         data["idle_timeout_s"] = settings.idle_timeout_s if settings.on_demand else None
+        data["auth"] = plan.to_dict() if plan is not None else None
         click.echo(json.dumps(data, indent=2))
         return
     click.echo("\n".join(spec_lines(spec, engine_name, recorded)))
+    if plan is not None:
+        click.echo(f"auth        {plan.summary}")
     if not spec.forwards:
         from tunneld.config import no_forwards_error
 
@@ -96,10 +105,11 @@ def check(host: str, ssh_config: str | None, engine: str) -> None:
     from tunneld.check import FAIL, run_checks
     from tunneld.paths import validate_host
     from tunneld.render import step_line
+    from tunneld.status import ssh_config_for
 
     validate_host(host)
     failed = False
-    for step in run_checks(host, ssh_config, engine):
+    for step in run_checks(host, ssh_config_for(host, ssh_config), engine):
         click.echo(step_line(step.name, step.verdict, step.detail))
         if step.hint:
             click.echo(f"{'':18}hint: {step.hint}")

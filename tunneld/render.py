@@ -239,6 +239,8 @@ def status_row(report: HostReport) -> list[str]:
     state = report.state
     if report.config_changed_since:
         state += " (config changed since)"
+    if report.config_changed:
+        state += " (older config: tunneld reload)"
     if report.state == IDLE:
         state += " (on demand)"
     if report.next_try_at and report.state == BACKOFF:

@@ -51,9 +51,10 @@ def start_host(host: str, options: StartOptions, progress: Callable[[str], None]
     from tunneld.autostart.managed import start_managed
     from tunneld.config import resolve_host
     from tunneld.daemon import start_tunnel
+    from tunneld.drift import config_drift, drift_note
     from tunneld.errors import AuthError
     from tunneld.login import login_host, offer_ssh_add, on_terminal, waiting_for_credentials
-    from tunneld.status import collect
+    from tunneld.status import collect, ssh_config_for
 
     if waiting_for_credentials(host):
         return _retry_waiting(host, options)
@@ -73,6 +74,11 @@ def start_host(host: str, options: StartOptions, progress: Callable[[str], None]
 
     try:
         return attempt()
+    except AlreadyRunningError as error:
+        changes = config_drift(host, ssh_config_for(host, options.ssh_config))
+        if changes:
+            raise AlreadyRunningError(host, error.pid, drift_note(host, changes)) from None
+        raise
     except AuthError as error:
         if not (options.prompt and on_terminal()) or spec is None:
             raise

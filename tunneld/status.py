@@ -44,6 +44,13 @@ class HostReport:
     autostart: str | None = None
     # Failed on tunneld.toml or ssh_config, and that file changed since: a start may work now (the table says so).
     config_changed_since: bool = False
+    # How the files on disk differ from what the running tunnel uses (`tunneld reload HOST` applies them).
+    config_changes: tuple[str, ...] = ()
+
+    @property
+    def config_changed(self) -> bool:
+        """True when the running tunnel uses an older configuration than the files say."""
+        return bool(self.config_changes)
 
     @property
     def is_up(self) -> bool:
@@ -64,6 +71,8 @@ class HostReport:
         """Return the documented JSON form (docs/usage.md, `status --json`)."""
         data = asdict(self)
         data.pop("config_changed_since")  # the table's remark only: the JSON schema stays as documented
+        data["config_changed"] = self.config_changed
+        data["config_changes"] = list(self.config_changes)
         data["forwards"] = list(self.forwards)
         data["children"] = list(self.children)
         return data
@@ -162,6 +171,7 @@ def collect(host: str) -> HostReport:
         children=_child_pids(state.get("children")) if running else (),
         autostart=_autostart_of(host),
         config_changed_since=shown == FAILED and _config_changed_since(last_error, state),
+        config_changes=_strings(state.get("config_changed")) if running else (),
     )
 
 
@@ -287,6 +297,10 @@ def _child_pids(children: object) -> tuple[int, ...]:
     if not isinstance(children, list):
         return ()
     return tuple(int(c["pid"]) for c in children if isinstance(c, dict) and isinstance(c.get("pid"), int))
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    return tuple(str(item)[:300] for item in value[:20]) if isinstance(value, list) else ()
 
 
 def _number(value: object) -> float | None:

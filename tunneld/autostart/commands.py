@@ -51,12 +51,14 @@ def autostart_enable(host: str, ssh_config: str | None, via: str | None, now: bo
     from tunneld.autostart.service import Launch, Runner
     from tunneld.config import resolve_host
     from tunneld.settings import expand_groups
+    from tunneld.status import ssh_config_for
 
     hosts = expand_groups([host])
     # every member is checked before any is enabled: a group is enabled whole or not at all
-    specs = [resolve_host(name, ssh_config) for name in hosts]  # the config step `check` runs
+    # the config step `check` runs; without -F, the file a running (or last) tunnel of the host was started with
+    specs = [resolve_host(name, ssh_config_for(name, ssh_config)) for name in hosts]
     for spec in specs:
-        done = enable_host(spec, via or default_via(), Launch.current(ssh_config), Runner(), now)
+        done = enable_host(spec, via or default_via(), Launch.current(spec.ssh_config), Runner(), now)
         click.echo(f"{spec.alias}  autostart enabled via {done.manifest.via}" + (" and started" if now else ""))
         for note in done.notes:
             click.echo(f"  {note}")

@@ -67,6 +67,8 @@ RestartSec={RESTART_DELAY_S}
 RestartPreventExitStatus=78
 KillMode=mixed
 TimeoutStopSec=15
+# `systemctl --user reload tunneld@HOST` = `tunneld reload HOST`: apply a changed ssh_config or tunneld.toml.
+ExecReload=/bin/kill -HUP $MAINPID
 
 [Install]
 WantedBy=default.target
