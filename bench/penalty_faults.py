@@ -27,7 +27,8 @@ from tests.harness import SshServer, free_port_both, wait_for
 SSH10_PORT = 2210
 STRAY_CONNECTS = 25
 STRAY_EVERY_S = 0.1
-ACTIVATING = re.compile(r"activating ipv4 penalty .* for penalty: (.*)")
+# `srclimit_penalise: 198.18.77.1/32: activating ipv4 penalty of 16 seconds for penalty: connections without ...`
+ACTIVATING = re.compile(r"(\S+): activating ipv[46] penalty of \d+ seconds for (?:penalty: )?(.*)")
 
 
 class Lab10:
@@ -47,7 +48,7 @@ class Lab10:
     def activations(self, since: int) -> list[str]:
         """Penalties sshd activated for this machine's address since the mark (why, as sshd logged it)."""
         text = self.server.log.read_bytes()[since:].decode(errors="replace")
-        return [m[1] for m in ACTIVATING.finditer(text) if HOST_IP in m[0]]
+        return [m[2] for m in ACTIVATING.finditer(text) if m[1].startswith(f"{HOST_IP}/")]
 
     def login_works(self, host: str) -> bool:
         """The user's own ssh, as they would run it: `ssh -F CONFIG HOST true`."""

@@ -211,11 +211,16 @@ class RefusedByServerError(ConnectError):
     PerSourcePenalties, MaxStartups, a fail2ban-style drop) refuse new connections from this address for now."""
 
     @classmethod
-    def before_banner(cls, where: str, how: str) -> RefusedByServerError:
-        """`where` (host:port) accepted TCP and then `how` ("closed", "reset") it before sending its banner."""
+    def before_banner(cls, where: str, how: str, said: str | None = None) -> RefusedByServerError:
+        """`where` (host:port) accepted TCP and then `how` ("closed", "reset") it before any SSH banner; `said`: what
+        the peer sent instead, already quoted as the peer's (OpenSSH 9.8+ says `Not allowed at this time`)."""
+        what = (
+            f"the peer sent {said}, not an SSH banner, and {how} the connection"
+            if said
+            else (f"{where} {how} the connection before its SSH banner")
+        )
         return cls(
-            f"the server refuses new connections for now (rate limit?): {where} {how} the connection before "
-            "its SSH banner",
+            f"the server refuses new connections for now (rate limit?): {what}",
             "OpenSSH 9.8+ blocks an address for a while after connections that end before authentication "
             "(PerSourcePenalties), as do MaxStartups and fail2ban; tunneld waits at least 15 s between attempts",
         )

@@ -169,6 +169,10 @@ def _handshake_error(spec: TunnelSpec, greeting: bytes | None, exc: BaseExceptio
             f"{where}: no SSH banner within {spec.connect_timeout_s + SILENT_SERVER_GRACE_S:g} s", _STALLED_HINT
         )
     first = greeting.split(b"\n", 1)[0].rstrip(b"\r").decode(errors="replace")
+    ended = (exc, exc.__cause__, exc.__context__)
+    if greeting and not first.startswith("SSH-") and any(isinstance(e, (EOFError, ConnectionError)) for e in ended):
+        how = "reset" if any(isinstance(e, ConnectionResetError) for e in ended) else "closed"
+        return RefusedByServerError.before_banner(where, how, quote_peer(first))  # OpenSSH 9.8+: a line, then close
     if greeting and not first.startswith("SSH-"):
         return ConnectError(
             f"{where}: the peer sent {quote_peer(first)}, not an SSH banner",

@@ -356,13 +356,9 @@ class Diagnosis:
         if not hop.before_banner:
             return None
         how = hop.before_banner
-        if hop.peer_lines:
+        if hop.peer_lines:  # OpenSSH 9.8+ refuses with a line of text (`Not allowed at this time`), then closes
             more = f" (and {len(hop.peer_lines) - 1} more lines)" if len(hop.peer_lines) > 1 else ""
-            return ConnectError(
-                f"{shown}: the peer sent {quote_peer(hop.peer_lines[0])}{more}, not an SSH banner, and {how} the "
-                "connection",
-                "something other than sshd answers there, or a device on the path interferes; tunneld keeps retrying",
-            )
+            return RefusedByServerError.before_banner(shown, how, f"{quote_peer(hop.peer_lines[0])}{more}")
         if not jump and self.spec.proxy_command:
             return ConnectError(
                 f"the ProxyCommand of {self.spec.alias} ended before {shown} sent its SSH banner",
