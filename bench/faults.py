@@ -231,7 +231,7 @@ def _penalty_section(results: list[Result], server: str | None, unavailable: str
         "connection a second, sustained, blocks the address (bench/penalties.py measured 17-22 plain",
         "connections in 2-5 s; one a second never blocked). tunneld probes only while TCP to the server",
         "fails and allows itself at most 6 such connections a minute per host; a server that closes the",
-        "connection before its banner is left alone for at least 15 s. The same faults against a real",
+        "connection before its banner is left alone for at least 20 s. The same faults against a real",
         "OpenSSH 10 sshd, in the same namespace:",
         "",
     ]

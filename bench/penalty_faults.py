@@ -4,7 +4,7 @@ namespace, and the failure patterns that got tunneld's users locked out of their
 For each: how many connections ended before authentication (sshd's log), whether sshd activated a penalty
 for this machine's address because of tunneld, and whether the user's own `ssh` still logs in at the end.
 And one case where something else got the address blocked: tunneld must recognise the refusal, leave the
-server alone for at least 15 s at a time, and come back once the block ends without extending it.
+server alone for at least 20 s at a time, and come back once the block ends without extending it.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def flapping(lab: Lab10, engine: str, seconds: float, every_s: float = 3.0) -> R
 
 def blocked_by_others(lab: Lab10, engine: str) -> Result:
     """Something else (a port scanner, another tool) got this address blocked; then every link drops. tunneld
-    sees `closed before the banner`, waits at least 15 s per attempt, and is back once the block ends."""
+    sees `closed before the banner`, waits at least 20 s per attempt, and is back once the block ends."""
     host = f"p10-blocked-{engine}"
     lab.write_config(host, [f"LocalForward {lab.bench.local_port} 127.0.0.1:{lab.bench.target_port}"])
     lab.bench.tunneld("start", host, "-F", str(lab.config), "--engine", engine)

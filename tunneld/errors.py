@@ -222,7 +222,7 @@ class RefusedByServerError(ConnectError):
         return cls(
             f"the server refuses new connections for now (rate limit?): {what}",
             "OpenSSH 9.8+ blocks an address for a while after connections that end before authentication "
-            "(PerSourcePenalties), as do MaxStartups and fail2ban; tunneld waits at least 15 s between attempts",
+            "(PerSourcePenalties), as do MaxStartups and fail2ban; tunneld waits at least 20 s between attempts",
         )
 
 

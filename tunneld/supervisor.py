@@ -67,8 +67,9 @@ class Backoff:
     cap_s: float = 30.0
     stable_s: float = 5.0
     # A server that closes connections before its banner is refusing this address for now (PerSourcePenalties,
-    # MaxStartups, fail2ban): coming back sooner only prolongs the block.
-    refused_s: float = 15.0
+    # MaxStartups, fail2ban). OpenSSH 10 blocks for the penalty accumulated past 15 s, typically 16 s: coming back
+    # at 15 s would meet the same block (measured: back after 30 s instead of 20).
+    refused_s: float = 20.0
     attempt: int = 0
 
     def delay(self, rng: random.Random) -> float:
