@@ -80,7 +80,7 @@ def test_a_verdict_spoofed_on_a_reconnect_is_retried_and_the_tunnel_comes_back(
 
     wait_for(lambda: retried_with(said), 30, "a reconnect to meet the spoofed lines")
     assert "not an SSH banner" in last_error("spoof")
-    # Lines instead of a banner, then closed, is how OpenSSH 9.8+ refuses an address: at least 15 s between tries.
+    # Lines instead of a banner, then closed, is how OpenSSH 9.8+ refuses an address: at least 20 s between tries.
     wait_for(lambda: retried_with(said) and relay.accepted >= before + 2, 60, "another reconnect to meet them")
     state = read_state("spoof")
     assert tunnel.proc.poll() is None and state["state"] != "failed", state
