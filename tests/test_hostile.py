@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -35,7 +36,9 @@ from tests.helpers import (
     state_dir,
     write_config,
 )
+from tunneld.credentials import agent_identities, control_socket_peer
 from tunneld.errors import EXIT_CONFIG, EXIT_RUNTIME
+from tunneld.keys import probe_agent
 
 UP = ("up", "degraded")
 ESCAPES = ("\x1b", "\x07", "\x9b")
@@ -292,7 +295,7 @@ def test_a_tunneld_home_another_user_could_redirect_is_refused(tmp_path: Path, f
 
 
 def test_a_tunneld_home_that_is_your_link_to_your_directory_is_used(tmp_path: Path, config: Path) -> None:
-    mine = tmp_path / "mine"
+    mine = open_dir / "mine"
     mine.mkdir(mode=0o700)
     link = tmp_path / "th"
     link.symlink_to(mine)
@@ -568,3 +571,88 @@ def _stalled(flood: FloodServer, window_s: float = 2.0) -> bool:
     before = flood.bytes_sent
     time.sleep(window_s)
     return flood.bytes_sent - before < 1024 * 1024 and flood.bytes_sent > 0
+
+
+FOREIGN_LISTENER = """
+import os, socket, struct, sys
+path = sys.argv[1]
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+os.chmod(path, 0o777)
+server.listen(8)
+print("ready", flush=True)
+while True:
+    client, _ = server.accept()
+    try:
+        client.recv(5)
+        client.sendall(struct.pack(">IBI", 5, 12, 0))  # an agent's answer: no keys
+    except OSError:
+        pass
+    client.close()
+"""
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory another user can reach (tmp_path's parents are private): directly under /tmp, removed after."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="tunneld-test-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _foreign_listener(path: Path) -> subprocess.Popen[str]:
+    """A unix socket at `path` served by a process of another user (uid 65534), answering like an empty agent."""
+    proc = subprocess.Popen(["/usr/bin/python3", "-c", FOREIGN_LISTENER, str(path)], user=65534, group=65534,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+def test_an_agent_another_user_serves_is_never_taken_for_yours(open_dir: Path) -> None:
+    """SSH_AUTH_SOCK at a stale /tmp/ssh-XXXX/agent.N another user re-created: `ssh-add` would hand them the key."""
+    shared = open_dir / "ssh-XXXX"
+    shared.mkdir()
+    shared.chmod(0o777)
+    sock = shared / "agent.4242"
+    proc = _foreign_listener(sock)
+    try:
+        probe = probe_agent(str(sock))
+        assert not probe.reachable and probe.problem == "served by uid 65534, not by you (uid 0)", probe
+        assert agent_identities(str(sock)) is None  # needs-auth does not wait on it, start offers no ssh-add there
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+def test_a_control_socket_another_user_made_is_not_the_login_connection(open_dir: Path) -> None:
+    """A long state path moves `tunneld login`'s socket to /tmp/tunneld-UID: another user who made that directory, or
+    serves a socket in it, must not pose as the login connection (it could then own the tunnel's ports)."""
+    theirs = open_dir / "tunneld-0"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    theirs.chmod(0o777)
+    proc = _foreign_listener(theirs / "h.master")
+    try:
+        assert control_socket_peer(theirs / "h.master") is None  # their directory, their socket
+        ours = open_dir / "ours"
+        ours.mkdir(mode=0o700)
+        planted = ours / "h.master"
+        os.link(theirs / "h.master", planted)  # a hard link: the socket file is still theirs
+        assert control_socket_peer(planted) is None
+    finally:
+        proc.kill()
+        proc.wait(5)
+    mine = open_dir / "mine"
+    mine.mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(mine / "h.master"))
+        listener.listen(1)
+        assert control_socket_peer(mine / "h.master") == os.getpid()

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunneld.keys import needs_passphrase, probe_agent, public_blobs
+from tunneld.keys import needs_passphrase, peer_credentials, probe_agent, public_blobs
 from tunneld.spec import TunnelSpec
 
 AGENT_CHECK_S = 2.0
@@ -102,14 +103,37 @@ class CredentialWatch:
 
 
 def control_socket_alive(path: Path) -> bool:
-    """Return True when a unix socket at `path` accepts a connection (an ssh master listens there)."""
+    """Return True when this user's ssh master listens at `path` (`tunneld login`'s control socket).
+
+    Nobody else may have made it or serve it: the directory is the user's own (0700, not a link), the socket
+    file is the user's, and the process that accepts the connection runs as the user. Another local user who
+    pre-creates a socket there (say in /tmp) would otherwise pose as the login connection.
+    """
+    return control_socket_peer(path) is not None
+
+
+def control_socket_peer(path: Path) -> int | None:
+    """Return the pid serving this user's control socket at `path` (0 where the system does not tell), or None
+    when there is none, or it is not trustworthy (see control_socket_alive)."""
+    uid = os.getuid()
+    try:
+        folder, entry = os.lstat(path.parent), os.lstat(path)
+    except OSError:
+        return None
+    if (stat.S_ISLNK(folder.st_mode) or folder.st_uid != uid or folder.st_mode & 0o077
+            or not stat.S_ISSOCK(entry.st_mode) or entry.st_uid != uid):  # fmt: skip
+        return None
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(AGENT_TIMEOUT_S)
             sock.connect(str(path))
+            credentials = peer_credentials(sock)
     except OSError:
-        return False
-    return True
+        return None
+    if credentials is None:
+        return 0
+    pid, peer = credentials
+    return pid if peer == uid else None
 
 
 @dataclass(frozen=True)

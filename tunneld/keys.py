@@ -15,6 +15,7 @@ import binascii
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,16 +46,17 @@ class AgentProbe:
 
 
 def probe_agent(path: str, timeout: float = AGENT_TIMEOUT_S) -> AgentProbe:
-    """Connect to the agent at `path` and list the public keys it holds."""
+    """Connect to the agent at `path` and list the public keys it holds, within `timeout` for the whole exchange.
+
+    Only an agent of this user counts: a socket another user serves (a stale /tmp/ssh-XXXX/agent.N another user
+    re-created, say) would receive whatever key `ssh-add` loads into it, so it is "not yours", never "your agent".
+    """
+    deadline = time.monotonic() + timeout
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
-            sock.sendall(struct.pack(">IB", 1, REQUEST_IDENTITIES))
-            length = struct.unpack(">I", _read_exactly(sock, 4))[0]
-            if not 1 <= length <= MAX_ANSWER_BYTES:
-                return AgentProbe(path, problem=f"the agent answered a message of {length} bytes")
-            return AgentProbe(path, _parse_identities(_read_exactly(sock, length)))
+            return _ask(sock, path, deadline)
     except FileNotFoundError:
         return AgentProbe(path, problem="no such socket")
     except ConnectionRefusedError:
@@ -65,9 +67,45 @@ def probe_agent(path: str, timeout: float = AGENT_TIMEOUT_S) -> AgentProbe:
         return AgentProbe(path, problem=str(exc) or type(exc).__name__)
 
 
-def _read_exactly(sock: socket.socket, count: int) -> bytes:
+def _ask(sock: socket.socket, path: str, deadline: float) -> AgentProbe:
+    owner = peer_uid(sock, path)
+    if owner != os.getuid():
+        return AgentProbe(path, problem=f"served by uid {owner}, not by you (uid {os.getuid()})")
+    sock.sendall(struct.pack(">IB", 1, REQUEST_IDENTITIES))
+    length = struct.unpack(">I", _read_exactly(sock, 4, deadline))[0]
+    if not 1 <= length <= MAX_ANSWER_BYTES:
+        return AgentProbe(path, problem=f"the agent answered a message of {length} bytes")
+    return AgentProbe(path, _parse_identities(_read_exactly(sock, length, deadline)))
+
+
+def peer_uid(sock: socket.socket, path: str) -> int | None:
+    """Return the uid of the process serving a connected unix socket (SO_PEERCRED on Linux; elsewhere the owner
+    of the socket file, which only its creator or root can change)."""
+    credentials = peer_credentials(sock)
+    if credentials is not None:
+        return credentials[1]
+    try:
+        return os.stat(path).st_uid
+    except OSError:
+        return None
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int] | None:
+    """Return (pid, uid) of the process at the other end of a connected unix socket, where the system tells
+    (SO_PEERCRED: Linux); None elsewhere."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return int(pid), int(uid)
+
+
+def _read_exactly(sock: socket.socket, count: int, deadline: float) -> bytes:
     data = b""
     while len(data) < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)  # one deadline for the whole answer: an agent that dribbles cannot hold us
         chunk = sock.recv(count - len(data))
         if not chunk:
             raise ValueError("the agent closed the connection mid-answer")

@@ -16,9 +16,10 @@ import time
 from collections.abc import Callable
 
 from tunneld.config import resolve_host
-from tunneld.credentials import agent_identities, agent_socket
+from tunneld.credentials import agent_socket
 from tunneld.engines import select_engine_name
 from tunneld.errors import AuthError, ConfigError, TunneldError
+from tunneld.keys import probe_agent
 from tunneld.paths import HostFiles
 from tunneld.pidfile import PidFile, process_matches
 from tunneld.settings import host_settings
@@ -103,9 +104,16 @@ def offer_ssh_add(error: AuthError, identity_agent: str | None, echo: Echo) -> b
     """A key that needs a passphrase refused a start on a terminal: load it with ssh-add in this terminal (ssh-add
     asks for the passphrase), True once the agent holds it. Without an agent, say how to get one and refuse."""
     key = error.locked[0]
-    if agent_identities(agent_socket(identity_agent)) is None:
+    path = agent_socket(identity_agent)
+    probe = probe_agent(path) if path else None
+    if probe is None or not probe.reachable:
+        why = (
+            f"no ssh-agent of yours answers for this shell ({path}: {probe.problem})"
+            if probe
+            else ("no ssh-agent runs for this shell")
+        )
         raise AuthError(
-            f"{error.message}; and no ssh-agent runs for this shell",
+            f"{error.message}; and {why}",
             f'start one for this shell: eval "$(ssh-agent -s)" && ssh-add {key}; for every login session: '
             "`systemctl --user enable --now ssh-agent.socket` (or your desktop's keyring), then ssh-add it",
             error.locked,

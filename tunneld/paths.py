@@ -257,17 +257,20 @@ class HostFiles:
     def control(self) -> Path:
         """The private control socket of `tunneld login`'s master connection (`ssh -M -S`).
 
-        A unix socket path has room for about 100 bytes: a longer one moves to a private directory of this user
-        under $XDG_RUNTIME_DIR (or $TMPDIR, /tmp), named by a digest of where it would have been.
+        A unix socket path has room for about 100 bytes: a longer one moves to a private directory of this user,
+        named by a digest of where it would have been, in the same place for every process of the user whatever
+        its environment: /run/user/UID/tunneld where the user has that runtime directory, else /tmp/tunneld-UID.
+        The directory must be the user's own, 0700, not a link (credentials.control_socket_alive checks).
         """
         path = self.directory / f"{self.host}.master"
         if len(os.fsencode(path)) <= CONTROL_PATH_MAX:
             return path
         import hashlib
 
-        base = os.environ.get("XDG_RUNTIME_DIR") or os.environ.get("TMPDIR") or "/tmp"  # noqa: S108 - private dir
         digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:20]
-        return Path(base) / f"tunneld-{os.getuid()}" / f"{digest}.master"
+        runtime = Path(f"/run/user/{os.getuid()}")
+        base = runtime / "tunneld" if runtime.is_dir() else Path(f"/tmp/tunneld-{os.getuid()}")  # noqa: S108
+        return base / f"{digest}.master"
 
 
 def hosts_with_files() -> tuple[list[str], list[str]]:

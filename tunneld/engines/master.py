@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from tunneld.credentials import control_socket_alive
+from tunneld.credentials import control_socket_alive, control_socket_peer
 from tunneld.engines import ChildProcess, ForwardStatus, LinkLost
 from tunneld.engines.sshargv import ssh_program, tunnel_options
 from tunneld.errors import ConfigError, NeedsAuthError
@@ -64,8 +64,9 @@ def master_argv(spec: TunnelSpec, files: HostFiles) -> list[str]:
 
 
 def master_pid(files: HostFiles) -> int | None:
-    """Return the pid of the host's live master connection, or None (no socket, or nobody answers there)."""
-    if not control_socket_alive(files.control):
+    """Return the pid of the host's live master connection, or None (no socket, nobody answers there, or what
+    answers is not this user's ssh master on that very socket)."""
+    if control_socket_peer(files.control) is None:  # not this user's socket, or not this user's listener
         return None
     try:
         done = subprocess.run(_control_argv(files.host, files.control, "check"), capture_output=True, text=True,
@@ -73,7 +74,21 @@ def master_pid(files: HostFiles) -> int | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     match = _MASTER_RE.search(done.stderr)
-    return int(match[1]) if done.returncode == 0 and match else None
+    if done.returncode != 0 or not match:
+        return None
+    pid = int(match[1])
+    return pid if _is_our_master(pid, files) else None
+
+
+def _is_our_master(pid: int, files: HostFiles) -> bool:
+    """The pid `-O check` names runs as this user and is an ssh started with this very control socket. (The socket's
+    own peer credentials name whoever called listen(): with `ssh -f`, the parent that has exited since.)"""
+    try:
+        proc = psutil.Process(pid)
+        argv = proc.cmdline()
+        return proc.uids().real == os.getuid() and "-S" in argv and str(files.control) in argv
+    except psutil.Error:
+        return False
 
 
 def stop_master(files: HostFiles) -> bool:
