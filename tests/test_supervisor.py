@@ -38,6 +38,7 @@ from tunneld.spec import LOCAL, Endpoint, Forward, TunnelSpec
 from tunneld.supervisor import Backoff, Supervisor, TunnelStatus
 
 SPEC = TunnelSpec(alias="fake", hostname="127.0.0.1", port=9, user="u", forwards=())
+REFUSALS_WINDOW_S = 0.6  # at most 2 refused logins within it (a minute in tunneld)
 HANG = "hang"
 TCP_UP_HANG = "tcp-up-hang"
 LINK = "link"
@@ -100,9 +101,11 @@ class FakeEngine:
     links: list[FakeLink] = field(default_factory=list)
     calls: int = 0
     cancelled: int = 0
+    times: list[float] = field(default_factory=list)
 
     def connect(self, spec: TunnelSpec, progress: ProgressCallback, events: LinkEvents) -> FakeLink:
         self.calls += 1
+        self.times.append(time.monotonic())
         item = self.script.pop(0) if self.script else LINK
         if isinstance(item, BaseException):
             if not isinstance(item, UnreachableError):
@@ -216,7 +219,8 @@ def run() -> Iterator[Callable[..., Harness]]:
         path = path or Path()
         supervisor = Supervisor(
             spec, engine, recorder, wakeups, fail_fast=fail_fast, rng=rng, probe=path, config=config,
-            backoff=backoff or Backoff(base_s=STEP_S, cap_s=4 * STEP_S, stable_s=0.2, refused_s=STEP_S),
+            backoff=backoff or Backoff(base_s=STEP_S, cap_s=4 * STEP_S, stable_s=0.2, refused_s=STEP_S,
+                                       refused_logins_window_s=REFUSALS_WINDOW_S),
             environment=environment or Environment(addresses=frozenset),
             budget=budget or PreauthBudget(limit=1000),
             credentials=credentials or CredentialWatch(None, identities=lambda _path: None),
@@ -534,12 +538,31 @@ def test_a_login_refused_after_a_link_waits_for_the_agent_to_change(run: Callabl
     asked = agent.asked
     h.until(lambda: agent.asked >= asked + 3, "three looks at the agent")
     assert h.engine.calls == 2, "a retry against the server without a change of credentials"
-    agent.keys = (b"key-1", b"key-2")  # the server refuses them this time: one attempt, then back to waiting
+    agent.keys = (b"key-2", b"key-1")  # the server refuses them this time: one attempt, then back to waiting
     h.until(lambda: h.engine.calls == 3 and h.state() == "needs-auth", "one attempt for the change")
     assert "refused the agent's 2 key(s)" in str((h.recorder.last.last_error or {}).get("message"))
-    agent.keys = (b"key-1",)
-    h.until(links_up(h, 2), "the link once the right key is back")
+    for same in ((b"key-1", b"key-2"), None, (b"key-1",), (b"key-2", b"key-1")):  # reordered, gone, fewer: no help
+        agent.keys = same
+        asked = agent.asked
+        h.until(lambda n=asked: agent.asked >= n + 2, "two looks at the agent")
+    assert h.engine.calls == 3, "a retry although the agent offers nothing new"
+    agent.keys = (b"key-1", b"key-2", b"key-3")
+    h.until(links_up(h, 2), "the link once a new key is there")
     assert h.engine.calls == 4 and engine.refusing == [True, False, True, False]
+
+
+def test_retries_requested_in_a_storm_make_at_most_two_refused_logins_a_window(run: Callable[..., Harness]) -> None:
+    """`tunneld start HOST` (SIGUSR1) pressed again and again: OpenSSH 9.8+ adds 5 s of penalty per refused login and
+    blocks past 15 s, so at most 2 may be refused per window, whatever asks for the attempts."""
+    h = run([refused()] * 5, logged_in_to="u@127.0.0.1:9", credentials=CredentialWatch(None, identities=Agent(())))
+    h.until(lambda: h.state() == "needs-auth", "needs-auth")
+    for _ in range(16):
+        h.wakeups.request_retry()
+        time.sleep(REFUSALS_WINDOW_S / 8)
+    times = h.engine.times
+    assert len(times) >= 3, "the retries were not made at all"
+    crowded = [later - earlier for earlier, later in zip(times, times[2:], strict=False)]
+    assert min(crowded) >= REFUSALS_WINDOW_S * 0.95, f"3 refused logins within {min(crowded):.2f} s"
 
 
 def test_a_login_refused_at_the_first_attempt_stays_fatal_without_a_previous_login(

@@ -52,19 +52,20 @@ class Credentials:
     agent: tuple[bytes, ...] | None
     master: bool = False
 
-    def compared_to(self, before: Credentials) -> str | None:
-        """Return how these credentials differ from `before` (None: unchanged)."""
+    def could_log_in_where(self, before: Credentials) -> str | None:
+        """Return why a login may work now that did not with `before` (None: nothing that could help came): the
+        login connection appeared, or the agent offers a key it did not offer then. Keys removed, an agent that
+        went away or answers in another order change nothing a server would accept: no reason to try."""
         if self.master and not before.master:
             return "the interactive login connection is there"
-        if self.agent == before.agent:
+        if self.agent is None:
+            return None
+        added = set(self.agent) - set(before.agent or ())
+        if not added:
             return None
         if before.agent is None:
-            return "an agent answers now"
-        if self.agent is None:
-            return "the agent went away"
-        added = len(set(self.agent) - set(before.agent))
-        removed = len(set(before.agent) - set(self.agent))
-        return f"the agent's keys changed (+{added}, -{removed})"
+            return f"an agent answers now, with {len(self.agent)} key(s)"
+        return f"the agent offers {len(added)} key(s) it did not offer at the last attempt"
 
 
 class CredentialWatch:
@@ -91,14 +92,16 @@ class CredentialWatch:
         return Credentials(self.identities(agent_socket(self.identity_agent)), self.master())
 
     def changed(self) -> str | None:
-        """Return why the credentials changed since the last look, or None; asks at most every `every_s`."""
+        """Return why a login may work now that did not with `self.last` (the look taken before the refused
+        attempt), or None; asks at most every `every_s`."""
         now = self.monotonic()
         if now - self._checked < self.every_s:
             return None
         self._checked = now
         current = self.look()
-        why = current.compared_to(self.last)
-        self.last = current
+        why = current.could_log_in_where(self.last)
+        if why is not None:
+            self.last = current
         return why
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import socket
 import stat
@@ -13,10 +14,14 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from tunneld.errors import ConfigError, PortInUseError, TunneldError
+
 if TYPE_CHECKING:
     from psutil._ntuples import pconn, sconn
 
-from tunneld.errors import ConfigError, PortInUseError, TunneldError
+    from tunneld.spec import TunnelSpec
+
+log = logging.getLogger(__name__)
 
 # macOS's AirPlay Receiver listens on 5000 and 7000 (ControlCenter since Monterey).
 _AIRPLAY_PROCESSES = ("ControlCenter", "AirPlayXPCHelper")
@@ -254,3 +259,70 @@ def _tunneld_host_of(holder: Holder | None) -> str | None:
     from tunneld.status import host_owning_pid
 
     return host_owning_pid(holder.pid)
+
+
+class PortGuard:
+    """Holds a host's local forward addresses while no ssh does (the OpenSSH engine's listeners die with its
+    ssh): while a host waits for credentials, possibly for hours, no other local user can take a port and receive
+    the connections meant for the tunnel. A client is closed at once. `release` before ssh binds them again."""
+
+    def __init__(self, spec: TunnelSpec) -> None:
+        import threading
+
+        from tunneld.listen import plan_spec
+
+        self.sockets: list[socket.socket] = []
+        self._closed = threading.Event()
+        for plan in plan_spec(spec):
+            for address in ([plan.path] if plan.path is not None else []) + [(ip, plan.port) for ip in plan.ips]:
+                sock = self._bind(address)
+                if sock is not None:
+                    self.sockets.append(sock)
+        if self.sockets:
+            threading.Thread(target=self._refuse, name="port-guard", daemon=True).start()
+
+    @staticmethod
+    def _bind(address: str | tuple[str, int | None]) -> socket.socket | None:
+        family = (
+            socket.AF_UNIX if isinstance(address, str) else socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        )
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if family != socket.AF_UNIX:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            if isinstance(address, str):
+                os.chmod(address, 0o600)
+            sock.listen(16)
+            sock.settimeout(0.25)
+        except OSError as exc:  # taken meanwhile: the next attempt reports who holds it
+            log.warning("cannot hold %s while waiting for credentials: %s", address, exc.strerror or exc)
+            sock.close()
+            return None
+        return sock
+
+    def _refuse(self) -> None:
+        import select
+
+        while not self._closed.is_set():
+            try:
+                readable, _, _ = select.select(self.sockets, [], [], 0.25)
+            except (OSError, ValueError):
+                return
+            for sock in readable:
+                with contextlib.suppress(OSError):
+                    client, _ = sock.accept()
+                    client.close()
+
+    def release(self) -> None:
+        """Close every held address (unix socket files removed), so that ssh can bind them."""
+        self._closed.set()
+        for sock in self.sockets:
+            path = sock.getsockname() if sock.family == socket.AF_UNIX else None
+            sock.close()
+            if isinstance(path, str) and path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        self.sockets = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import random
@@ -27,6 +28,7 @@ from tunneld.errors import (
 )
 from tunneld.health import Health, HealthMonitor
 from tunneld.paths import HostFiles
+from tunneld.ports import PortGuard
 from tunneld.probes import ATTEMPT_GRACE_S, Environment, PathWatch, PreauthBudget, Probe, Wakeups, tcp_answers
 from tunneld.reloading import ConfigSource, Reloader
 from tunneld.settings import HostSettings
@@ -52,6 +54,7 @@ SETTLE_TICK_S = 1.0
 HEARTBEAT_S = 5.0
 WAIT_TICK_S = 0.25
 CREDENTIALS_TICK_S = 0.5
+REFUSED_LOGINS_MAX = 2  # a minute: 2 x OpenSSH's authfail:5s stays below its 15 s threshold
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class Backoff:
     # MaxStartups, fail2ban). OpenSSH 10 blocks for the penalty accumulated past 15 s, typically 16 s: coming back
     # at 15 s would meet the same block (measured: back after 30 s instead of 20).
     refused_s: float = 20.0
+    refused_logins_window_s: float = 60.0  # at most REFUSED_LOGINS_MAX refused logins within it
     attempt: int = 0
 
     def delay(self, rng: random.Random) -> float:
@@ -170,6 +174,7 @@ class Supervisor:
             spec.identity_agent, master=lambda: control_socket_alive(HostFiles.of(spec.alias).control)
         )
         self._at_last_login: Credentials | None = None
+        self._refused: collections.deque[float] = collections.deque()  # when logins were refused (monotonic)
         keepalive = f"{spec.keepalive_interval_s}s x {spec.keepalive_count_max}"
         now = time.time()
         # A login that worked for this very target before (this run, or a run recorded in the state file) turns a
@@ -265,6 +270,7 @@ class Supervisor:
         """
         cancel, abandoned = threading.Event(), threading.Event()
         events = LinkEvents(cancel, self.wakeups.wake)
+        self.credentials.last = self.credentials.look()  # what the agent offered this attempt (needs-auth compares)
 
         def path_changed() -> None:
             if watch.came_back.is_set() and not events.tcp_up.is_set():
@@ -436,10 +442,11 @@ class Supervisor:
         (the agent's identities, the login connection), SIGUSR1 or a stop; never retry on a timer against the
         server. The ports stay ours where the engine keeps listeners, and their clients are refused at once."""
         now = self.credentials.look()
-        self.credentials.last = now
-        if isinstance(error, NeedsAuthError):
+        if isinstance(error, NeedsAuthError):  # the login connection ended: nothing was tried, look from here
+            self.credentials.last = now
             needs = error
         else:
+            self._refused.append(time.monotonic())
             reason = self._why_refused(error, now)
             needs = NeedsAuthError.waiting(self.spec.alias, reason, error.interactive, error.locked)
         holder = self.engine if isinstance(self.engine, KeepsListeners) else None
@@ -447,28 +454,51 @@ class Supervisor:
         self._set(state=NEEDS_AUTH, last_error=_error_record(needs), forwards=forwards, children=(), next_try_at=None)
         log.warning("%s: %s (%s)", self.spec.alias, needs.message, error.message)
         log.warning("%s: hint: %s", self.spec.alias, needs.hint)
+        guard = PortGuard(self.spec) if holder is None else None  # ssh's listeners are gone: keep the ports ours
         if holder is not None:
             holder.refuse_clients(True)
         try:
-            while not self.wakeups.stop.is_set():
-                if self.wakeups.wake.wait(CREDENTIALS_TICK_S):
-                    self.wakeups.wake.clear()
-                if self.wakeups.retry_now.is_set():
-                    self.wakeups.retry_now.clear()
-                    log.info("%s: retry requested: trying to log in once", self.spec.alias)
-                    return
-                if self.wakeups.reload.is_set():
-                    self._reload(link_up=False)
-                    log.info("%s: configuration reloaded: trying to log in once", self.spec.alias)
-                    return
-                self._look_at_config()
-                changed = self.credentials.changed()
-                if changed:
-                    log.info("%s: %s: trying to log in once", self.spec.alias, changed)
-                    return
+            why = self._credentials_changed()
+            if why is not None:
+                self._within_refusal_limit()
+                log.info("%s: %s: trying to log in once", self.spec.alias, why)
         finally:
             if holder is not None:
                 holder.refuse_clients(False)
+            if guard is not None:
+                guard.release()
+
+    def _credentials_changed(self) -> str | None:
+        """Wait for a reason to try logging in again (None: a stop came first)."""
+        while not self.wakeups.stop.is_set():
+            if self.wakeups.wake.wait(CREDENTIALS_TICK_S):
+                self.wakeups.wake.clear()
+            if self.wakeups.retry_now.is_set():
+                self.wakeups.retry_now.clear()
+                return "retry requested"
+            if self.wakeups.reload.is_set():
+                self._reload(link_up=False)
+                return "configuration reloaded"
+            self._look_at_config()
+            changed = self.credentials.changed()
+            if changed:
+                return changed
+        return None
+
+    def _within_refusal_limit(self) -> None:
+        """At most REFUSED_LOGINS_MAX refused logins per minute: OpenSSH 9.8+ adds 5 s of penalty for each
+        (`authfail:5s`) and blocks the address past 15 s, whatever asked for the attempt (SIGUSR1 included)."""
+        window = self.backoff.refused_logins_window_s
+        while not self.wakeups.stop.is_set():
+            now = time.monotonic()
+            while self._refused and self._refused[0] <= now - window:
+                self._refused.popleft()
+            if len(self._refused) < REFUSED_LOGINS_MAX:
+                return
+            wait = self._refused[0] + window - now
+            log.warning("%s: %d logins were refused in the last %.0f s: the next try waits %.0f s (OpenSSH 9.8+ "
+                        "blocks an address after 3)", self.spec.alias, len(self._refused), window, wait)  # fmt: skip
+            self.wakeups.stop.wait(wait)
 
     def _why_refused(self, error: AuthError, now: Credentials) -> str:
         """Say what is missing, from the agent's point of view (a key that needs a passphrase wins)."""
