@@ -261,3 +261,19 @@ def test_a_log_line_quotes_what_ssh_quotes_from_the_peer() -> None:
 def test_every_captured_case_is_checked() -> None:
     checked = {*VERDICTS, *NEEDS_WRITERS, *PEER_CASES, "banner_mimics_verdicts_up", "jump_up"}
     assert {path.stem for path in Path(DATA).glob("*.json")} == checked
+
+
+def test_a_verified_servers_banner_that_says_authenticated_is_undone_by_the_login_that_follows() -> None:
+    """ssh prints the server's login Banner raw, after the host key was verified: a banner reading like ssh's own
+    `Authenticated to ...` must not turn the refusal that follows into a transient failure (retried for ever)."""
+    data = load("auth_refused")
+    records = records_of(data)
+    newkeys = next(i for i, r in enumerate(records) if r.text.endswith("SSH2_MSG_NEWKEYS sent"))
+    pid = records[newkeys].pid
+    forged = Record('Authenticated to 127.0.0.1 ([127.0.0.1]:22) using "publickey".', pid)
+    diagnosis = Diagnosis(spec_of(data), data["main_pid"])  # type: ignore[arg-type]
+    for record in [*records[: newkeys + 1], forged, *records[newkeys + 1 :]]:
+        diagnosis.feed(record)
+    error = diagnosis.error(int(data["returncode"]))  # type: ignore[call-overload]
+    assert type(error) is AuthError and "Permission denied (publickey)" in error.message, error.message
+    assert not diagnosis.authenticated

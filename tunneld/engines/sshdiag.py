@@ -75,6 +75,14 @@ _BIND_ADDR_RE = re.compile(r"bind \[([^\]]*)\]:(\d+): Address already in use")
 _BIND_PORT_RE = re.compile(r"cannot listen to port: (\d+)")
 _BIND_PATH_RE = re.compile(r"cannot bind to path:? (\S+?):? Address already in use")
 # Not why ssh ended: said after the verdict (a hop's ssh killed, the byte counts), or a stage reached.
+_STILL_AUTHENTICATING = (
+    "Authentications that can continue: ",
+    "Next authentication method: ",
+    "Offering public key: ",
+    "Server accepts key: ",
+    "Trying private key: ",
+    "No more authentication methods to try.",
+)
 _TRAILING = ("Killed by signal", "Transferred: ", "Bytes per second: ", "Authenticated to ")
 
 
@@ -197,6 +205,10 @@ class Hop:
             self.accepted_files.append(match[1])
         elif stage == Stage.AUTHENTICATED and (match := _STDIO_TARGET.match(line)):
             self.stdio_target = match[1]
+        elif stage == Stage.AUTHENTICATED and line.startswith(_STILL_AUTHENTICATING):
+            # ssh is still trying credentials: the `Authenticated to` line was the server's login banner, which ssh
+            # prints raw (after the host key was verified, but the server's words all the same).
+            self.stage = Stage.VERIFIED
 
     def _error(self, line: str) -> None:
         stage = self.stage
