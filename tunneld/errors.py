@@ -135,21 +135,23 @@ class NeedsAuthError(AuthError):
 
     @classmethod
     def waiting(
-        cls, alias: str, reason: str, interactive: bool = False, locked: tuple[str, ...] = ()
-    ) -> NeedsAuthError:
+        cls, alias: str, reason: str, interactive: bool = False, locked: tuple[str, ...] = (),
+        keys: tuple[str, ...] = (),
+    ) -> NeedsAuthError:  # fmt: skip
         """`reason`: what the agent offers now (or that the interactive login connection ended); `locked`: key files
-        that would do, once loaded with ssh-add."""
+        that would do, once loaded with ssh-add; `keys`: the IdentityFiles the host names (for the hint)."""
+        command = f"ssh-add {(locked or keys or ('',))[0]}".strip()
         if interactive:
             hint = (
-                f"run `tunneld login {alias}` in a terminal (or load a key the server accepts with `ssh-add`); the "
-                "forwards come back once you are logged in"
+                f"run `tunneld login {alias}` in a terminal (or load a key the server accepts with `{command}`); "
+                "the forwards come back once you are logged in"
             )
-        else:
-            hint = (
-                "load your key with `ssh-add` (or unlock the agent): tunneld tries again as soon as the agent's "
-                f"keys change, or at once with `tunneld start {alias}`"
-            )
-        return cls(f"{alias} needs your key: {reason}", hint, locked, ("password",) if interactive else ())
+            return cls(f"{alias} needs you to log in again: {reason}", hint, locked, ("password",))
+        hint = (
+            f"load your key with `{command}` (or unlock the agent): tunneld tries again as soon as the agent offers "
+            f"a key it did not, or at once with `tunneld start {alias}`"
+        )
+        return cls(f"{alias} needs your key: {reason}", hint, locked)
 
 
 class HostKeyError(FatalError):

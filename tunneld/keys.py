@@ -20,8 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunneld.spec import DEFAULT_IDENTITY_NAMES, TunnelSpec
-from tunneld.tokens import local_home
+from tunneld.spec import TunnelSpec, default_identity_files
 
 REQUEST_IDENTITIES = 11  # SSH2_AGENTC_REQUEST_IDENTITIES (draft-miller-ssh-agent, 3.4)
 IDENTITIES_ANSWER = 12  # SSH2_AGENT_IDENTITIES_ANSWER
@@ -142,8 +141,7 @@ def _string(message: bytes, offset: int) -> tuple[bytes, int]:
 
 def named_identity_files(spec: TunnelSpec) -> tuple[str, ...]:
     """Return the IdentityFiles ssh_config names for the host (ssh's defaults alone count as none named)."""
-    defaults = {os.path.join(local_home(), ".ssh", name) for name in DEFAULT_IDENTITY_NAMES}
-    if set(spec.identity_files) <= defaults:
+    if set(spec.identity_files) <= default_identity_files():
         return ()
     return spec.identity_files
 

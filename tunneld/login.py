@@ -69,26 +69,50 @@ def login_host(host: str, ssh_config: str | None, engine: str, echo: Echo) -> li
 
 
 def hand_over(host: str, ssh_config: str | None, echo: Echo) -> list[str]:
-    """Give the live login connection to the host's supervisor: a running one retries now, else start one."""
+    """Ask the host's supervisor to try logging in now (a new login connection, or a key just loaded), or start one
+    when none runs; report the outcome of that one attempt. A host that waits for credentials again (the attempt
+    was refused, or refused logins wait for the next minute) is its NeedsAuthError (exit 78), at once."""
+    from tunneld.errors import error_from_dict
+    from tunneld.render import forward_text
+    from tunneld.safetext import printable
     from tunneld.starting import StartOptions, start_host
 
-    report = collect(host)
-    if not report.running:
+    before = collect(host)
+    if not before.running:
         return start_host(host, StartOptions(ssh_config, "openssh", HANDOVER_TIMEOUT_S), None)
     retry_now(host)
     deadline = time.monotonic() + HANDOVER_TIMEOUT_S
+    report = before
     while time.monotonic() < deadline:
         report = collect(host)
-        if report.state in READY_STATES or not report.running:
+        waiting_again = report.state == NEEDS_AUTH and (report.since != before.since or report.next_try_at)
+        if report.state in READY_STATES or not report.running or waiting_again:
             break
         time.sleep(HANDOVER_POLL_S)
-    if report.state not in READY_STATES:
-        message = report.last_error.get("message") if report.last_error else None
-        raise TunneldError(
-            f"{host} is {report.state} after the login" + (f": {message}" if message else ""),
-            f"see `tunneld logs {host}`",
-        )
-    return [f"{host}  {report.state}  (logged in; pid {report.pid})"]
+    if report.state in READY_STATES:
+        shown = ", ".join(forward_text(f) for f in report.forwards)
+        return [printable(f"{host}  {report.state}  {shown}  (pid {report.pid})")]
+    if report.state == NEEDS_AUTH and report.last_error:
+        error = error_from_dict(report.last_error)
+        if report.next_try_at:
+            error.message += f" (the next login attempt waits {max(0.0, report.next_try_at - time.time()):.0f} s: "
+            error.message += "logins were refused twice in the last minute)"
+        raise error
+    message = report.last_error.get("message") if report.last_error else None
+    raise TunneldError(
+        f"{host} is {report.state} after the retry" + (f": {message}" if message else ""),
+        f"see `tunneld logs {host}`",
+    )
+
+
+def hand_agent_over(host: str, identity_agent: str | None) -> None:
+    """Tell the host's supervisor which agent this shell has (it may have been started after the tunnel, at a new
+    SSH_AUTH_SOCK): it uses it when it is an agent of this user's and the host takes its agent from SSH_AUTH_SOCK."""
+    from tunneld.pidfile import write_json_atomic
+
+    path = os.environ.get("SSH_AUTH_SOCK")
+    if identity_agent in (None, "SSH_AUTH_SOCK") and path and probe_agent(path).reachable:
+        write_json_atomic(HostFiles.of(host).agent, {"ssh_auth_sock": path})
 
 
 def retry_now(host: str) -> bool:

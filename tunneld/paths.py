@@ -249,6 +249,12 @@ class HostFiles:
         return self.directory / f"{self.host}.log"
 
     @property
+    def agent(self) -> Path:
+        """The agent socket `tunneld start` handed to a host that waits for credentials (the user's shell has a new
+        SSH_AUTH_SOCK since the tunnel started); no host's file can have this name."""
+        return self.directory / f"{self.host}.agent"
+
+    @property
     def master_log(self) -> Path:
         """What the ssh of `tunneld login`'s master connection writes (`ssh -E`); no host's file can have this name."""
         return self.directory / f"{self.host}.master-log"

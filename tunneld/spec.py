@@ -136,8 +136,7 @@ class TunnelSpec:
 
     def missing_identity_files(self) -> tuple[str, ...]:
         """Return the IdentityFiles ssh_config names explicitly that do not exist (ssh's defaults are not named)."""
-        home = local_home()
-        defaults = {os.path.join(home, ".ssh", name) for name in DEFAULT_IDENTITY_NAMES}
+        defaults = default_identity_files()
         if set(self.identity_files) <= defaults:
             return ()
         return tuple(f for f in self.identity_files if f not in defaults and not os.path.exists(f))
@@ -152,6 +151,12 @@ class TunnelSpec:
         data.pop("options")
         data["forwards"] = [f.to_dict() for f in self.forwards]
         return data
+
+
+def default_identity_files() -> frozenset[str]:
+    """Return the IdentityFiles ssh tries when ssh_config names none (`ssh -G` lists them all the same)."""
+    home = local_home()
+    return frozenset(os.path.join(home, ".ssh", name) for name in DEFAULT_IDENTITY_NAMES)
 
 
 def parse_forwards(pairs: Sequence[tuple[str, str]]) -> tuple[Forward, ...]:

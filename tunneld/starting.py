@@ -118,19 +118,20 @@ def _started_lines(host: str, result: StartResult | ManagedStart) -> list[str]:
 def _retry_waiting(host: str, options: StartOptions) -> list[str]:
     """The host's supervisor waits for credentials: load a locked key or log in first where the terminal allows,
     then ask it to try once now (SIGUSR1) and report what came of it."""
+    from tunneld.config import resolve_host
     from tunneld.errors import AuthError, error_from_dict
-    from tunneld.login import hand_over, login_host, offer_ssh_add, on_terminal
+    from tunneld.login import hand_agent_over, hand_over, login_host, offer_ssh_add, on_terminal
     from tunneld.status import collect
 
     waiting = collect(host).last_error or {}
     error = error_from_dict(waiting)
+    spec = resolve_host(host, options.ssh_config)
     if options.prompt and on_terminal() and isinstance(error, AuthError):
         if error.interactive and not error.locked:
             return login_host(host, options.ssh_config, "openssh", _stderr)
         if error.locked:
-            from tunneld.config import resolve_host
-
-            offer_ssh_add(error, resolve_host(host, options.ssh_config).identity_agent, _stderr)
+            offer_ssh_add(error, spec.identity_agent, _stderr)
+    hand_agent_over(host, spec.identity_agent)
     return hand_over(host, options.ssh_config, _stderr)
 
 

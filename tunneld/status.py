@@ -20,6 +20,7 @@ CORRUPT = "corrupt file"
 DEAD = "dead"
 NOT_RUNNING = "not running"
 WAIT_POLL_S = 0.2
+NEEDS_AUTH_GRACE_S = 4.0  # the supervisor asks the agent every 2 s
 
 
 @dataclass(frozen=True)
@@ -311,14 +312,17 @@ def wait_until_up(host: str, timeout: float, healthy: bool = True) -> tuple[bool
     """Poll until the host is up (with `healthy`, also its configured health checks passing); return
     (ready, last report).
 
-    Returns at once, not ready, when no tunnel runs for the host (failed, stopped, dead, never started) or
-    when it waits for credentials (needs-auth): waiting cannot help there, the user must act.
+    Returns at once, not ready, when no tunnel runs for the host (failed, stopped, dead, never started); and when it
+    waits for credentials (needs-auth) after NEEDS_AUTH_GRACE_S, time for its supervisor to notice a key loaded just
+    before (`ssh-add && tunneld wait HOST`): beyond that, waiting cannot help, the user must act.
     """
-    deadline = time.monotonic() + timeout
+    began = time.monotonic()
+    deadline = began + timeout
     while True:
         report = collect(host)
         ready = report.is_up and (report.health_ok or not healthy)
-        if ready or not report.running or report.state == NEEDS_AUTH or time.monotonic() >= deadline:
+        waiting = report.state == NEEDS_AUTH and time.monotonic() - began >= min(NEEDS_AUTH_GRACE_S, timeout)
+        if ready or not report.running or waiting or time.monotonic() >= deadline:
             return ready, report
         time.sleep(WAIT_POLL_S)
 

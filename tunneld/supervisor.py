@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import random
 import threading
 import time
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tunneld.configdiff import summary
-from tunneld.credentials import Credentials, CredentialWatch, control_socket_alive
+from tunneld.credentials import Credentials, CredentialWatch, control_socket_alive, host_auth_plan
 from tunneld.engines import ChildProcess, Engine, ForwardStatus, KeepsListeners, Link, LinkEvents, OnDemandEngine
 from tunneld.errors import (
     EXIT_OK,
@@ -27,12 +28,14 @@ from tunneld.errors import (
     UnreachableError,
 )
 from tunneld.health import Health, HealthMonitor
+from tunneld.keys import named_identity_files, probe_agent
 from tunneld.paths import HostFiles
+from tunneld.pidfile import read_json
 from tunneld.ports import PortGuard
 from tunneld.probes import ATTEMPT_GRACE_S, Environment, PathWatch, PreauthBudget, Probe, Wakeups, tcp_answers
 from tunneld.reloading import ConfigSource, Reloader
 from tunneld.settings import HostSettings
-from tunneld.spec import TunnelSpec
+from tunneld.spec import TunnelSpec, default_identity_files
 from tunneld.states import (
     BACKOFF,
     CONNECTING,
@@ -248,6 +251,9 @@ class Supervisor:
 
     def _after_lost_link(self, lost: TunneldError, uptime: float) -> int | None:
         """Record why a link ended; return the exit code when that is fatal, else wait as the reason asks."""
+        if isinstance(lost, NeedsAuthError) and host_auth_plan(self.spec).needs == "keys":
+            # The login connection of `tunneld login` ended, but the host's keys may log in by themselves.
+            lost = ConnectError(f"{lost.message}; the host's keys may do: reconnecting with them")
         self._set(state=LOST, last_error=_error_record(lost), forwards=(), children=())
         if isinstance(lost, AuthError) and self.status.logged_in_to:  # the login connection (tunneld login) ended
             self._await_credentials(lost)
@@ -448,7 +454,8 @@ class Supervisor:
         else:
             self._refused.append(time.monotonic())
             reason = self._why_refused(error, now)
-            needs = NeedsAuthError.waiting(self.spec.alias, reason, error.interactive, error.locked)
+            named = tuple(p for p in named_identity_files(self.spec) if p not in default_identity_files())
+            needs = NeedsAuthError.waiting(self.spec.alias, reason, error.interactive, error.locked, named)
         holder = self.engine if isinstance(self.engine, KeepsListeners) else None
         forwards = tuple(holder.listening()) if holder is not None else ()
         self._set(state=NEEDS_AUTH, last_error=_error_record(needs), forwards=forwards, children=(), next_try_at=None)
@@ -475,6 +482,7 @@ class Supervisor:
                 self.wakeups.wake.clear()
             if self.wakeups.retry_now.is_set():
                 self.wakeups.retry_now.clear()
+                self._adopt_agent()
                 return "retry requested"
             if self.wakeups.reload.is_set():
                 self._reload(link_up=False)
@@ -484,6 +492,22 @@ class Supervisor:
             if changed:
                 return changed
         return None
+
+    def _adopt_agent(self) -> None:
+        """Use the agent `tunneld start` handed over (the user started a new one: SSH_AUTH_SOCK changed), when the host
+        takes its agent from SSH_AUTH_SOCK and that socket is an agent of this user's."""
+        files = HostFiles.of(self.spec.alias)
+        try:
+            handed = read_json(files.agent, self.spec.alias) or {}
+        except TunneldError:
+            handed = {}
+        files.agent.unlink(missing_ok=True)
+        path = handed.get("ssh_auth_sock")
+        if not isinstance(path, str) or self.spec.identity_agent not in (None, "SSH_AUTH_SOCK"):
+            return
+        if path != os.environ.get("SSH_AUTH_SOCK") and probe_agent(path).reachable:
+            os.environ["SSH_AUTH_SOCK"] = path  # the ssh children and paramiko's agent client read it from here
+            log.info("%s: using the ssh-agent at %s from now on (handed over by tunneld start)", self.spec.alias, path)
 
     def _within_refusal_limit(self) -> None:
         """At most REFUSED_LOGINS_MAX refused logins per minute: OpenSSH 9.8+ adds 5 s of penalty for each
@@ -498,6 +522,7 @@ class Supervisor:
             wait = self._refused[0] + window - now
             log.warning("%s: %d logins were refused in the last %.0f s: the next try waits %.0f s (OpenSSH 9.8+ "
                         "blocks an address after 3)", self.spec.alias, len(self._refused), window, wait)  # fmt: skip
+            self._set(next_try_at=time.time() + wait)
             self.wakeups.stop.wait(wait)
 
     def _why_refused(self, error: AuthError, now: Credentials) -> str:

@@ -22,13 +22,13 @@ import psutil
 from tunneld.credentials import control_socket_alive, control_socket_peer
 from tunneld.engines import ChildProcess, ForwardStatus, LinkLost
 from tunneld.engines.sshargv import ssh_program, tunnel_options
-from tunneld.errors import ConfigError, NeedsAuthError
+from tunneld.errors import ConnectError, NeedsAuthError
 from tunneld.health import LocalProber, Stream
-from tunneld.listen import plan_spec
+from tunneld.listen import ListenPlan, plan_spec
 from tunneld.paths import HostFiles, ensure_private_dir, open_private
-from tunneld.ports import listeners_of
+from tunneld.ports import listeners_of, port_in_use_error
 from tunneld.safetext import printable
-from tunneld.spec import REMOTE, Forward, TunnelSpec
+from tunneld.spec import DYNAMIC, LOCAL, REMOTE, Endpoint, Forward, TunnelSpec
 from tunneld.states import FORWARD_OK
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,13 @@ def _control_argv(host: str, control: Path, command: str) -> list[str]:
 
 
 def master_argv(spec: TunnelSpec, files: HostFiles) -> list[str]:
-    """The interactive login: the tunnel's own options, but prompting allowed, a master on tunneld's socket, and
-    backgrounded once logged in (and once every forward listens: ExitOnForwardFailure)."""
+    """The interactive login: the tunnel's own options, but prompting allowed, a master on tunneld's socket with no
+    forwards of its own (the supervisor asks for them once it adopts it, when its own hold on the ports has ended),
+    backgrounded once logged in."""
     options = tunnel_options(spec)
     options.pop("BatchMode", None)
     options.update(
+        ClearAllForwardings="yes",  # the supervisor asks for the forwards once it adopts the master (-O forward)
         ControlMaster="yes",
         ControlPersist="no",
         ForkAfterAuthentication="yes",
@@ -101,6 +103,28 @@ def stop_master(files: HostFiles) -> bool:
     return True
 
 
+def forward_options(spec: TunnelSpec) -> list[str]:
+    """The host's forwards as ssh's -L, -R and -D options (what `ssh -O forward` asks a master for)."""
+    options = []
+    for forward in spec.forwards:
+        listen = _endpoint(forward.listen, listen=True)
+        if forward.kind == DYNAMIC:
+            options += ["-D", listen]
+        elif forward.target is not None:
+            options += ["-L" if forward.kind == LOCAL else "-R", f"{listen}:{_endpoint(forward.target)}"]
+    return options
+
+
+def _endpoint(endpoint: Endpoint, listen: bool = False) -> str:
+    if endpoint.path is not None:
+        return endpoint.path
+    host = endpoint.host
+    if host is None:
+        return str(endpoint.port) if listen else f"localhost:{endpoint.port}"
+    shown = "*" if host == "" else f"[{host}]" if ":" in host else host
+    return f"{shown}:{endpoint.port}"
+
+
 def prepare_login(files: HostFiles) -> None:
     """Before a new master: tunneld's private directories, no stale socket file, a private log for ssh -E."""
     ensure_private_dir(files.directory)
@@ -137,21 +161,35 @@ class MasterLink:
         self._closing = threading.Event()
         threading.Thread(target=self._watch, name="master-watch", daemon=True).start()
 
-    def check_forwards(self) -> None:
-        """Every address of every local forward must be held by the master (it was started from this config)."""
+    def open_forwards(self) -> None:
+        """Ask the master for the host's forwards (`ssh -O forward`), unless it holds them already (a supervisor that
+        adopts the master again); then every address of every local forward must be the master's."""
+        missing = self._missing()
+        if missing:
+            argv = _control_argv(self.spec.alias, self.files.control, "forward")
+            argv[-2:-2] = forward_options(self.spec)
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=CONTROL_TIMEOUT_S,
+                                      stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise ConnectError(
+                    f"the login connection of {self.spec.alias} did not take the forwards: {exc}"
+                ) from exc
+            log.debug("%s: ssh -O forward: %s", self.spec.alias, printable(done.stderr.strip()))
+        for plan in self._missing():
+            if plan.path is not None:
+                raise port_in_use_error(path=plan.path)
+            held = listeners_of(self.pid).tcp.get(plan.port, ())
+            ip = next(ip for ip, address in zip(plan.ips, plan.addresses, strict=True) if address not in held)
+            raise port_in_use_error(port=plan.port, ip=ip)
+
+    def _missing(self) -> list[ListenPlan]:
         listeners = listeners_of(self.pid)
-        for plan in self.plans.values():
-            held = (
-                plan.path in listeners.unix
-                if plan.path is not None
-                else set(plan.addresses) <= set(listeners.tcp.get(plan.port, ()))
-            )
-            if not held:
-                raise ConfigError(
-                    f"the login connection of {self.spec.alias} (pid {self.pid}) does not listen on "
-                    f"{', '.join(plan.addresses) or plan.path}: it was made with another ssh_config",
-                    f"log in again: `tunneld stop {self.spec.alias}`, then `tunneld login {self.spec.alias}`",
-                )
+        return [
+            plan for plan in self.plans.values()
+            if (plan.path not in listeners.unix if plan.path is not None
+                else not set(plan.addresses) <= set(listeners.tcp.get(plan.port, ())))
+        ]  # fmt: skip
 
     def _alive(self) -> bool:
         try:
@@ -172,7 +210,7 @@ class MasterLink:
         if not self._ended.wait(timeout):
             return None
         said = last_words(self.files)
-        reason = "the interactive login connection ended" + (f" (ssh said: {said})" if said else "")
+        reason = "its login connection (tunneld login) ended" + (f" (ssh said: {said})" if said else "")
         return LinkLost(NeedsAuthError.waiting(self.spec.alias, reason, interactive=True))
 
     def abandon(self) -> None:

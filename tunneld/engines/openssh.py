@@ -23,7 +23,7 @@ from tunneld.engines import (
 from tunneld.engines.master import MasterLink, master_pid
 from tunneld.engines.sshargv import build_argv
 from tunneld.engines.sshdiag import Diagnosis, Record, StderrChannel
-from tunneld.errors import ConfigError, ConnectError, HandshakeStalledError, TunneldError
+from tunneld.errors import ConnectError, HandshakeStalledError, TunneldError
 from tunneld.health import LocalProber, Stream
 from tunneld.listen import plan_spec
 from tunneld.paths import HostFiles
@@ -269,8 +269,8 @@ class OpenSshEngine:
         if pid is not None:
             master = MasterLink(spec, files, pid, events.changed)
             try:
-                master.check_forwards()
-            except ConfigError:
+                master.open_forwards()
+            except TunneldError:
                 master.abandon()
                 raise
             events.authenticated.set()
