@@ -364,6 +364,11 @@ class _EchoHandler(socketserver.BaseRequestHandler):
 class _ThreadingTCPServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    accepted = 0  # connections accepted so far (counted in the serving thread)
+
+    def verify_request(self, request: object, client_address: object) -> bool:
+        self.accepted += 1
+        return True
 
 
 class _ThreadingTCPServer6(_ThreadingTCPServer):
@@ -396,6 +401,12 @@ class EchoServer(_ServedInThread):
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         cls = _ThreadingTCPServer6 if ":" in host else _ThreadingTCPServer
         super().__init__(cls((host, port), _EchoHandler), host)
+
+    @property
+    def accepted(self) -> int:
+        """How many connections the server accepted so far."""
+        assert isinstance(self.server, _ThreadingTCPServer)
+        return self.server.accepted
 
 
 class _FloodHandler(socketserver.BaseRequestHandler):

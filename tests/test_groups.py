@@ -35,6 +35,22 @@ def test_start_status_stop_a_group(tmp_path: Path, sshd: SshServer, echo: EchoSe
     assert run_cli("status", "@ml").returncode == EXIT_NOT_RUNNING
 
 
+def test_a_host_named_by_two_groups_and_by_name_starts_and_stops_once(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer
+) -> None:
+    config = str(two_hosts(tmp_path, sshd, echo))
+    write_settings('[groups]\na = ["ga", "gb"]\nb = ["gb", "ga"]\n')
+    try:
+        started = run_cli("start", "@a", "@b", "ga", "-F", config)
+        assert started.returncode == 0, started.stderr
+        lines = started.stdout.splitlines()
+        assert all(line.startswith(("[1/2] ", "[2/2] ")) for line in lines), started.stdout  # two starts, no more
+        assert sorted(line.split()[1] for line in lines if "  up  " in line) == ["ga", "gb"], started.stdout
+    finally:
+        stopped = run_cli("stop", "@b", "ga")
+    assert stopped.returncode == 0 and stopped.stdout.splitlines() == ["gb  stopped", "ga  stopped"], stopped.stdout
+
+
 def test_an_unknown_group_or_member_is_a_clear_error(tmp_path: Path) -> None:
     config = str(write_config(tmp_path, "Host ga\n  LocalForward 5000 localhost:5000\n"))
     write_settings('[groups]\nml = ["ghost"]\nother = ["ga"]\n')

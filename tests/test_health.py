@@ -74,6 +74,11 @@ ANSWERS = [
     (b"HTTP/1.1 200 OK\r\n", (True, "HTTP 200 from /health")),
     (b"HTTP/1.0 204\r\n", (True, "HTTP 204 from /health")),
     (b"HTTP/1.1 503 Service Unavailable\r\n", (False, "HTTP 503 from /health")),
+    # Only 2xx is healthy: a wrong path (404), a login in front of the app (401, 302 to its page) are not.
+    (b"HTTP/1.1 404 Not Found\r\n", (False, "HTTP 404 from /health")),
+    (b"HTTP/1.1 401 Unauthorized\r\n", (False, "HTTP 401 from /health")),
+    (b"HTTP/1.1 302 Found\r\n", (False, "HTTP 302 from /health")),
+    (b"HTTP/1.1 299 Custom\r\n", (True, "HTTP 299 from /health")),
     (b"HTTP/1.1 200 OK\n", (True, "HTTP 200 from /health")),  # a bare LF ends a line too (RFC 9112 allows it)
     (b"HTTP/1.1 2000 OK\r\n", (False, "/health: not an HTTP answer")),
     (b"HTTP/1.1 20 OK\r\n", (False, "/health: not an HTTP answer")),
@@ -87,7 +92,9 @@ ANSWERS = [
 
 
 @pytest.mark.parametrize(("answer", "expected"), ANSWERS, ids=[a.decode().strip() for a, _ in ANSWERS])
-def test_a_status_code_is_exactly_three_digits(answer: bytes, expected: tuple[bool, str]) -> None:
+def test_a_status_code_is_exactly_three_digits_and_only_2xx_is_healthy(
+    answer: bytes, expected: tuple[bool, str]
+) -> None:
     ours, theirs = socket.socketpair()
     with ours, theirs:
         theirs.sendall(answer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from tests.helpers import (
     write_config,
 )
 from tunneld.credentials import agent_identities, control_socket_peer
+from tunneld.engines.knownhosts import evaluate
 from tunneld.errors import EXIT_CONFIG, EXIT_RUNTIME
 from tunneld.keys import probe_agent
 
@@ -84,6 +86,31 @@ def test_a_revoked_key_is_refused_whatever_the_policy(
     sshd.known_hosts.write_text(f"@revoked * {sshd.host_public_key()}\n" + sshd.known_hosts.read_text())
     text = sshd.client_config("rev", [f"LocalForward {free_port()} 127.0.0.1:{echo.port}"], strict=policy)
     expect_fatal(start(foreground, "rev", write_config(tmp_path, text), engine), "REVOKED")
+
+
+def test_a_revoked_other_key_of_the_same_type_leaves_the_servers_key_trusted(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, foreground: list[ForegroundTunnel]
+) -> None:
+    """`@revoked` names one key, not a key type: another ed25519 key revoked for every host refuses nobody else."""
+    sshd.known_hosts.write_text(f"@revoked * {other_key(tmp_path)}\n" + sshd.known_hosts.read_text())
+    port = free_port()
+    text = sshd.client_config("revother", [f"LocalForward {port} 127.0.0.1:{echo.port}"])
+    start(foreground, "revother", write_config(tmp_path, text), "paramiko").wait_state(*UP)
+    assert echo_roundtrip(("127.0.0.1", port), b"trusted") == b"trusted"
+
+
+def test_revoked_is_decided_by_the_key_blob_whatever_other_lines_say(tmp_path: Path) -> None:
+    good_type, good = other_key(tmp_path).split()
+    keygen(tmp_path / "revoked", "revoked")
+    revoked = (tmp_path / "revoked.pub").read_text().split()[1]
+    blob = base64.b64decode(good)
+    known = tmp_path / "known_hosts"
+    known.write_text(f"@revoked server {good_type} {revoked}\nserver {good_type} {good}\n")
+    verdict = evaluate("server", good_type, blob, [known])
+    assert (verdict.matches, verdict.revoked_in) == (True, None), verdict  # another ed25519 key was revoked
+    known.write_text(f"server {good_type} {good}\n@revoked server {good_type} {good}\n")
+    verdict = evaluate("server", good_type, blob, [known])
+    assert verdict.revoked_in == f"{known} line 2", verdict  # this very key: refused although line 1 accepts it
 
 
 def test_a_changed_key_under_strict_no_is_fatal_for_openssh_too(

@@ -246,6 +246,26 @@ def test_a_reused_pid_is_never_running_and_never_signalled(config: Path) -> None
         bystander.wait()
 
 
+def test_a_pid_recycled_by_another_tunneld_of_the_user_is_not_the_daemon_and_stop_leaves_it_alone() -> None:
+    """The pid of a tunneld that died now belongs to another tunneld of the same user (`status --watch`): same
+    user, a tunneld command line, only the create time tells them apart. That process is not signalled."""
+    bystander = subprocess.Popen(tunneld_cmd("status", "--watch"), stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        earlier = psutil.Process(bystander.pid).create_time() - 60.0  # the daemon that wrote the file, a minute before
+        state_dir().mkdir(parents=True, exist_ok=True)
+        record = {"pid": bystander.pid, "create_time": earlier, "host": HOST, "engine": "openssh", "started_at": 1.0}
+        (state_dir() / f"{HOST}.pid").write_text(json.dumps(record))
+        report = json.loads(run_cli("status", HOST, "--json").stdout)["hosts"][0]
+        assert (report["state"], report["running"]) == ("dead (stale pid file)", False), report
+        stopped = run_cli("stop", HOST)
+        assert stopped.returncode == 0, stopped.stderr
+        assert stopped.stdout.strip() == f"{HOST}  not running (removed the stale pid file of pid {bystander.pid})"
+        assert bystander.poll() is None  # never signalled
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 def test_stop_escalates_to_sigkill_when_sigterm_is_not_honoured(config: Path) -> None:
     assert run_cli("start", HOST, "-F", str(config)).returncode == 0
     daemon = psutil.Process(pid_of(HOST))

@@ -15,6 +15,7 @@ from tests.helpers import read_log, read_state, run_cli, write_config, write_set
 from tunneld.errors import EXIT_CONFIG
 
 IDLE_TIMEOUT_S = 2
+LINK_UP = ("up", "degraded")
 
 
 def sessions(sshd: SshServer) -> int:
@@ -58,6 +59,37 @@ def test_no_session_until_the_first_client_then_closed_when_idle_and_back_on_the
         wait_for(lambda: read_state("od").get("state") in ("up", "idle"), 10, "up once the health check ran")
         assert read_state("od")["reconnects"] == 0  # a link brought up for a client is not a reconnect
         assert json.loads(run_cli("status", "od", "--json").stdout)["hosts"][0]["state"] in ("up", "idle")
+    finally:
+        run_cli("stop", "od")
+
+
+def test_an_open_but_quiet_connection_keeps_the_link_up_past_the_idle_timeout_and_its_close_starts_the_count(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer
+) -> None:
+    """A notebook kernel's connection, or a download the server stalls, sends nothing for longer than
+    idle_timeout_s: idleness counts only while no connection is open. The witness that time passed is the
+    daemon's own clock: TCP health checks every second reach the target one connection each."""
+    port = free_port()
+    config = str(write_config(tmp_path, sshd.client_config("od", [f"LocalForward {port} 127.0.0.1:{echo.port}"])))
+    write_settings(f'[hosts.od]\non_demand = true\nidle_timeout_s = 1\nhealth_interval_s = 1\n\n'
+                   f'[hosts.od.health]\n"{port}" = "tcp"\n')  # fmt: skip
+    try:
+        assert run_cli("start", "od", "-F", config).returncode == 0
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.settimeout(scaled(10))
+            client.sendall(b"hello")
+            assert client.recv(5) == b"hello"
+            wait_for(lambda: read_state("od").get("state") == "up", 10, "up once the health check ran")
+            checks = echo.accepted
+            # Two idle timeouts and more of silence on the open connection (checks run at least 1 s apart).
+            wait_for(lambda: echo.accepted >= checks + 3 or read_state("od").get("state") not in LINK_UP, 20,
+                     "three more health checks, or the link closing")  # fmt: skip
+            assert read_state("od").get("state") in LINK_UP and "closing the link" not in read_log("od"), read_log("od")
+            client.sendall(b"still")
+            assert client.recv(5) == b"still"  # the same connection, through the same link
+            assert logins(sshd) == 2, read_log("od")  # the verifying session at start, and this link
+        wait_for(lambda: read_state("od").get("state") == "idle", 15, "the link to close once the connection did")
+        assert "no connection for 1 s: closing the link" in read_log("od")
     finally:
         run_cli("stop", "od")
 

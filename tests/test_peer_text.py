@@ -26,7 +26,7 @@ from tests.harness import (
 )
 from tests.helpers import ForegroundTunnel, expect_fatal, read_log, read_state, run_cli, start, write_config
 from tunneld.errors import EXIT_UNAVAILABLE
-from tunneld.safetext import PEER_TEXT_MAX_CHARS
+from tunneld.safetext import PEER_TEXT_MAX_CHARS, printable, quote_peer
 
 UP = ("up", "degraded")
 REFUSED = "the server refuses new connections for now (rate limit?)"
@@ -108,7 +108,7 @@ def test_a_server_that_drops_connections_at_once_refuses_new_ones_for_now(
 
 
 def test_a_peers_words_are_shown_escaped_short_and_attributed(tmp_path: Path, sshd: SshServer, engine: str) -> None:
-    peer = ScriptedPeer(f"{OSC52}\x1b[2J".encode() + b"X" * 400 + b"\r\n")
+    peer = ScriptedPeer(f"{OSC52}\x1b[2J\u009b2J".encode() + b"X" * 400 + b"\r\n")
     try:
         config = config_via(tmp_path, sshd, peer.port, "loud", [f"LocalForward {free_port()} 127.0.0.1:9"])
         done = run_cli("start", "loud", "-F", str(config), "--engine", engine)
@@ -120,9 +120,21 @@ def test_a_peers_words_are_shown_escaped_short_and_attributed(tmp_path: Path, ss
     assert quoted.startswith('"\\') and "]52;c;ZXZpbA==\\x07" in quoted and quoted.endswith('XXX..."'), quoted
     assert len(quoted) <= PEER_TEXT_MAX_CHARS + 5, quoted
     log = read_log("loud")
-    for control in ("\x1b", "\x07"):
+    for control in ("\x1b", "\x07", "\x9b"):
         assert control not in done.stderr + log
     assert "X" * (PEER_TEXT_MAX_CHARS + 1) not in done.stderr + log
+
+
+def test_every_c0_and_c1_control_is_shown_escaped() -> None:
+    """U+009B is CSI in one character on many terminals, as ESC [ is in two: C1 is escaped like C0 (and DEL)."""
+    controls = [chr(code) for code in (*range(0x20), *range(0x7F, 0xA0))]
+    for keep_newlines in (False, True):
+        checked = [c for c in controls if not (keep_newlines and c == "\n")]
+        unescaped = [
+            f"U+{ord(c):04X}" for c in checked if printable(f"a{c}[2J", keep_newlines) != f"a\\x{ord(c):02x}[2J"
+        ]
+        assert unescaped == [], f"keep_newlines={keep_newlines}"
+    assert quote_peer("\u009b2J hello") == '"\\x9b2J hello"'
 
 
 def test_lines_forged_in_a_peers_debug_message_never_make_a_start_fatal(

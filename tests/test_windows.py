@@ -1,14 +1,20 @@
-"""Receive-window growth for long fat paths: the rule as a value, and a real download through a slow path."""
+"""Receive-window growth for long fat paths: the rule as a value, the forwarder's decision on it, and a real
+download through a slow path."""
 
 from __future__ import annotations
 
 import hashlib
 import socket
+import time
 from pathlib import Path
+
+import paramiko
 
 from tests.harness import DelayRelay, DownloadServer, SshServer, free_port, wait_for
 from tests.helpers import ForegroundTunnel, read_state, start, write_config
+from tunneld.engines.forwarding import Forwarder, Pair
 from tunneld.engines.windows import MAX_WINDOW_BYTES, START_WINDOW_BYTES, WindowGrowth
+from tunneld.spec import LOCAL, Endpoint, Forward, TunnelSpec
 
 MIB = 1024 * 1024
 RTT_S = 0.04
@@ -41,6 +47,42 @@ def test_growth_stops_for_a_reader_that_falls_behind_at_the_cap_and_at_the_budge
 
 def test_without_a_measured_round_trip_nothing_grows() -> None:
     assert WindowGrowth().bytes_to_add(START_WINDOW_BYTES, 4 * MIB, 0.05, 0.0, 64 * MIB, True) == 0
+
+
+def grants_after_handing_on(chunk_bytes: int) -> tuple[list[int], int]:
+    """The forwarder's growth decision with real inputs: the pump hands a chunk the channel sent to the local client
+    (whose socket takes what it has room for, nothing more: the client reads nothing), at the end of a sample in
+    which the sender filled the window many times over in each round trip. Return (windows granted, bytes still
+    queued here for the client)."""
+    forward = Forward(LOCAL, Endpoint(port=free_port()), Endpoint("127.0.0.1", 9))
+    forwarder = Forwarder(TunnelSpec(alias="grow", hostname="127.0.0.1", port=22, user="u", forwards=(forward,)))
+    grants: list[int] = []
+    forwarder.widen = lambda _channel, extra: grants.append(extra)
+    forwarder.rtt_s = RTT_S
+    ours, client = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        pair = Pair(ours, paramiko.Channel(0), forwarder.counters[forward], window=START_WINDOW_BYTES)
+        pair.sample_at, pair.sample_bytes = time.monotonic() - 2 * RTT_S, 64 * MIB  # a sample 2 round trips long
+        pair.to_local += bytes(chunk_bytes)
+        forwarder._flush_to_local(pair)
+        forwarder._maybe_grow(pair, chunk_bytes)
+        return grants, len(pair.to_local)
+    finally:
+        client.close()
+        ours.close()
+        forwarder.close()
+
+
+def test_the_forwarder_widens_the_window_of_a_client_that_takes_all_it_is_sent() -> None:
+    grants, queued = grants_after_handing_on(32 * 1024)  # the client's socket has room for the whole chunk
+    assert (grants, queued) == ([START_WINDOW_BYTES], 0)
+
+
+def test_the_forwarder_never_widens_the_window_of_a_client_that_falls_behind() -> None:
+    """More window for a slow reader would only pile more of the download up in tunneld's memory."""
+    grants, queued = grants_after_handing_on(4 * MIB)  # more than the client's socket holds: the rest waits here
+    assert grants == [] and queued > 0, (grants, queued)
 
 
 def test_a_large_download_over_a_slow_path_arrives_intact(

@@ -198,7 +198,7 @@ def expand_groups(names: Iterable[str], path: Path | None = None) -> list[str]:
     """Replace every `@group` among `names` by its members (first mention wins); other names stay as given."""
     names = list(names)
     if not any(name.startswith("@") for name in names):
-        return names
+        return list(dict.fromkeys(names))
     path = path or settings_path()
     defined = groups(path)
     hosts: list[str] = []
