@@ -322,7 +322,7 @@ def test_a_tunneld_home_another_user_could_redirect_is_refused(tmp_path: Path, f
 
 
 def test_a_tunneld_home_that_is_your_link_to_your_directory_is_used(tmp_path: Path, config: Path) -> None:
-    mine = open_dir / "mine"
+    mine = tmp_path / "mine"
     mine.mkdir(mode=0o700)
     link = tmp_path / "th"
     link.symlink_to(mine)

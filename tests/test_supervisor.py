@@ -514,6 +514,10 @@ class ListeningEngine(FakeEngine):
         self.refusing.append(refusing)
 
 
+def asked_again(agent: Agent, times: int) -> bool:
+    return agent.asked >= times
+
+
 def refused() -> AuthError:
     return AuthError("u@127.0.0.1:9 refused authentication: Permission denied (publickey)")
 
@@ -543,8 +547,7 @@ def test_a_login_refused_after_a_link_waits_for_the_agent_to_change(run: Callabl
     assert "refused the agent's 2 key(s)" in str((h.recorder.last.last_error or {}).get("message"))
     for same in ((b"key-1", b"key-2"), None, (b"key-1",), (b"key-2", b"key-1")):  # reordered, gone, fewer: no help
         agent.keys = same
-        asked = agent.asked
-        h.until(lambda n=asked: agent.asked >= n + 2, "two looks at the agent")
+        h.until(partial(asked_again, agent, agent.asked + 2), "two looks at the agent")
     assert h.engine.calls == 3, "a retry although the agent offers nothing new"
     agent.keys = (b"key-1", b"key-2", b"key-3")
     h.until(links_up(h, 2), "the link once a new key is there")
