@@ -135,9 +135,9 @@ def test_an_sshd_restart_costs_at_most_the_probe_that_found_it_back(
     sshd.start()
     tunnel.wait_state(*UP)
     assert echo_roundtrip(("127.0.0.1", local), b"back") == b"back"
-    # Overlapping probes: the first answer ends them, one in flight at that moment may answer too.
+    # Overlapping probes: the first answer ends them, one in flight at that moment may answer too. (Whether a probe or
+    # a backoff that ran out first found the server back depends on timing: either costs no more than this.)
     assert sshd.preauth_connections(mark) <= 2, sshd.log.read_text()[-3000:]
-    assert f"127.0.0.1:{sshd.port} answers again" in read_log("restart")
 
 
 def test_a_flapping_server_stays_within_the_budget(
