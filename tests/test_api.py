@@ -246,3 +246,29 @@ def test_a_consumer_type_checks_against_the_installed_package(tmp_path: Path, ot
         'consumer.py:17: error: Incompatible types in assignment (expression has type "str", variable has type "int")'
         in errors[0]
     )
+
+
+def test_ensure_refuses_a_missing_or_unreadable_ssh_config_even_for_a_running_tunnel(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tunneld
+
+    config = write_config(
+        tmp_path, sshd.client_config("ml", [f"LocalForward {free_port_both()} 127.0.0.1:{echo.port}"])
+    )
+    started = run_cli("start", "ml", "-F", str(config))
+    try:
+        assert started.returncode == 0, started.stderr
+        assert tunneld.ensure("ml", ssh_config=str(config)).running  # the file is fine: the tunnel is reused
+        with pytest.raises(tunneld.ConfigError) as missing:
+            tunneld.ensure("ml", ssh_config=str(tmp_path / "nope"))
+        assert missing.value.message == f"the ssh_config file {tmp_path / 'nope'} does not exist"
+        assert missing.value.exit_code == EXIT_CONFIG and "ssh_config=" in str(missing.value.hint)
+        monkeypatch.setenv("TUNNELD_SSH_CONFIG", str(tmp_path))
+        with pytest.raises(tunneld.ConfigError) as directory:
+            tunneld.ensure("ml")
+        assert directory.value.message == f"the ssh_config file {tmp_path} is a directory"
+        assert "TUNNELD_SSH_CONFIG" in str(directory.value.hint)
+        assert tunneld.ensure("ml", ssh_config="/dev/null").running  # what ssh -F /dev/null reads: nothing, fine
+    finally:
+        run_cli("stop", "ml")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import plistlib
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import SshServer, free_port, wait_for
-from tests.helpers import read_state, run_cli, write_config
+from tests.helpers import read_state, run_cli, write_config, write_settings
 from tunneld.autostart import enabled_hosts, read_manifest
 from tunneld.autostart.launchd import plist_path, render_plist
 from tunneld.autostart.manage import autostart_report, disable, enable
@@ -29,10 +30,14 @@ LAUNCH = Launch(("/opt/tunneld/bin/python", "-m", "tunneld"), (("TUNNELD_SSH_CON
 
 
 class RecordingRunner(Runner):
-    """Records service-manager commands instead of running them (the OS edge tests cannot own)."""
+    """Records service-manager commands instead of running them (the OS edge tests cannot own), on a machine that
+    has every mechanism (launchd too)."""
 
     def __init__(self) -> None:
         self.commands: list[tuple[str, ...]] = []
+
+    def supports(self, via: str) -> bool:
+        return True
 
     def run(self, argv: Sequence[str]) -> CommandResult:
         self.commands.append(tuple(argv))
@@ -150,12 +155,14 @@ def test_status_warns_when_the_baked_tunneld_is_gone(isolated_home: Path) -> Non
     assert any("is missing" in w for w in autostart_report(HOST).warnings)
 
 
-def fake_systemctl(tmp_path: Path) -> tuple[dict[str, str], Path]:
-    """A `systemctl` first on PATH that records its arguments: the OS edge, for real CLI processes."""
+def fake_systemctl(tmp_path: Path, no_bus: bool = False) -> tuple[dict[str, str], Path]:
+    """A `systemctl` first on PATH that records its arguments: the OS edge, for real CLI processes. With `no_bus`
+    it answers as where no systemd user manager runs for the login (su, a container)."""
     bindir, record = tmp_path / "fakebin", tmp_path / "systemctl.calls"
     bindir.mkdir()
     script = bindir / "systemctl"
-    script.write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
+    answer = 'echo "Failed to connect to bus: No medium found" >&2; exit 1\n' if no_bus else ""
+    script.write_text(f'#!/bin/sh\necho "$@" >> {record}\n{answer}')
     script.chmod(0o755)
     return dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}"), record
 
@@ -194,6 +201,57 @@ def test_enable_refuses_a_host_the_config_check_rejects(tmp_path: Path) -> None:
     assert read_manifest("bare") is None and not desktop_path("bare").exists()
 
 
+ON_LINUX = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="a Linux machine, where launchd does not exist"
+)
+
+
+@ON_LINUX
+def test_enable_via_launchd_on_linux_is_refused_before_anything_is_written(tmp_path: Path, isolated_home: Path) -> None:
+    config = write_config(tmp_path, f"Host {HOST}\n  HostName 127.0.0.1\n  LocalForward 5000 localhost:5000\n")
+    done = run_cli("autostart", "enable", HOST, "-F", str(config), "--via", "launchd")
+    assert done.returncode == 1 and done.stdout == "", done.stdout
+    assert "Error: launchd cannot start anything on Linux: it runs only on macOS" in done.stderr, done.stderr
+    assert re.search(r"hint: use --via (systemd|xdg), what tunneld picks here when --via is left out", done.stderr)
+    assert files_under(isolated_home) == [] and read_manifest(HOST) is None  # no ~/Library/LaunchAgents
+
+
+def test_a_host_enabled_via_xdg_is_named_before_systemd_is_asked_anything(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, "".join(f"Host {name}\n  HostName 127.0.0.1\n  LocalForward {port} x:1\n"
+                          for name, port in ((HOST, 5000), ("jupyter", 8888)))
+    )  # fmt: skip
+    assert run_cli("autostart", "enable", HOST, "-F", str(config), "--via", "xdg").returncode == 0
+    write_settings(f'[groups]\nml = ["jupyter", "{HOST}"]\n')
+    env, record = fake_systemctl(tmp_path, no_bus=True)  # systemd would answer with the bus error
+    for name in (HOST, "@ml"):
+        done = run_cli("autostart", "enable", name, "-F", str(config), "--via", "systemd", env=env)
+        assert done.returncode == 1, done.stderr
+        assert f"Error: {HOST} is already enabled for autostart via xdg" in done.stderr, done.stderr
+        assert f"hint: disable it first: tunneld autostart disable {HOST}" in done.stderr
+    assert not record.exists()  # systemctl was never run
+    assert read_manifest("jupyter") is None  # a group is enabled whole or not at all
+
+
+@ON_LINUX
+def test_a_launchd_manifest_on_linux_leaves_start_stop_and_disable_to_tunneld(tmp_path: Path, sshd: SshServer) -> None:
+    config = write_config(tmp_path, sshd.client_config(HOST, [f"LocalForward {free_port()} 127.0.0.1:9"]))
+    enable(HOST, "launchd", Launch.current(str(config)), RecordingRunner())  # a ~/.config synced from a Mac
+    try:
+        listed = run_cli("autostart", "status", HOST)
+        assert listed.returncode == 0 and "agent:" not in listed.stdout, listed.stdout
+        assert f"warning: launchd runs only on macOS: nothing starts {HOST} at login on Linux" in listed.stderr
+        started = run_cli("start", HOST, "-F", str(config))
+        assert started.returncode == 0, started.stderr  # by hand: no launchctl to ask
+        assert read_state(HOST).get("state") in ("up", "degraded")  # degraded: nothing listens on the discard port
+        disabled = run_cli("autostart", "disable", HOST, "--now")
+        assert disabled.returncode == 0, disabled.stderr
+        assert disabled.stdout.startswith(f"{HOST}  autostart disabled (launchd) and stopped\n"), disabled.stdout
+        assert read_state(HOST)["state"] == "stopped" and read_manifest(HOST) is None
+    finally:
+        run_cli("stop", HOST)
+
+
 def test_keep_trying_start_survives_a_network_that_is_not_up_yet(tmp_path: Path, sshd: SshServer) -> None:
     config = write_config(tmp_path, sshd.client_config(HOST, [f"LocalForward {free_port()} 127.0.0.1:9"]))
     sshd.stop()  # at login the server cannot be reached yet
@@ -226,6 +284,9 @@ class FakeLaunchd(Runner):
         self.commands: list[tuple[str, ...]] = []
         self.loaded = False
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def supports(self, via: str) -> bool:
+        return via == "launchd"  # this machine stands for a Mac
 
     def run(self, argv: Sequence[str]) -> CommandResult:
         self.commands.append(tuple(argv))

@@ -3,6 +3,7 @@ when no systemd user manager answers (the real systemctl), and what XDG autostar
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -178,3 +179,31 @@ def test_xdg_autostart_warns_that_only_a_desktop_login_runs_it(tmp_path: Path) -
     ) in done.stderr, done.stderr
     systemd_booted = Path("/run/systemd/system").is_dir()
     assert ("loginctl enable-linger $USER" in done.stderr) == systemd_booted, done.stderr
+
+
+def test_autostart_status_of_an_xdg_host_never_passes_this_shells_temporary_agent_for_the_desktop_sessions(
+    tmp_path: Path, agents: list[subprocess.Popen[bytes]]
+) -> None:
+    config, key = host_with_locked_key(tmp_path)
+    assert run_cli("autostart", "enable", HOST, "-F", str(config), "--via", "xdg").returncode == 0
+    shell = tmp_path / "ssh-Xq3bW9lMzA" / "agent.4242"  # ssh-agent's own temporary socket, holding the key
+    agents.append(start_agent(shell))
+    add_key(shell, key, tmp_path)
+    listed = run_cli("autostart", "status", HOST, env=dict(os.environ, SSH_AUTH_SOCK=str(shell)))
+    assert listed.returncode == 0 and listed.stderr == "", listed.stderr
+    assert listed.stdout.splitlines()[1] == (
+        "  agent: unknown here: the entry runs in the desktop session and gets that session's agent; this shell's "
+        f"SSH_AUTH_SOCK ({shell}) is its own and temporary; `ssh-add -l` in a terminal of that session lists its keys"
+    )
+    shown = run_cli("autostart", "status", HOST, "--json", env=dict(os.environ, SSH_AUTH_SOCK=str(shell)))
+    agent = json.loads(shown.stdout)["hosts"][0]["agent"]
+    assert agent["socket"] is None and agent["holds"] == []
+    assert agent["source"] == "the desktop session's SSH_AUTH_SOCK, which this shell does not show"
+    session = tmp_path / "run" / "gcr" / "ssh"  # a session agent's socket: this shell's may be the session's one
+    agents.append(start_agent(session))
+    add_key(session, key, tmp_path)
+    listed = run_cli("autostart", "status", HOST, env=dict(os.environ, SSH_AUTH_SOCK=str(session)))
+    assert listed.stdout.splitlines()[1] == (
+        f"  agent: {session} (this shell's SSH_AUTH_SOCK: the desktop session's agent if this shell runs in that "
+        f"session): holds the key {key}"
+    )

@@ -102,3 +102,30 @@ def test_import_tunneld_and_a_look_at_its_api_load_neither_click_nor_paramiko_an
     assert not modules & {"click", "paramiko", "platformdirs"}, sorted(modules & {"click", "paramiko", "platformdirs"})
     after_import, after_api = ast.literal_eval(done.stderr.splitlines()[-1])  # the repr printed last
     assert after_import == [] and after_api == [], (after_import, after_api)
+
+
+def test_every_error_of_the_tree_is_exported_and_documented() -> None:
+    import tunneld
+    from tunneld import errors
+
+    tree = {
+        name for name, obj in vars(errors).items() if isinstance(obj, type) and issubclass(obj, errors.TunneldError)
+    }
+    assert {"NeedsAuthError", "RefusedByServerError"} <= tree  # the listing is real
+    assert tree <= set(tunneld.__all__), sorted(tree - set(tunneld.__all__))
+    assert all(getattr(tunneld, name) is getattr(errors, name) for name in tree)
+    reference = (Path(__file__).parent.parent / "docs" / "python.md").read_text().split("### Errors", 1)[1]
+    assert not {name for name in tree if not re.search(rf"\b{name}\b", reference)}, "docs/python.md's error table"
+
+
+def test_dir_of_tunneld_lists_the_api_without_loading_it() -> None:
+    probe = (
+        "import sys, tunneld\nprint(repr((dir(tunneld), sorted(m for m in sys.modules if m.startswith('tunneld')))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    names, loaded = ast.literal_eval(done.stdout)
+    assert {"ensure", "tunnel", "status", "stop", "Tunnel", "ForwardAddress", "TunneldError", "NeedsAuthError"} <= set(
+        names
+    )
+    assert loaded == ["tunneld"]  # tab completion sees the names; nothing behind them is imported

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,7 @@ def test_an_unknown_group_or_member_is_a_clear_error(tmp_path: Path) -> None:
         assert 'no group "@nope"' in done.stderr and "@ml, @other" in done.stderr, done.stderr
     done = run_cli("start", "@ml", "-F", config)
     assert done.returncode == EXIT_CONFIG and "no 'Host ghost' entry" in done.stderr, done.stderr
-    assert "@ml  ghost (no forwards in the ssh_config)" in run_cli("list", "-F", config).stdout
+    assert re.search(r"^@ml +ghost \(no forwards in the ssh_config\)$", run_cli("list", "-F", config).stdout, re.M)
     write_settings('[groups]\nml = ["../etc"]\n')
     done = run_cli("status", "@ml")
     assert done.returncode == EXIT_CONFIG and '"../etc"' in done.stderr and "tunneld.toml" in done.stderr
@@ -90,3 +91,21 @@ def test_shell_completion_offers_groups(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "tunneld"  # completion keys on the program's name, as a shell runs it
     done = subprocess.run([str(script)], env=env, capture_output=True, text=True, check=False, timeout=30)
     assert sorted(line.split(",", 1)[1] for line in done.stdout.split()) == ["@ml", "@web"], done
+
+
+def test_list_and_stop_of_a_group_print_aligned_columns(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "Host a\n  LocalForward 5000 x:1\nHost tensorboard\n  LocalForward 6006 x:2\n")
+    write_settings('[groups]\nml = ["a", "tensorboard"]\n')
+    listed = run_cli("list", "-F", str(config))
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == [
+        "a            localhost:5000 -> x:1",
+        "tensorboard  localhost:6006 -> x:2",
+        "@ml          a, tensorboard",
+    ]
+    stopped = run_cli("stop", "@ml")  # members tunneld has never run: not running, exit 0
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.splitlines() == [
+        "a            not running (tunneld has never run it)",
+        "tensorboard  not running (tunneld has never run it)",
+    ]

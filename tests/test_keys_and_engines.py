@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,10 @@ from tests.helpers import (
     start,
     tunneld_cmd,
     write_config,
+    write_settings,
 )
 from tunneld.errors import EXIT_CONFIG
+from tunneld.settings import HostSettings
 
 UP = ("up", "degraded")
 
@@ -265,6 +268,22 @@ def test_invalid_settings_are_a_clear_config_error(tmp_path: Path, text: str, ne
     done = run_cli("show", "x", "-F", str(config))
     assert done.returncode == EXIT_CONFIG
     assert needle in done.stderr and str(settings) in done.stderr
+
+
+@pytest.mark.parametrize("text", ["engine = \n", "[hosts.x]\nspeed = 3\n"], ids=["broken-toml", "unknown-setting"])
+def test_the_hint_for_a_bad_tunneld_toml_lists_every_setting_and_its_values_without_pointing_at_docs(
+    tmp_path: Path, text: str
+) -> None:
+    write_settings(text)
+    config = write_config(tmp_path, "Host x\n  LocalForward 5000 localhost:5000\n")
+    done = run_cli("show", "x", "-F", str(config))
+    assert done.returncode == EXIT_CONFIG, done.stderr
+    hint = done.stderr.split("  hint: ", 1)[1]
+    assert ".md" not in hint  # a pipx install has no docs/ to read
+    assert 'engine = "auto" | "openssh" | "paramiko"' in hint and "hold_connections_s = 0..3600 (seconds)" in hint
+    assert "idle_timeout_s = 1..86400 (seconds)" in hint and "on_demand = true | false" in hint
+    assert '[hosts.NAME.env] NAME = "http://{local}"' in hint and '[groups] ml = ["host1", "host2"]' in hint
+    assert all(setting.name in hint for setting in fields(HostSettings))
 
 
 def test_without_an_ssh_binary_paramiko_resolves_and_runs(

@@ -186,7 +186,10 @@ def test_stop_status_and_logs_of_a_name_tunneld_never_ran_say_so_and_name_the_kn
     write_settings(f'[groups]\nml = ["{HOST}", "tensorboard"]\n')
     group = run_cli("stop", "@ml")  # a member nobody started is no typo
     assert group.returncode == 0, group.stderr
-    assert "tensorboard  not running (tunneld has never run it)" in group.stdout
+    assert group.stdout.splitlines() == [
+        f"{HOST}  not running",
+        "tensorboard   not running (tunneld has never run it)",  # in columns, as `status` draws them
+    ]
     assert tunneld.stop("tensorboard") is False  # the Python API: nothing ran
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port_both, scaled
 from tests.helpers import read_state, run_cli, tunneld_cmd, write_config, write_settings
-from tunneld.errors import EXIT_CONFIG
+from tunneld.errors import EXIT_CONFIG, EXIT_USAGE
 
 ENV = """
 [hosts.ml.env]
@@ -110,7 +110,8 @@ def test_a_port_or_placeholder_that_names_no_forward_is_an_error_listing_the_for
         tmp_path, "Host ml\n  HostName 127.0.0.1\n  LocalForward 5000 localhost:5050\n  DynamicForward 1080\n"
     )
     url = run_cli("url", "ml", "9999", "-F", str(config))
-    assert url.returncode == EXIT_CONFIG and url.stdout == ""
+    assert url.returncode == EXIT_USAGE and url.stdout == ""  # the argument is wrong, as click's own usage errors
+    assert url.stderr.startswith("Usage: ") and "Error: Invalid value for PORT: " in url.stderr, url.stderr
     assert "no forward of ml has the local or remote port 9999" in url.stderr
     assert "127.0.0.1:5000 -> localhost:5050, 127.0.0.1:1080 -> SOCKS" in url.stderr
     assert run_cli("url", "ml", "5050", "-F", str(config)).stdout == "http://127.0.0.1:5000\n"

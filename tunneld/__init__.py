@@ -28,6 +28,7 @@ __all__ = [
     "ForwardAddress",
     "HandshakeStalledError",
     "HostKeyError",
+    "NeedsAuthError",
     "NoForwardsError",
     "NotRunningError",
     "PortInUseError",
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from tunneld.errors import FatalError as FatalError
     from tunneld.errors import HandshakeStalledError as HandshakeStalledError
     from tunneld.errors import HostKeyError as HostKeyError
+    from tunneld.errors import NeedsAuthError as NeedsAuthError
     from tunneld.errors import NoForwardsError as NoForwardsError
     from tunneld.errors import NotRunningError as NotRunningError
     from tunneld.errors import PortInUseError as PortInUseError
@@ -82,3 +84,7 @@ else:  # hidden from type checkers, which see the names above (and flag any othe
 
             return getattr(errors, name)
         raise AttributeError(f"module 'tunneld' has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        """List the API's names too (tab completion in a notebook), without loading them."""
+        return sorted(set(globals()) | set(__all__))

@@ -85,7 +85,8 @@ def ensure(
     """Start `host`'s tunnel unless it runs, and wait until it is up (with `healthy`, until the health checks of
     tunneld.toml pass); return it. Raises a TunneldError (`message`, `hint`, `exit_code`) when it cannot.
 
-    Without `ssh_config`, $TUNNELD_SSH_CONFIG, else the file the host was last started with, else ssh's own.
+    Without `ssh_config`, $TUNNELD_SSH_CONFIG, else the file the host was last started with, else ssh's own. A file
+    given that does not exist or cannot be read is a ConfigError, also when the tunnel already runs.
     """
     return _tunnel_of(_ensure(host, ssh_config, engine, timeout, healthy).report)
 
@@ -99,8 +100,24 @@ def _ensure(host: str, ssh_config: str | None, engine: str | None, timeout: floa
 
     if engine is not None and engine not in ENGINES:
         raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    config = ssh_config_for(host, ssh_config or os.environ.get("TUNNELD_SSH_CONFIG") or None)
-    return ensure_host(host, StartOptions(config, engine or "auto", timeout), healthy)
+    given = ssh_config or os.environ.get("TUNNELD_SSH_CONFIG") or None
+    if given is not None:
+        _check_readable(given, "ssh_config=" if ssh_config else "TUNNELD_SSH_CONFIG")
+    return ensure_host(host, StartOptions(ssh_config_for(host, given), engine or "auto", timeout), healthy)
+
+
+def _check_readable(path: str, where: str) -> None:
+    """A missing or unreadable ssh_config file is an error, as the command line's -F: also for a running tunnel,
+    which would otherwise be reused without a word about the file."""
+    import os
+
+    if os.path.exists(path) and not os.path.isdir(path) and os.access(path, os.R_OK):
+        return  # /dev/null too, as for ssh -F
+    why = "is a directory" if os.path.isdir(path) else "is not readable" if os.path.exists(path) else "does not exist"
+    raise ConfigError(
+        f"the ssh_config file {path} {why}",
+        f"check the path given as {where}; without one, ssh's own ~/.ssh/config is read",
+    )
 
 
 @contextlib.contextmanager

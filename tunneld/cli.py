@@ -182,30 +182,30 @@ def start(
     sys.exit(start_hosts(names, StartOptions(ssh_config, engine, timeout, verbose, keep_trying, prompt), _echo))
 
 
-def _stop_host(host: str, timeout: float, typed: bool = False) -> int:
+def _stop_host(host: str, timeout: float, typed: bool = False, width: int = 0) -> int:
     """Stop one host; a name tunneld never ran is an error when it was typed (a typo: `stop mlflowsever` must not
-    pass for success while mlflowserver runs), a mere `not running` for a member of a group."""
+    pass for success while mlflowserver runs), a mere `not running` for a member of a group. `width`: that of the
+    widest host name stopped, so that the lines of several hosts are columns, as `status` draws them."""
     from tunneld.status import never_ran, never_ran_error
     from tunneld.stopping import stop_tunnel
 
     try:
         result = stop_tunnel(host, timeout)
     except NotRunningError:
-        if never_ran(host):
-            if typed:
-                raise never_ran_error(host) from None
-            click.echo(f"{host}  not running (tunneld has never run it)")
-        else:
-            click.echo(f"{host}  not running")
-        return EXIT_OK
-    if result.stale and result.pid is None:
-        click.echo(f"{host}  not running (removed its unreadable pid file)")
-    elif result.stale:
-        click.echo(f"{host}  not running (removed the stale pid file of pid {result.pid})")
-    elif result.killed:
-        click.echo(f"{host}  stopped (pid {result.pid} ignored SIGTERM for {timeout:.0f} s; killed with SIGKILL)")
+        unknown = never_ran(host)
+        if unknown and typed:
+            raise never_ran_error(host) from None
+        said = "not running (tunneld has never run it)" if unknown else "not running"
     else:
-        click.echo(f"{host}  stopped")
+        if result.stale and result.pid is None:
+            said = "not running (removed its unreadable pid file)"
+        elif result.stale:
+            said = f"not running (removed the stale pid file of pid {result.pid})"
+        elif result.killed:
+            said = f"stopped (pid {result.pid} ignored SIGTERM for {timeout:.0f} s; killed with SIGKILL)"
+        else:
+            said = "stopped"
+    click.echo(f"{host.ljust(width)}  {said}")
     return EXIT_OK
 
 
@@ -229,7 +229,8 @@ def stop(hosts: tuple[str, ...], all_: bool, ssh_config: str | None, timeout: fl
         click.echo("no tunnel is running")
         return
     typed = {host for host in hosts if not host.startswith("@")}
-    sys.exit(_run_each(names, lambda host: _stop_host(host, timeout, typed=host in typed)))
+    width = max(map(len, names), default=0)
+    sys.exit(_run_each(names, lambda host: _stop_host(host, timeout, typed=host in typed, width=width)))
 
 
 @cli.command()

@@ -70,6 +70,7 @@ def list_(ssh_config: str | None) -> None:
     The ssh_config files read are named on stderr (`~/.ssh/config (does not exist)` when there is none).
     """
     from tunneld.config import describe_sources, list_hosts
+    from tunneld.render import columns
     from tunneld.settings import groups
 
     specs, skipped = list_hosts(ssh_config)
@@ -79,12 +80,13 @@ def list_(ssh_config: str | None) -> None:
         click.echo(f"ssh_config files read: {sources}", err=True)
     else:
         click.echo(f"no host in {sources} has a LocalForward, RemoteForward or DynamicForward", err=True)
-    for spec in specs:
-        click.echo(f"{spec.alias}  " + ", ".join(str(f) for f in spec.forwards))
+    rows = [(spec.alias, ", ".join(str(f) for f in spec.forwards)) for spec in specs]
     listed = {spec.alias for spec in specs}
     for name, members in groups().items():
         shown = ", ".join(m if m in listed else f"{m} (no forwards in the ssh_config)" for m in members)
-        click.echo(f"@{name}  {shown}")
+        rows.append((f"@{name}", shown))
+    for line in columns(rows):  # hosts and groups in one set of columns, as `status` draws its table
+        click.echo(line)
 
 
 def warn_skipped(skipped: list[str]) -> None:

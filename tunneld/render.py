@@ -188,6 +188,13 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], width: int | Non
     return out
 
 
+def columns(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Return `rows` as `table` draws them, without a header and without cutting anything (`list`, `stop @GROUP`)."""
+    if not rows:
+        return []
+    return table([printable(str(cell)) for cell in rows[0]], rows[1:])
+
+
 def ellipsis(stream: TextIO) -> str:
     """Return `…`, or `...` where the stream's encoding cannot write it."""
     try:

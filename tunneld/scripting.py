@@ -32,11 +32,17 @@ def url(host: str, port: int | None, ssh_config: str | None, scheme: str) -> Non
       http://127.0.0.1:5000
 
     IPv4 loopback is preferred. A host that is not running: the address `start` would listen on, from the
-    ssh_config (without -F, the one it was last started with).
+    ssh_config (without -F, the one it was last started with). A PORT that names no forward is a usage error
+    (exit 2) that lists the forwards.
     """
-    from tunneld.urls import host_forwards, pick_forward
+    from tunneld.safetext import printable
+    from tunneld.urls import NoSuchForwardError, host_forwards, pick_forward
 
-    click.echo(pick_forward(host, host_forwards(host, ssh_config), port).url(scheme))
+    try:
+        forward = pick_forward(host, host_forwards(host, ssh_config), port)
+    except NoSuchForwardError as error:
+        raise click.BadParameter(printable(f"{error.message}; {error.hint}"), param_hint="PORT") from None
+    click.echo(forward.url(scheme))
 
 
 @click.command()

@@ -57,12 +57,33 @@ GROUP_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def known_settings() -> str:
+    """Say what tunneld.toml holds, every setting with the values it takes: the hint of a bad file, which must help
+    offline (a pipx install has no docs/ to point at)."""
+    takes = []
+    for setting in fields(HostSettings):
+        key = setting.name
+        if key == "engine":
+            takes.append(f"engine = {' | '.join(_toml(e) for e in ENGINES)}")
+        elif key in _RANGES_S:
+            low, high = _RANGES_S[key]
+            takes.append(f"{key} = {low:g}..{high:g} (seconds)")
+        elif key in _BOOLEANS:
+            takes.append(f"{key} = true | false")
+    return (
+        "tunneld.toml: defaults at the top, [hosts.NAME] tables override them; settings: "
+        + "; ".join(takes)
+        + '; tables: [hosts.NAME.health] "5000" = "/health" or "tcp", [hosts.NAME.env] NAME = "http://{local}", '
+        '[groups] ml = ["host1", "host2"]'
+    )
+
+
 def _validate(table: dict[str, object], where: str, base: HostSettings) -> HostSettings:
     known = {f.name for f in fields(HostSettings)}
     values: dict[str, object] = {f.name: getattr(base, f.name) for f in fields(HostSettings)}
     for key, value in table.items():
         if key not in known:
-            raise ConfigError(f"{where}: unknown setting {_toml(key)}", f"known settings: {', '.join(sorted(known))}")
+            raise ConfigError(f"{where}: unknown setting {_toml(key)}", known_settings())
         if key == "engine" and value not in ENGINES:
             raise ConfigError(f"{where}: engine must be one of {', '.join(ENGINES)}, not {_toml(value)}")
         if key in _RANGES_S:
@@ -138,7 +159,7 @@ def _load(path: Path) -> dict[str, object]:
     else:  # pragma: no cover - Python 3.10
         import tomli as tomllib
 
-    hint = "fix the file; its format is in docs/engines.md, section tunneld.toml"
+    hint = f"fix the file; {known_settings()}"
     try:
         with path.open("rb") as handle:
             raw = handle.read(MAX_SETTINGS_BYTES + 1)

@@ -136,6 +136,10 @@ def host_forwards(host: str, ssh_config: str | None) -> tuple[ForwardAddress, ..
     return forwards_from_plans(plan_spec(resolve_host(host, ssh_config_for(host, ssh_config))))
 
 
+class NoSuchForwardError(ConfigError):
+    """A port names none of the host's forwards (`url HOST PORT` makes it a usage error, exit 2)."""
+
+
 def pick_forward(host: str, forwards: Sequence[ForwardAddress], port: int | None = None) -> ForwardAddress:
     """Return the first LocalForward, or the forward whose local port (else remote port) is `port`."""
     if port is None:
@@ -147,7 +151,9 @@ def pick_forward(host: str, forwards: Sequence[ForwardAddress], port: int | None
         (f for f in forwards if f.remote_port == port), None
     )
     if found is None:
-        raise ConfigError(f"no forward of {host} has the local or remote port {port}", _forwards_hint(host, forwards))
+        raise NoSuchForwardError(
+            f"no forward of {host} has the local or remote port {port}", _forwards_hint(host, forwards)
+        )
     return found
 
 

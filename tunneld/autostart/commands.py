@@ -30,7 +30,8 @@ def via_option(func: F) -> F:
         "--via",
         type=click.Choice(VIA_CHOICES),
         default=None,
-        help="Mechanism (default: launchd on macOS, systemd when a user manager runs, else xdg).",
+        help="Mechanism (default: launchd on macOS, systemd when a user manager runs, else xdg); launchd exists "
+        "only on macOS, systemd only on Linux.",
     )(func)
 
 
@@ -46,19 +47,22 @@ def autostart_enable(host: str, ssh_config: str | None, via: str | None, now: bo
     service to it, or warns when none will be; `tunneld start/stop/restart HOST` then go through that
     service manager.
     """
-    from tunneld.autostart.manage import default_via, enable_host
+    from tunneld.autostart.manage import check_enable, default_via, enable_host
     from tunneld.autostart.managed import MANAGERS, wait_started
     from tunneld.autostart.service import Launch, Runner
     from tunneld.config import resolve_host
     from tunneld.settings import expand_groups
     from tunneld.status import ssh_config_for
 
-    hosts = expand_groups([host])
+    hosts, runner = expand_groups([host]), Runner()
+    chosen = via or default_via()
     # every member is checked before any is enabled: a group is enabled whole or not at all
+    for name in hosts:
+        check_enable(name, chosen, runner)
     # the config step `check` runs; without -F, the file a running (or last) tunnel of the host was started with
     specs = [resolve_host(name, ssh_config_for(name, ssh_config)) for name in hosts]
     for spec in specs:
-        done = enable_host(spec, via or default_via(), Launch.current(spec.ssh_config), Runner(), now)
+        done = enable_host(spec, chosen, Launch.current(spec.ssh_config), runner, now)
         click.echo(f"{spec.alias}  autostart enabled via {done.manifest.via}" + (" and started" if now else ""))
         for note in done.notes:
             click.echo(f"  {note}")
@@ -94,14 +98,30 @@ def autostart_disable(host: str, ssh_config: str | None, now: bool) -> None:
     from tunneld.autostart.service import Runner
     from tunneld.settings import expand_groups
 
+    runner = Runner()
     for name in expand_groups([host]):
-        manifest = disable(name, Runner(), now)
+        manifest = disable(name, runner, now)
         if manifest is None:
             click.echo(f"{name}  autostart was not enabled")
             continue
-        click.echo(f"{name}  autostart disabled ({manifest.via})" + (" and stopped" if now else ""))
+        stopped = " and stopped" if now else ""
+        if now and not runner.supports(manifest.via):  # no service manager ran it here: its pid file decides
+            stopped = " and stopped" if _stop_by_hand(name) else " (its tunnel was not running)"
+        click.echo(f"{name}  autostart disabled ({manifest.via}){stopped}")
         for removed in manifest.files:
             click.echo(f"  removed {removed}")
+
+
+def _stop_by_hand(host: str) -> bool:
+    """Stop `host`'s tunnel by its pid file, as `tunneld stop` does; return False when none was running."""
+    from tunneld.errors import NotRunningError
+    from tunneld.stopping import stop_tunnel
+
+    try:
+        result = stop_tunnel(host)
+    except NotRunningError:
+        return False
+    return not result.stale
 
 
 @autostart.command("status")
@@ -110,7 +130,8 @@ def autostart_disable(host: str, ssh_config: str | None, now: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def autostart_status(hosts: tuple[str, ...], ssh_config: str | None, as_json: bool) -> None:
     """Show which hosts start at login, how, whether the tunneld they run still exists, and which ssh-agent the
-    service manager reaches for each (asked over its socket: does it hold a key for the host?)."""
+    service manager reaches for each (asked over its socket: does it hold a key for the host?). An XDG entry gets
+    the desktop session's agent, which this shell may not show."""
     from tunneld.autostart import enabled_hosts
     from tunneld.autostart.manage import autostart_report
     from tunneld.autostart.service import Runner

@@ -270,8 +270,31 @@ def service_agent(spec: TunnelSpec, via: str, runner: Runner, unit: str | None) 
         value = manager_environment(runner).get("SSH_AUTH_SOCK")
         return (value, "the systemd user manager's environment") if value else (None, "no SSH_AUTH_SOCK in systemd")
     shell = os.environ.get("SSH_AUTH_SOCK")
-    where = "launchd's SSH_AUTH_SOCK" if via == "launchd" else "the desktop session's SSH_AUTH_SOCK"
-    return (shell, where) if shell else (None, f"no SSH_AUTH_SOCK here for {via}")
+    if via == "xdg":
+        return desktop_agent(shell)
+    return (shell, "launchd's SSH_AUTH_SOCK") if shell else (None, f"no SSH_AUTH_SOCK here for {via}")
+
+
+def desktop_agent(shell: str | None) -> tuple[str | None, str]:
+    """Return what this shell knows of the agent an XDG autostart entry gets (the desktop session's) and whence:
+    this shell's SSH_AUTH_SOCK when it may be that agent, None when it cannot be (none here, or a temporary
+    `/tmp/ssh-*/agent.N`: ssh-agent's own or `ssh -A`'s, gone when this shell or login ends)."""
+    if shell and not is_ephemeral(shell):
+        return shell, "this shell's SSH_AUTH_SOCK: the desktop session's agent if this shell runs in that session"
+    return None, "the desktop session's SSH_AUTH_SOCK, which this shell does not show"
+
+
+def desktop_summary(shell: str | None) -> str:
+    """Say why this shell cannot tell which agent an XDG autostart entry gets, and where to look."""
+    mine = (
+        f"this shell's SSH_AUTH_SOCK ({printable(shell)}) is its own and temporary"
+        if shell
+        else "this shell has no SSH_AUTH_SOCK"
+    )
+    return (
+        f"unknown here: the entry runs in the desktop session and gets that session's agent; {mine}; "
+        "`ssh-add -l` in a terminal of that session lists its keys"
+    )
 
 
 @dataclass(frozen=True)
@@ -295,6 +318,11 @@ def agent_report(spec: TunnelSpec, via: str, runner: Runner, unit: str | None) -
     """Ask the agent the service reaches for `spec`'s host (over its socket) which keys it holds."""
     socket, source = service_agent(spec, via, runner, unit)
     without = usable_without_agent(spec)
+    if socket is None and via == "xdg":  # the desktop session's agent: not one this shell can ask
+        summary = desktop_summary(os.environ.get("SSH_AUTH_SOCK")) + (
+            f"; {without} has no passphrase" if without else ""
+        )
+        return AgentReport(None, source, False, 0, (), summary)
     if socket is None:
         summary = f"none ({source})" + (f"; {without} has no passphrase" if without else "")
         warning = None if without else f"{via} reaches no agent for {spec.alias} ({source})"
@@ -303,12 +331,19 @@ def agent_report(spec: TunnelSpec, via: str, runner: Runner, unit: str | None) -
     held = keys_held(probe, named_identity_files(spec))
     summary = f"{printable(socket)} ({source}): {describe(probe, spec)}"
     warning = None
+    shown = printable(socket)
     if without is None and not probe.reachable:
-        warning = f"{via} cannot reach the agent at {printable(socket)}: {probe.problem}"
+        where = (
+            f"this shell's agent at {shown} does not answer"
+            if via == "xdg"
+            else f"{via} cannot reach the agent at {shown}"
+        )
+        warning = f"{where}: {probe.problem}"
     elif without is None and not _holds_for(spec, probe):
         named = named_identity_files(spec)
+        whose = "this shell's agent" if via == "xdg" else f"the agent {via} reaches"  # xdg: the session's, maybe
         warning = (
-            f"the agent {via} reaches ({printable(socket)}) holds no key for {spec.alias}: "
+            f"{whose} ({shown}) holds no key for {spec.alias}: "
             f"SSH_AUTH_SOCK={shlex.quote(socket)} ssh-add {named[0] if named else 'KEY'}"
         )
     return AgentReport(socket, source, probe.reachable, len(probe.blobs), held, summary, warning)

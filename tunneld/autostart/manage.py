@@ -12,7 +12,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunneld.autostart import VIA_CHOICES, Manifest, enabled_hosts, manifest_path, read_manifest
+from tunneld.autostart import (
+    RUNS_ON,
+    VIA_CHOICES,
+    Manifest,
+    enabled_hosts,
+    manifest_path,
+    platform_name,
+    read_manifest,
+)
 from tunneld.autostart.service import Launch, Mechanism, Runner
 from tunneld.errors import AutostartError, CorruptFileError
 from tunneld.pidfile import write_json_atomic
@@ -36,6 +44,27 @@ def default_via() -> str:
     if shutil.which("systemctl") and Path(runtime, "systemd").is_dir():
         return "systemd"
     return "xdg"
+
+
+def check_enable(host: str, via: str, runner: Runner) -> None:
+    """Refuse, before anything is asked or written, a mechanism that cannot run on this platform, or a host whose
+    autostart runs through another one (`enable` could not undo that)."""
+    if not runner.supports(via):
+        default = default_via()  # on Windows this is the error: no mechanism runs there yet
+        raise AutostartError(
+            f"{via} cannot start anything on {platform_name()}: it runs only on {RUNS_ON[via]}",
+            f"use --via {default}, what tunneld picks here when --via is left out",
+        )
+    _refuse_another_mechanism(host, via)
+
+
+def _refuse_another_mechanism(host: str, via: str) -> None:
+    previous = read_manifest(host)
+    if previous is not None and previous.via != via:
+        raise AutostartError(
+            f"{host} is already enabled for autostart via {previous.via}",
+            f"disable it first: tunneld autostart disable {host}",
+        )
 
 
 def mechanism(via: str) -> Mechanism:
@@ -65,9 +94,11 @@ class Enabled:
 
 
 def enable_host(spec: TunnelSpec, via: str, launch: Launch, runner: Runner, now: bool = False) -> Enabled:
-    """Find the agent the host will reach at login, wire the service to it (or warn), then `enable`."""
+    """Check that `via` can work here for the host, find the agent the host will reach at login, wire the service
+    to it (or warn), then `enable`."""
     from tunneld.autostart.loginagent import find_login_agent
 
+    check_enable(spec.alias, via, runner)  # before the user manager is asked anything
     finding = find_login_agent(spec, via, runner, os.environ) if via in ("systemd", "launchd") else None
     if finding is not None:
         launch = replace(launch, agent=finding.agent)
@@ -83,12 +114,7 @@ def enable_host(spec: TunnelSpec, via: str, launch: Launch, runner: Runner, now:
 def enable(host: str, via: str, launch: Launch, runner: Runner, now: bool = False) -> Manifest:
     """Write the host's autostart files, tell the service manager, record what was created."""
     chosen = mechanism(via)
-    previous = read_manifest(host)
-    if previous is not None and previous.via != via:
-        raise AutostartError(
-            f"{host} is already enabled for autostart via {previous.via}",
-            f"disable it first: tunneld autostart disable {host}",
-        )
+    _refuse_another_mechanism(host, via)
     files = chosen.render(host, launch)
     for path in chosen.owned_files(host):  # what an earlier enable wrote and this one does not (a drop-in) goes
         if path not in files and path.exists():
@@ -125,12 +151,16 @@ def _missing_parents(path: Path) -> list[Path]:
 
 
 def disable(host: str, runner: Runner, now: bool = False) -> Manifest | None:
-    """Undo `enable` for `host`; return what was removed (None when it was not enabled)."""
+    """Undo `enable` for `host`; return what was removed (None when it was not enabled).
+
+    A mechanism that cannot run on this platform is not asked anything (`now` cannot stop through it: the caller
+    stops the host's tunnel by hand); its files are removed all the same."""
     manifest = read_manifest(host)
     if manifest is None:
         return None
     chosen = mechanism(manifest.via)
-    chosen.deactivate(host, Launch(manifest.launch), runner, now)
+    if runner.supports(manifest.via):  # else nothing of it can be loaded here (a launchd manifest on Linux)
+        chosen.deactivate(host, Launch(manifest.launch), runner, now)
     owned = chosen.owned_files(host)
     for name in manifest.files:
         if Path(name) not in owned:
@@ -198,6 +228,12 @@ def autostart_report(host: str, runner: Runner | None = None) -> AutostartReport
         return AutostartReport(host, None, warnings=(f"{error.message} ({error.hint})",))
     if manifest is None:
         return AutostartReport(host, None)
+    if not (runner or Runner()).supports(manifest.via):  # a manifest written elsewhere (a synced ~/.config)
+        why = (
+            f"{manifest.via} runs only on {RUNS_ON[manifest.via]}: nothing starts {host} at login on "
+            f"{platform_name()}; run `tunneld autostart disable {host}`, then `tunneld autostart enable {host}`"
+        )
+        return AutostartReport(host, manifest.via, manifest.files, manifest.launch, (why,))
     agent, warned = _agent_of(manifest, runner) if runner is not None else (None, [])
     warnings = [
         f"{name} is missing; re-run: tunneld autostart enable {host}"

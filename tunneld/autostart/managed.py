@@ -145,13 +145,17 @@ class LaunchdAgent:
         return f"launchctl print {self.target}; tunneld logs {self.host}"
 
 
-def managed_by(host: str) -> str | None:
+def managed_by(host: str, runner: Runner | None = None) -> str | None:
     """Return the service manager that owns `host`'s supervisor (its autostart runs through it), else None."""
     try:
         manifest = read_manifest(host)
     except CorruptFileError:
         return None  # `status` and `autostart status` report the bad manifest; start and stop work by hand
-    return manifest.via if manifest is not None and manifest.via in MANAGERS else None
+    if manifest is None or manifest.via not in MANAGERS:
+        return None
+    # A manager that cannot run here (a launchd agent's manifest on Linux: a ~/.config synced from a Mac, or an
+    # older tunneld's enable) runs nothing: start and stop work by hand, and `autostart status` says why.
+    return manifest.via if (runner or Runner()).supports(manifest.via) else None
 
 
 def service_of(host: str, via: str, runner: Runner | None = None) -> SystemdService | LaunchdAgent:
@@ -165,7 +169,7 @@ def start_managed(
     host: str, timeout: float, progress: Callable[[str], None] | None = None, runner: Runner | None = None
 ) -> ManagedStart | None:
     """Start `host` through its service manager and wait for it to be up; None when no manager owns it."""
-    via = managed_by(host)
+    via = managed_by(host, runner)
     if via is None:
         return None
     service = service_of(host, via, runner)
@@ -223,7 +227,7 @@ def wait_started(host: str, via: str, timeout: float = START_TIMEOUT_S) -> Manag
 
 def stop_managed(host: str, runner: Runner | None = None) -> int | None:
     """Stop `host` through its service manager; return the pid it stopped, None when the manager ran none."""
-    via = managed_by(host)
+    via = managed_by(host, runner)
     if via is None:
         return None
     service = service_of(host, via, runner)

@@ -39,7 +39,14 @@ def no_user_manager(output: str) -> AutostartError:
 
 
 class Runner:
-    """Runs service-manager commands (`systemctl --user`, `launchctl`); tests record them instead."""
+    """Runs service-manager commands (`systemctl --user`, `launchctl`); tests record them instead. It also says
+    which mechanisms exist on this machine (tests that stand in for launchd say so)."""
+
+    def supports(self, via: str) -> bool:
+        """Return True when the mechanism `via` can start anything on this platform (launchd: macOS only)."""
+        from tunneld.autostart import works_here
+
+        return works_here(via)
 
     def run(self, argv: Sequence[str]) -> CommandResult:
         """Run `argv` and return its status and combined output."""
