@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.harness import DelayRelay, SshServer, free_port, wait_for
-from tunneld.pidfile import is_tunneld
+from tunneld.state.pidfile import is_tunneld
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST_IP, SERVER_IP = "198.18.77.1", "198.18.77.2"

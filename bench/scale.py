@@ -11,15 +11,26 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import psutil
 
 from bench import workload
-from tests.harness import free_port, wait_for
+from tests.harness import SshServer, free_port, wait_for
 
-if TYPE_CHECKING:
-    from bench.run import Bench
+
+class Bench(Protocol):
+    """What these sections use of a benchmark run (bench.run.Bench): its files, servers and the tunneld CLI."""
+
+    config: Path
+    workdir: Path
+    sshd: SshServer
+    target_port: int
+
+    def tunneld(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]: ...
+    def state(self, host: str) -> dict[str, object]: ...
+    def host_block(self, alias: str, forwards: list[str]) -> str: ...
+
 
 MIB = 1 << 20
 DELAY_MS = 20  # each way: 40 ms round trip

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tests.evil import FORGED, WARNING_BLOCK, ScriptedPeer, debug_and_disconnect
 from tests.harness import SshServer, free_port, hold_port, keygen, running_sshd
-from tunneld.config import resolve_host
+from tunneld.config.resolve import resolve_host
 from tunneld.engines.sshargv import build_argv
 from tunneld.engines.sshdiag import StderrChannel
 

@@ -15,7 +15,6 @@ import pytest
 
 from tests.harness import SshServer, free_port, wait_for
 from tests.helpers import read_state, run_cli, write_config, write_settings
-from tunneld.autostart import enabled_hosts, read_manifest
 from tunneld.autostart.launchd import plist_path, render_plist
 from tunneld.autostart.manage import autostart_report, disable, enable
 from tunneld.autostart.managed import start_managed, stop_managed
@@ -23,6 +22,7 @@ from tunneld.autostart.service import CommandResult, Launch, Runner
 from tunneld.autostart.systemd import render_dropin, render_template, unit_dir
 from tunneld.autostart.xdg import desktop_path, render_desktop
 from tunneld.errors import EXIT_CONFIG
+from tunneld.state.manifests import enabled_hosts, read_manifest
 
 GOLDEN = Path(__file__).parent / "golden"
 HOST = "mlflowserver"

@@ -15,12 +15,12 @@ import pytest
 
 from tests.harness import keygen, wait_for
 from tests.helpers import run_cli, write_config
-from tunneld.autostart import read_manifest
 from tunneld.autostart.manage import enable, enable_host
 from tunneld.autostart.service import CommandResult, Launch, Runner
 from tunneld.autostart.systemd import unit_dir
-from tunneld.config import resolve_host
+from tunneld.config.resolve import resolve_host
 from tunneld.errors import AutostartError
+from tunneld.state.manifests import read_manifest
 
 HOST = "mlflowserver"
 LAUNCH = Launch(("/opt/tunneld/bin/python", "-m", "tunneld"))

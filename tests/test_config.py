@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import run_cli, write_config
-from tunneld.config import list_hosts, resolve_host
+from tunneld.config.resolve import list_hosts, resolve_host
+from tunneld.config.spec import DYNAMIC, LOCAL, REMOTE, Endpoint
 from tunneld.errors import EXIT_CONFIG, ConfigError, NoForwardsError
-from tunneld.spec import DYNAMIC, LOCAL, REMOTE, Endpoint
 
 ALL_FORMS = """\
 Host mlflowserver

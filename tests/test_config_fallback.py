@@ -6,8 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tunneld.config import SSH_G, Resolver, fallback_resolver, resolve_host
-from tunneld.configfallback import RESOLVER
+from tunneld.config.fallback import RESOLVER
+from tunneld.config.resolve import SSH_G, Resolver, fallback_resolver, resolve_host
 from tunneld.errors import ConfigError
 
 CORPUS = Path(__file__).parent / "ssh_config_corpus"

@@ -37,7 +37,7 @@ def test_a_detached_supervisor_loads_none_of_the_heavy_modules(
     try:
         assert started.returncode == 0, started.stderr
         modules = imported(read_log("light"))
-        assert {"tunneld.daemon", "tunneld.engines.openssh", "psutil"} <= modules  # the listing is real
+        assert {"tunneld.runtime.daemon", "tunneld.engines.openssh", "psutil"} <= modules  # the listing is real
         assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
     finally:
         run_cli("stop", "light")
@@ -54,7 +54,7 @@ def test_the_command_service_managers_run_skips_click_and_says_the_same(tmp_path
     assert light.returncode == through_click.returncode == EXIT_CONFIG
     said = [line for line in light.stderr.splitlines() if not line.startswith("import time:")]
     assert said == through_click.stderr.splitlines() and "nosuchhost" in through_click.stderr
-    assert "click" not in imported(light.stderr) and "tunneld.detached" in imported(light.stderr)
+    assert "click" not in imported(light.stderr) and "tunneld.runtime.detached" in imported(light.stderr)
 
 
 def test_a_broken_ssh_config_in_the_environment_goes_through_the_cli(tmp_path: Path) -> None:
@@ -83,7 +83,7 @@ sys.addaudithook(audit)
 import tunneld
 
 after_import = list(touched)
-tunneld.ensure, tunneld.status, tunneld.tunnel, tunneld.Tunnel, tunneld.TunneldError
+tunneld.ensure, tunneld.state.status, tunneld.tunnel, tunneld.Tunnel, tunneld.TunneldError
 print(repr((after_import, touched)), file=sys.stderr)
 """
 

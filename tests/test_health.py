@@ -16,7 +16,7 @@ import pytest
 
 from tests.harness import DribblingHttpServer, EchoServer, SshServer, free_port_both, wait_for
 from tests.helpers import ForegroundTunnel, read_log, read_state, run_cli, start, write_config, write_settings
-from tunneld.health import Deadline, http_get
+from tunneld.runtime.health import Deadline, http_get
 
 UP = ("up", "degraded")
 LATE = "no complete answer from /health within 5 s"

@@ -37,10 +37,10 @@ from tests.helpers import (
     state_dir,
     write_config,
 )
-from tunneld.credentials import agent_identities, control_socket_peer
+from tunneld.config.credentials import agent_identities, control_socket_peer
+from tunneld.config.keys import probe_agent
 from tunneld.engines.knownhosts import evaluate
 from tunneld.errors import EXIT_CONFIG, EXIT_RUNTIME
-from tunneld.keys import probe_agent
 
 UP = ("up", "degraded")
 ESCAPES = ("\x1b", "\x07", "\x9b")
@@ -348,7 +348,7 @@ def test_a_planted_symlink_is_never_written_through(tmp_path: Path, config: Path
 
 
 def test_the_log_stays_private_after_rotation(tmp_path: Path) -> None:
-    from tunneld.logfile import LOG_FORMAT, PrivateRotatingFileHandler, SafeFormatter
+    from tunneld.state.logfile import LOG_FORMAT, PrivateRotatingFileHandler, SafeFormatter
 
     path = tmp_path / "h.log"
     handler = PrivateRotatingFileHandler(path, max_bytes=200, backups=2)
@@ -514,11 +514,11 @@ def test_a_newline_in_a_path_is_refused_for_autostart(via: str) -> None:
 
 
 def test_a_failed_systemctl_leaves_no_unit_file_behind(tmp_path: Path) -> None:
-    from tunneld.autostart import read_manifest
     from tunneld.autostart.manage import enable
     from tunneld.autostart.service import CommandResult, Launch, Runner
     from tunneld.autostart.systemd import unit_dir
     from tunneld.errors import AutostartError
+    from tunneld.state.manifests import read_manifest
 
     class FailingSystemctl(Runner):
         def run(self, argv: object) -> CommandResult:

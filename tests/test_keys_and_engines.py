@@ -26,8 +26,8 @@ from tests.helpers import (
     write_config,
     write_settings,
 )
+from tunneld.config.settings import HostSettings
 from tunneld.errors import EXIT_CONFIG
-from tunneld.settings import HostSettings
 
 UP = ("up", "degraded")
 

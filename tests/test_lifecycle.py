@@ -58,8 +58,8 @@ FORWARD_KEYS = {
 
 
 def is_daemon(cmdline: list[str]) -> bool:
-    """A supervisor: `tunneld run HOST`, or `python -m tunneld.detached HOST` as `start` runs it."""
-    return "tunneld.detached" in cmdline or "run" in cmdline
+    """A supervisor: `tunneld run HOST`, or `python -m tunneld.runtime.detached HOST` as `start` runs it."""
+    return "tunneld.runtime.detached" in cmdline or "run" in cmdline
 
 
 def tunnel_processes(config: Path) -> list[psutil.Process]:
@@ -432,7 +432,7 @@ def test_a_live_orphan_ssh_is_reaped_by_the_next_start(config: Path) -> None:
 
 def test_start_all_brings_up_more_hosts_than_it_starts_at_once(tmp_path: Path, echo: EchoServer) -> None:
     """12 hosts on one sshd with OpenSSH's default MaxStartups (10): started 8 at a time, none dropped."""
-    from tunneld.starting import START_CONCURRENCY
+    from tunneld.cli.starting import START_CONCURRENCY
 
     server = SshServer(tmp_path / "sshd")
     server.max_startups = "10:30:100"

@@ -22,7 +22,7 @@ from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port_both,
 from tests.helpers import read_state, run_cli, write_config
 from tunneld.engines.master import master_pid
 from tunneld.errors import EXIT_CONFIG
-from tunneld.paths import HostFiles
+from tunneld.state.paths import HostFiles
 
 UP = ("up", "degraded")
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="makes a user with a password: needs root")

@@ -18,7 +18,7 @@ from pathlib import Path
 import tunneld
 from tests.harness import EchoServer, SshServer, free_port, scaled
 from tests.helpers import read_state, run_cli, tunneld_cmd, write_config, write_settings
-from tunneld.config import describe_sources
+from tunneld.config.resolve import describe_sources
 from tunneld.errors import EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_RUNTIME, EXIT_UNAVAILABLE
 
 HOST = "mlflowserver"

@@ -16,7 +16,7 @@ import pytest
 from tests.harness import EchoServer, SshServer, free_port, wait_for
 from tests.helpers import ForegroundTunnel, run_cli, start, write_config, write_settings
 from tunneld.errors import EXIT_CONFIG, ConnectError
-from tunneld.notices import DesktopNotices, notifier_argv, plain_text
+from tunneld.runtime.notices import DesktopNotices, notifier_argv, plain_text
 from tunneld.states import BACKOFF, CONNECTING, FAILED, IDLE, LOST, NEEDS_AUTH, STARTING, STOPPED, UP
 
 NOTIFY_AFTER_S = 3

@@ -30,7 +30,7 @@ from tests.harness import (
     wait_for,
 )
 from tests.helpers import ForegroundTunnel, read_log, read_state, run_cli, start, write_config
-from tunneld.probes import PREAUTH_LIMIT
+from tunneld.runtime.probes import PREAUTH_LIMIT
 
 UP = ("up", "degraded")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.ssh_transcripts import DATA
+from tunneld.config.spec import TunnelSpec
 from tunneld.engines.sshdiag import Diagnosis, LineRecords, Record, Stage, StderrChannel
 from tunneld.errors import (
     AuthError,
@@ -27,7 +28,6 @@ from tunneld.errors import (
     UnreachableError,
 )
 from tunneld.safetext import PEER_TEXT_MAX_CHARS, quote_peer
-from tunneld.spec import TunnelSpec
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,7 @@ for proc in psutil.Process().parents():
         ancestors.append(" ".join(proc.cmdline()))
     except psutil.Error:
         pass
-if any("tunneld.detached" in line for line in ancestors):
+if any("tunneld.runtime.detached" in line for line in ancestors):
     open(os.path.join(gate, "held-" + host), "w").close()
     deadline = time.monotonic() + 60
     while not os.path.exists(os.path.join(gate, "open")) and time.monotonic() < deadline:
@@ -73,7 +73,7 @@ def detached_tunnelds() -> list[int]:
     found = []
     for proc in psutil.Process().children(recursive=True):
         try:
-            if proc.status() != psutil.STATUS_ZOMBIE and "tunneld.detached" in proc.cmdline():
+            if proc.status() != psutil.STATUS_ZOMBIE and "tunneld.runtime.detached" in proc.cmdline():
                 found.append(proc.pid)
         except psutil.Error:
             continue

@@ -19,8 +19,11 @@ from functools import partial
 import pytest
 
 from tests.harness import wait_for
-from tunneld.credentials import CredentialWatch
-from tunneld.engines import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback
+from tunneld.config.credentials import CredentialWatch
+from tunneld.config.settings import HostSettings
+from tunneld.config.spec import LOCAL, Endpoint, Forward, TunnelSpec
+from tunneld.engines.link import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback
+from tunneld.engines.streams import Stream
 from tunneld.errors import (
     AuthError,
     ConfigError,
@@ -31,11 +34,8 @@ from tunneld.errors import (
     TunneldError,
     UnreachableError,
 )
-from tunneld.health import Stream
-from tunneld.probes import Environment, PathWatch, PreauthBudget, Wakeups
-from tunneld.settings import HostSettings
-from tunneld.spec import LOCAL, Endpoint, Forward, TunnelSpec
-from tunneld.supervisor import Backoff, Supervisor, TunnelStatus
+from tunneld.runtime.probes import Environment, PathWatch, PreauthBudget, Wakeups
+from tunneld.runtime.supervisor import Backoff, Supervisor, TunnelStatus
 
 SPEC = TunnelSpec(alias="fake", hostname="127.0.0.1", port=9, user="u", forwards=())
 REFUSALS_WINDOW_S = 0.6  # at most 2 refused logins within it (a minute in tunneld)
@@ -192,7 +192,7 @@ class Harness:
 @pytest.fixture(autouse=True)
 def short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
     """An attempt's own TCP connect gets 1 s before its path is probed; here a tenth of that."""
-    monkeypatch.setattr("tunneld.supervisor.ATTEMPT_GRACE_S", 0.1)
+    monkeypatch.setattr("tunneld.runtime.supervisor.ATTEMPT_GRACE_S", 0.1)
 
 
 @pytest.fixture

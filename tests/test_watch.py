@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tests.harness import EchoServer, SshServer, free_port, scaled
 from tests.helpers import run_cli, tunneld_cmd, write_config
-from tunneld.status import HostReport
-from tunneld.watch import ENTER, ERASE_BELOW, ERASE_LINE, HOME, LEAVE, ByteRates
+from tunneld.cli.watch import ENTER, ERASE_BELOW, ERASE_LINE, HOME, LEAVE, ByteRates
+from tunneld.state.status import HostReport
 
 EXIT_INTERRUPTED = 130
 

@@ -12,9 +12,9 @@ import paramiko
 
 from tests.harness import DelayRelay, DownloadServer, SshServer, free_port, wait_for
 from tests.helpers import ForegroundTunnel, read_state, start, write_config
+from tunneld.config.spec import LOCAL, Endpoint, Forward, TunnelSpec
 from tunneld.engines.forwarding import Forwarder, Pair
 from tunneld.engines.windows import MAX_WINDOW_BYTES, START_WINDOW_BYTES, WindowGrowth
-from tunneld.spec import LOCAL, Endpoint, Forward, TunnelSpec
 
 MIB = 1024 * 1024
 RTT_S = 0.04

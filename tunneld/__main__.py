@@ -10,7 +10,7 @@ import sys
 
 
 def _service_argv(argv: list[str]) -> list[str] | None:
-    """Return tunneld.detached's arguments for exactly what an autostart unit runs, else None."""
+    """Return tunneld.runtime.detached's arguments for exactly what an autostart unit runs, else None."""
     if len(argv) < 2 or argv[0] != "run" or argv[1].startswith("-"):
         return None
     if argv[2:] not in ([], ["--managed-by", "launchd"]):
@@ -23,7 +23,7 @@ def _service_argv(argv: list[str]) -> list[str] | None:
 
 _light = _service_argv(sys.argv[1:])
 if _light is not None:
-    from tunneld.detached import main as run_light
+    from tunneld.runtime.detached import main as run_light
 
     sys.exit(run_light(_light))
 

@@ -1,6 +1,6 @@
 """The Python face: `ensure`, `tunnel`, `status`, `stop`, returning frozen `Tunnel` values.
 
-It calls the same functions as the command line (starting.ensure_host, status.collect, stopping.stop_tunnel),
+It calls the same functions as the command line (launch.ensure_host, status.collect, stopping.stop_tunnel),
 so a tunnel is the same detached supervisor `tunneld start` runs: no SSH in the caller's process, and the
 tunnel outlives it (a notebook kernel's restart). Nothing here loads click or paramiko.
 """
@@ -13,15 +13,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, overload
 
-import tunneld
+from tunneld.config.urls import ForwardAddress, forwards_from_state, host_env, pick_forward
 from tunneld.errors import ConfigError, NotRunningError
-from tunneld.status import HostReport, collect, listed_hosts
-from tunneld.urls import ForwardAddress, forwards_from_state, host_env, pick_forward
+from tunneld.state.status import HostReport, collect, listed_hosts
 
 __all__ = ["ForwardAddress", "Tunnel", "ensure", "status", "stop", "tunnel"]
 
 if TYPE_CHECKING:
-    from tunneld.starting import Ensured
+    from tunneld.runtime.launch import Ensured
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_STOP_TIMEOUT_S = 10.0
@@ -94,9 +93,9 @@ def ensure(
 def _ensure(host: str, ssh_config: str | None, engine: str | None, timeout: float, healthy: bool) -> Ensured:
     import os
 
-    from tunneld.settings import ENGINES
-    from tunneld.starting import StartOptions, ensure_host
-    from tunneld.status import ssh_config_for
+    from tunneld.config.settings import ENGINES
+    from tunneld.runtime.launch import StartOptions, ensure_host
+    from tunneld.state.status import ssh_config_for
 
     if engine is not None and engine not in ENGINES:
         raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
@@ -148,7 +147,7 @@ def status(host: str | None = None) -> Tunnel | list[Tunnel]:
     Reads only tunneld's own files and tunneld.toml: a host that is not running has no forwards here.
     """
     if host is not None:
-        from tunneld.paths import validate_host
+        from tunneld.state.paths import validate_host
 
         return _tunnel_of(collect(validate_host(host)))
     return [_tunnel_of(collect(name)) for name in listed_hosts()[0]]
@@ -156,16 +155,11 @@ def status(host: str | None = None) -> Tunnel | list[Tunnel]:
 
 def stop(host: str, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> bool:
     """Stop `host`'s tunnel (SIGTERM, SIGKILL after `timeout`); return False when none was running."""
-    from tunneld.paths import validate_host
-    from tunneld.stopping import stop_tunnel
+    from tunneld.runtime.stopping import stop_tunnel
+    from tunneld.state.paths import validate_host
 
     try:
         result = stop_tunnel(validate_host(host), timeout)
     except NotRunningError:
         return False
     return not result.stale
-
-
-# Importing the submodule tunneld.status (above) bound it as the package's attribute `status`, hiding the
-# function from `tunneld.status()`: the package's `status` is this function, whatever was imported first.
-tunneld.status = status

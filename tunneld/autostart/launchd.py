@@ -7,7 +7,7 @@ import plistlib
 from pathlib import Path
 
 from tunneld.autostart.service import Launch, Runner
-from tunneld.paths import HostFiles
+from tunneld.state.paths import HostFiles
 
 THROTTLE_INTERVAL_S = 10
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunneld.autostart.service import NO_BUS, LoginAgent, Runner, no_user_manager
-from tunneld.keys import AgentProbe, keys_held, named_identity_files, probe_agent, usable_without_agent
+from tunneld.config.keys import AgentProbe, keys_held, named_identity_files, probe_agent, usable_without_agent
+from tunneld.config.spec import TunnelSpec
 from tunneld.safetext import printable
-from tunneld.spec import TunnelSpec
 
 # Sockets that agents started with a session keep under $XDG_RUNTIME_DIR, and who ships them.
 WELL_KNOWN_SOCKETS = (

@@ -12,21 +12,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunneld.autostart import (
-    RUNS_ON,
-    VIA_CHOICES,
-    Manifest,
-    enabled_hosts,
-    manifest_path,
-    platform_name,
-    read_manifest,
-)
+from tunneld.autostart.platforms import RUNS_ON, platform_name
 from tunneld.autostart.service import Launch, Mechanism, Runner
 from tunneld.errors import AutostartError, CorruptFileError
-from tunneld.pidfile import write_json_atomic
+from tunneld.state.manifests import VIA_CHOICES, Manifest, enabled_hosts, manifest_path, read_manifest
+from tunneld.state.pidfile import write_json_atomic
 
 if TYPE_CHECKING:
-    from tunneld.spec import TunnelSpec
+    from tunneld.config.spec import TunnelSpec
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +244,7 @@ def autostart_report(host: str, runner: Runner | None = None) -> AutostartReport
 def _agent_of(manifest: Manifest, runner: Runner) -> tuple[dict[str, object] | None, list[str]]:
     from tunneld.autostart.loginagent import agent_report
     from tunneld.autostart.systemd import instance
-    from tunneld.config import resolve_host
+    from tunneld.config.resolve import resolve_host
     from tunneld.errors import TunneldError
 
     try:

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunneld.autostart import read_manifest
 from tunneld.autostart.service import Runner
 from tunneld.errors import (
     AlreadyRunningError,
@@ -27,8 +26,9 @@ from tunneld.errors import (
     TunneldError,
     error_from_dict,
 )
-from tunneld.paths import HostFiles
-from tunneld.pidfile import PidFile, read_json
+from tunneld.state.manifests import read_manifest
+from tunneld.state.paths import HostFiles
+from tunneld.state.pidfile import PidFile, read_json
 from tunneld.states import CONNECTING, FAILED, READY_STATES, STARTING
 
 MANAGERS = ("systemd", "launchd")

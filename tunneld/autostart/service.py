@@ -44,7 +44,7 @@ class Runner:
 
     def supports(self, via: str) -> bool:
         """Return True when the mechanism `via` can start anything on this platform (launchd: macOS only)."""
-        from tunneld.autostart import works_here
+        from tunneld.autostart.platforms import works_here
 
         return works_here(via)
 

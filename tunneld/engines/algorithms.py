@@ -6,9 +6,9 @@ from __future__ import annotations
 import functools
 import subprocess
 
-from tunneld.config import ssh_binary
+from tunneld.config.resolve import ssh_binary
+from tunneld.config.spec import TunnelSpec
 from tunneld.engines.knownhosts import match_pattern
-from tunneld.spec import TunnelSpec
 
 # OpenSSH 9.2's client defaults (`ssh -G -F /dev/null x`), used only when there is no ssh binary to ask.
 OPENSSH_DEFAULTS = {

@@ -21,12 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tunneld.engines import ForwardStatus
+from tunneld.config.listen import ListenPlan, format_address, plan_spec
+from tunneld.config.ports import clear_stale_socket, port_in_use_error
+from tunneld.config.spec import LOCAL, Forward, TunnelSpec
+from tunneld.engines.link import ForwardStatus
 from tunneld.engines.windows import MIN_SAMPLE_S, WindowGrowth
 from tunneld.errors import ConfigError, TunneldError
-from tunneld.listen import ListenPlan, plan_spec
-from tunneld.ports import clear_stale_socket, format_address, port_in_use_error
-from tunneld.spec import LOCAL, Forward, TunnelSpec
 from tunneld.states import FORWARD_DEGRADED, FORWARD_OK
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class Forwarder:
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 
     def bind(self) -> None:
-        """Bind every address OpenSSH would listen on (tunneld.listen); raise PortInUseError naming a holder.
+        """Bind every address OpenSSH would listen on (tunneld.config.listen); raise PortInUseError naming a holder.
 
         No address is skipped because it is taken: half a forward is not a forward.
         """

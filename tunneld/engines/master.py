@@ -19,16 +19,16 @@ from pathlib import Path
 
 import psutil
 
-from tunneld.credentials import control_socket_alive, control_socket_peer
-from tunneld.engines import ChildProcess, ForwardStatus, LinkLost
+from tunneld.config.credentials import control_socket_alive, control_socket_peer
+from tunneld.config.listen import ListenPlan, plan_spec
+from tunneld.config.ports import listeners_of, port_in_use_error
+from tunneld.config.spec import DYNAMIC, LOCAL, REMOTE, Endpoint, Forward, TunnelSpec
+from tunneld.engines.link import ChildProcess, ForwardStatus, LinkLost
 from tunneld.engines.sshargv import ssh_program, tunnel_options
+from tunneld.engines.streams import LocalProber, Stream
 from tunneld.errors import ConnectError, NeedsAuthError
-from tunneld.health import LocalProber, Stream
-from tunneld.listen import ListenPlan, plan_spec
-from tunneld.paths import HostFiles, ensure_private_dir, open_private
-from tunneld.ports import listeners_of, port_in_use_error
 from tunneld.safetext import printable
-from tunneld.spec import DYNAMIC, LOCAL, REMOTE, Endpoint, Forward, TunnelSpec
+from tunneld.state.paths import HostFiles, ensure_private_dir, open_private
 from tunneld.states import FORWARD_OK
 
 log = logging.getLogger(__name__)

@@ -13,22 +13,16 @@ import time
 
 import psutil
 
-from tunneld.engines import (
-    ChildProcess,
-    ForwardStatus,
-    LinkEvents,
-    LinkLost,
-    ProgressCallback,
-)
+from tunneld.config.listen import plan_spec
+from tunneld.config.ports import Listeners, clear_stale_socket, listeners_of, port_in_use_error
+from tunneld.config.spec import LOCAL, REMOTE, Forward, TunnelSpec
+from tunneld.engines.link import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback
 from tunneld.engines.master import MasterLink, master_pid
 from tunneld.engines.sshargv import build_argv
 from tunneld.engines.sshdiag import Diagnosis, Record, StderrChannel
+from tunneld.engines.streams import LocalProber, Stream
 from tunneld.errors import ConnectError, HandshakeStalledError, TunneldError
-from tunneld.health import LocalProber, Stream
-from tunneld.listen import plan_spec
-from tunneld.paths import HostFiles
-from tunneld.ports import Listeners, clear_stale_socket, listeners_of, port_in_use_error
-from tunneld.spec import LOCAL, REMOTE, Forward, TunnelSpec
+from tunneld.state.paths import HostFiles
 from tunneld.states import FORWARD_DEGRADED, FORWARD_OK
 
 log = logging.getLogger(__name__)

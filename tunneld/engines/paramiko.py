@@ -15,9 +15,13 @@ from typing import TypeVar
 
 import paramiko
 
-from tunneld.config import resolve_hop
-from tunneld.engines import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback, algorithms
+from tunneld.config.resolve import resolve_hop
+from tunneld.config.settings import HostSettings
+from tunneld.config.spec import Forward, TunnelSpec
+from tunneld.config.tokens import expand_tokens, token_table
+from tunneld.engines import algorithms
 from tunneld.engines.forwarding import DEFAULT_HOLD_S, Channel, Forwarder, unsupported_forwards
+from tunneld.engines.link import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback
 from tunneld.engines.sshkeys import authenticate, preferred_key_types, verify_host_key
 from tunneld.errors import (
     ConfigError,
@@ -28,9 +32,6 @@ from tunneld.errors import (
     UnreachableError,
 )
 from tunneld.safetext import quote_peer
-from tunneld.settings import HostSettings
-from tunneld.spec import Forward, TunnelSpec
-from tunneld.tokens import expand_tokens, token_table
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

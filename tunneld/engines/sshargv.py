@@ -8,10 +8,10 @@ import functools
 import sys
 from pathlib import Path
 
-from tunneld.config import ssh_binary
+from tunneld.config.resolve import ssh_binary
+from tunneld.config.spec import TunnelSpec
 from tunneld.engines import algorithms
 from tunneld.errors import ConfigError
-from tunneld.spec import TunnelSpec
 
 AES_GCM_CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 

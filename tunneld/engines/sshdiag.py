@@ -28,6 +28,9 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from tunneld.config.keys import needs_passphrase
+from tunneld.config.ports import port_in_use_error
+from tunneld.config.spec import TunnelSpec
 from tunneld.errors import (
     AuthError,
     ConnectError,
@@ -37,10 +40,7 @@ from tunneld.errors import (
     TunneldError,
     UnreachableError,
 )
-from tunneld.keys import needs_passphrase
-from tunneld.ports import port_in_use_error
 from tunneld.safetext import printable, quote_peer
-from tunneld.spec import TunnelSpec
 
 RECORD_MAX_BYTES = 65536
 HOPS_KEPT = 8  # ssh processes tracked per link: the target's ssh and its ProxyJump hops

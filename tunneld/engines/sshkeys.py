@@ -11,10 +11,10 @@ from pathlib import Path
 
 import paramiko
 
+from tunneld.config.spec import TunnelSpec
 from tunneld.engines.knownhosts import evaluate, hash_name, known_types
 from tunneld.errors import AuthError, ConnectError, HostKeyError
 from tunneld.safetext import quote_peer
-from tunneld.spec import TunnelSpec
 
 log = logging.getLogger(__name__)
 

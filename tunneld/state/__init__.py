@@ -1,0 +1,1 @@
+"""What tunneld leaves on disk: where files go, pid and state files, logs, autostart manifests."""
