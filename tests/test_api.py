@@ -100,11 +100,11 @@ import json
 import tunneld
 
 t = tunneld.ensure("ml")  # no ssh_config: a running tunnel is reused as it is
-again = tunneld.state.status("ml")
+again = tunneld.status("ml")
 stopped = t.stop()
 after = t.status()
 print(json.dumps({
-    "pid": t.pid, "status_pid": again.pid, "listed": [x.host for x in tunneld.state.status()], "stopped": stopped,
+    "pid": t.pid, "status_pid": again.pid, "listed": [x.host for x in tunneld.status()], "stopped": stopped,
     "after": [after.state, after.running, after.pid is None or after.pid == t.pid], "stop_again": tunneld.stop("ml"),
 }))
 """
@@ -179,16 +179,16 @@ import tunneld
 
 out = {}
 with tunneld.tunnel("fresh", ssh_config=sys.argv[1]) as t:
-    out["inside"] = [t.up, tunneld.state.status("fresh").running]
-out["fresh_after"] = tunneld.state.status("fresh").state
+    out["inside"] = [t.up, tunneld.status("fresh").running]
+out["fresh_after"] = tunneld.status("fresh").state
 with tunneld.tunnel("kept", ssh_config=sys.argv[1]) as k:
     out["kept_pid"] = k.pid
-out["kept_after"] = tunneld.state.status("kept").running
+out["kept_after"] = tunneld.status("kept").running
 try:
     with tunneld.tunnel("fresh", ssh_config=sys.argv[1]):
         raise KeyError("the body failed")
 except KeyError:
-    out["after_error"] = tunneld.state.status("fresh").state
+    out["after_error"] = tunneld.status("fresh").state
 print(json.dumps(out))
 """
 
@@ -217,8 +217,8 @@ import tunneld
 
 def notebook() -> str:
     t: tunneld.Tunnel = tunneld.ensure("mlflowserver", timeout=10.0, healthy=False)
-    tunnels: list[tunneld.Tunnel] = tunneld.state.status()
-    one: tunneld.Tunnel = tunneld.state.status("mlflowserver")
+    tunnels: list[tunneld.Tunnel] = tunneld.status()
+    one: tunneld.Tunnel = tunneld.status("mlflowserver")
     try:
         with tunneld.tunnel("tensorboard") as tb:
             return tb.url(6006) + str(len(tunnels)) + one.state + str(t.env.get("X"))

@@ -83,7 +83,7 @@ sys.addaudithook(audit)
 import tunneld
 
 after_import = list(touched)
-tunneld.ensure, tunneld.state.status, tunneld.tunnel, tunneld.Tunnel, tunneld.TunneldError
+tunneld.ensure, tunneld.status, tunneld.tunnel, tunneld.Tunnel, tunneld.TunneldError
 print(repr((after_import, touched)), file=sys.stderr)
 """
 

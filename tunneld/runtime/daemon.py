@@ -14,13 +14,7 @@ import time
 from tunneld.config.resolve import resolve_host
 from tunneld.config.settings import HostSettings, host_settings
 from tunneld.engines import make_engine
-from tunneld.errors import (
-    EXIT_CONFIG,
-    EXIT_OK,
-    AlreadyRunningError,
-    FatalError,
-    TunneldError,
-)
+from tunneld.errors import EXIT_CONFIG, EXIT_OK, AlreadyRunningError, FatalError, TunneldError
 from tunneld.runtime.health import check_health_keys
 from tunneld.runtime.notices import DesktopNotices
 from tunneld.runtime.probes import Wakeups
@@ -29,11 +23,7 @@ from tunneld.runtime.stopping import reap_orphans, state_or_empty
 from tunneld.runtime.supervisor import Supervisor, TunnelStatus
 from tunneld.state.logfile import configure_logging
 from tunneld.state.paths import HostFiles
-from tunneld.state.pidfile import (
-    PidFile,
-    PidRecord,
-    write_json_atomic,
-)
+from tunneld.state.pidfile import PidFile, PidRecord, write_json_atomic
 from tunneld.states import FAILED, READY_STATES
 
 log = logging.getLogger(__name__)

@@ -23,14 +23,7 @@ from typing import IO, TYPE_CHECKING
 from tunneld.config.keys import probe_agent
 from tunneld.config.resolve import resolve_host
 from tunneld.config.spec import TunnelSpec
-from tunneld.errors import (
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
-    AlreadyRunningError,
-    StartupError,
-    TunneldError,
-    error_from_dict,
-)
+from tunneld.errors import EXIT_OK, EXIT_UNAVAILABLE, AlreadyRunningError, StartupError, TunneldError, error_from_dict
 from tunneld.runtime.stopping import DEFAULT_STOP_TIMEOUT_S, state_or_empty
 from tunneld.state.paths import HostFiles, config_dir, ensure_private_dir, open_private, state_dir
 from tunneld.state.pidfile import PidFile, PidRecord, process_matches
