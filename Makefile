@@ -4,6 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Tests mostly wait (for sshd, for a tunnel to come up or notice a loss): 4 workers on 2 cores. Tests that
+# share one machine-wide resource (the systemd user manager of `nobody`, the wheel built for test_api) are
+# pinned to one worker each by xdist_group.
+PYTEST_WORKERS ?= 4
 
 .PHONY: dev sshd test lint format type check demo bench faults debian13-sshd clean
 
@@ -19,7 +23,7 @@ sshd:  ## make sure OpenSSH's sshd exists (installs openssh-server with apt-get 
 	@scripts/ensure-sshd
 
 test: dev sshd  ## run the test suite against a real sshd on loopback
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: dev
 	$(BIN)/ruff check tunneld tests scripts bench

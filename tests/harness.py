@@ -26,6 +26,8 @@ READY_TIMEOUT_S = 10.0
 # One knob for a slow machine: every wait in the tests is multiplied by it (TUNNELD_TEST_TIMEOUT_FACTOR=2).
 TIMEOUT_FACTOR = float(os.environ.get("TUNNELD_TEST_TIMEOUT_FACTOR", "1"))
 PORT_ATTEMPTS = 5
+# Test ports: below Linux's ephemeral range (32768-60999), where outgoing connections take their source ports.
+PORT_POOL = (20000, 32000)
 _LOGIN_RE = re.compile(r"Accepted \S+ for ")  # `Accepted publickey for root from ...` (not `Accepted key ...`)
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -71,11 +73,39 @@ def find_sshd() -> str | None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that is free on `host` right now."""
+    """Return a TCP port that is free on `host` now and that no other test process hands out meanwhile.
+
+    A port the kernel picks (bind to 0) comes from the ephemeral range, where every outgoing connection also
+    takes its source port: between this call and the moment sshd or a tunnel binds it, any connection of
+    any test worker could take it. So ports come from a range below the ephemeral one, in turn from one
+    counter that every test process on this machine shares (a file under flock): parallel workers, and
+    other test runs at the same time, never get the same port until the range has gone round.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    for _ in range(PORT_POOL[1] - PORT_POOL[0]):
+        port = _next_pool_port()
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, port))
+            return port
+    raise RuntimeError(f"no free port on {host} in {PORT_POOL[0]}..{PORT_POOL[1] - 1}")
+
+
+def _next_pool_port() -> int:
+    import fcntl
+    import tempfile
+
+    counter = Path(tempfile.gettempdir()) / f"tunneld-test-ports.{os.getuid()}"
+    fd = os.open(counter, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        raw = os.pread(fd, 16, 0).strip()
+        last = int(raw) if raw.isdigit() else random.randrange(*PORT_POOL)
+        port = last + 1 if PORT_POOL[0] <= last + 1 < PORT_POOL[1] else PORT_POOL[0]
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{port}\n".encode(), 0)
+        return port
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def wait_for(predicate: object, timeout: float, what: str, interval: float = 0.05) -> None:

@@ -16,6 +16,8 @@ import pytest
 from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port, keygen, wait_for
 from tests.usermanager import ManagerUnavailableError, UserManager, require_tools, user_manager_base, user_python
 
+# One `systemd --user` of the user nobody at a time on this machine: these tests share one xdist worker.
+pytestmark = pytest.mark.xdist_group("systemd-user")
 HOST = "mlflowserver"
 UNIT = f"tunneld@{HOST}.service"
 UP_TIMEOUT_S = 40.0
