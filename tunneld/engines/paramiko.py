@@ -20,8 +20,9 @@ from tunneld.config.settings import HostSettings
 from tunneld.config.spec import Forward, TunnelSpec
 from tunneld.config.tokens import expand_tokens, token_table
 from tunneld.engines import algorithms
-from tunneld.engines.forwarding import DEFAULT_HOLD_S, Channel, Forwarder, unsupported_forwards
+from tunneld.engines.forwarding import DEFAULT_HOLD_S, Forwarder, unsupported_forwards
 from tunneld.engines.link import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback
+from tunneld.engines.pump import Channel
 from tunneld.engines.sshkeys import authenticate, preferred_key_types, verify_host_key
 from tunneld.errors import (
     ConfigError,
@@ -491,7 +492,7 @@ class ParamikoEngine:
             self.forwarder.close()  # its loop died (logged): rebuild it rather than serve nothing
             self.forwarder = None
         if self.forwarder is None:
-            forwarder = Forwarder(spec, self.hold_s)
+            forwarder = Forwarder(spec, self.hold_s, widen_window)
             forwarder.on_change = events.changed.set
 
             def demanded() -> None:
@@ -509,7 +510,6 @@ class ParamikoEngine:
         progress("listening")
         link = ParamikoLink(spec, transports, proxy, self.forwarder, events)
         self.forwarder.on_failure = lambda exc: link.lose(ConnectError(f"the forwarding loop failed: {exc}"))
-        self.forwarder.widen = widen_window
         self.forwarder.attach(link.open_channel)
         # Every client that asked while this attempt ran is this link's now (attach took the waiting ones): a
         # demand left set would bring up another link, for nobody, as soon as this one closes for idleness.
