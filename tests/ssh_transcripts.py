@@ -2,7 +2,7 @@
 
 Each case runs the engine's own argv (`openssh.build_argv`) against real servers on loopback (OpenSSH
 sshd from tests/harness.py, and tests/evil.py's ScriptedPeer for a device on the path) and stores the
-records exactly as tunneld receives them (sshdiag.StderrChannel: one record per write of ssh's, with
+records exactly as tunneld receives them (sshstderr.StderrChannel: one record per write of ssh's, with
 the writer's pid) in tests/data/ssh_stderr/CASE.json. Regenerate with:
 
     .venv/bin/python -m tests.ssh_transcripts
@@ -25,7 +25,7 @@ from tests.evil import FORGED, WARNING_BLOCK, ScriptedPeer, debug_and_disconnect
 from tests.harness import SshServer, free_port, hold_port, keygen, running_sshd
 from tunneld.config.resolve import resolve_host
 from tunneld.engines.sshargv import build_argv
-from tunneld.engines.sshdiag import StderrChannel
+from tunneld.engines.sshstderr import StderrChannel
 
 DATA = Path(__file__).parent / "data" / "ssh_stderr"
 UP_LINE = "Entering interactive session"

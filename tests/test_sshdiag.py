@@ -1,8 +1,9 @@
-"""The OpenSSH engine's reading of ssh's stderr (engines/sshdiag.py), over records captured from real ssh runs.
+"""The OpenSSH engine's reading of ssh's stderr (engines/sshstderr.py, sshhops.py, sshdiag.py), over records
+captured from real ssh runs.
 
 tests/data/ssh_stderr/*.json were captured by tests/ssh_transcripts.py: OpenSSH 9.2's ssh with the
 engine's own argv against real sshd on loopback (and tests/evil.py's ScriptedPeer playing a device on
-the path), read through sshdiag.StderrChannel exactly as the engine reads it.
+the path), read through sshstderr.StderrChannel exactly as the engine reads it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import pytest
 
 from tests.ssh_transcripts import DATA
 from tunneld.config.spec import TunnelSpec
-from tunneld.engines.sshdiag import Diagnosis, LineRecords, Record, Stage, StderrChannel
+from tunneld.engines.sshdiag import Diagnosis
+from tunneld.engines.sshhops import Stage
+from tunneld.engines.sshstderr import LineRecords, Record, StderrChannel
 from tunneld.errors import (
     AuthError,
     ConnectError,

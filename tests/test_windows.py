@@ -4,6 +4,7 @@ download through a slow path."""
 from __future__ import annotations
 
 import hashlib
+import selectors
 import socket
 import time
 from pathlib import Path
@@ -12,8 +13,7 @@ import paramiko
 
 from tests.harness import DelayRelay, DownloadServer, SshServer, free_port, wait_for
 from tests.helpers import ForegroundTunnel, read_state, start, write_config
-from tunneld.config.spec import LOCAL, Endpoint, Forward, TunnelSpec
-from tunneld.engines.forwarding import Forwarder, Pair
+from tunneld.engines.pump import Counters, Pair, Pump
 from tunneld.engines.windows import MAX_WINDOW_BYTES, START_WINDOW_BYTES, WindowGrowth
 
 MIB = 1024 * 1024
@@ -54,24 +54,23 @@ def grants_after_handing_on(chunk_bytes: int) -> tuple[list[int], int]:
     (whose socket takes what it has room for, nothing more: the client reads nothing), at the end of a sample in
     which the sender filled the window many times over in each round trip. Return (windows granted, bytes still
     queued here for the client)."""
-    forward = Forward(LOCAL, Endpoint(port=free_port()), Endpoint("127.0.0.1", 9))
-    forwarder = Forwarder(TunnelSpec(alias="grow", hostname="127.0.0.1", port=22, user="u", forwards=(forward,)))
     grants: list[int] = []
-    forwarder.widen = lambda _channel, extra: grants.append(extra)
-    forwarder.rtt_s = RTT_S
+    selector = selectors.DefaultSelector()
+    pump = Pump(selector, "grow", widen=lambda _channel, extra: grants.append(extra))
+    pump.rtt_s = RTT_S
     ours, client = socket.socketpair()
     try:
         ours.setblocking(False)
-        pair = Pair(ours, paramiko.Channel(0), forwarder.counters[forward], window=START_WINDOW_BYTES)
+        pair = Pair(ours, paramiko.Channel(0), Counters(), window=START_WINDOW_BYTES)
         pair.sample_at, pair.sample_bytes = time.monotonic() - 2 * RTT_S, 64 * MIB  # a sample 2 round trips long
         pair.to_local += bytes(chunk_bytes)
-        forwarder._flush_to_local(pair)
-        forwarder._maybe_grow(pair, chunk_bytes)
+        pump._flush_to_local(pair)
+        pump._maybe_grow(pair, chunk_bytes)
         return grants, len(pair.to_local)
     finally:
         client.close()
         ours.close()
-        forwarder.close()
+        selector.close()
 
 
 def test_the_forwarder_widens_the_window_of_a_client_that_takes_all_it_is_sent() -> None:

@@ -19,7 +19,8 @@ from tunneld.config.spec import LOCAL, REMOTE, Forward, TunnelSpec
 from tunneld.engines.link import ChildProcess, ForwardStatus, LinkEvents, LinkLost, ProgressCallback
 from tunneld.engines.master import MasterLink, master_pid
 from tunneld.engines.sshargv import build_argv
-from tunneld.engines.sshdiag import Diagnosis, Record, StderrChannel
+from tunneld.engines.sshdiag import Diagnosis
+from tunneld.engines.sshstderr import Record, StderrChannel
 from tunneld.engines.streams import LocalProber, Stream
 from tunneld.errors import ConnectError, HandshakeStalledError, TunneldError
 from tunneld.state.paths import HostFiles
