@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import EchoServer, SshServer, become_subreaper, find_sshd, reap_descendants, running_sshd, wait_for
+from tests.harness import (
+    EchoServer,
+    SshServer,
+    accepts_connections,
+    become_subreaper,
+    find_sshd,
+    reap_descendants,
+    running_sshd,
+    wait_for,
+)
 from tests.helpers import ENGINES, ForegroundTunnel
 
 
@@ -68,7 +77,7 @@ def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     sock = tmp_path / "agent.sock"
     proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
     try:
-        wait_for(sock.exists, 5, "ssh-agent's socket")
+        wait_for(lambda: accepts_connections(sock), 5, "ssh-agent's socket")
         monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
         yield sock
     finally:

@@ -120,6 +120,17 @@ def wait_for(predicate: object, timeout: float, what: str, interval: float = 0.0
     raise TimeoutError(f"timed out after {timeout:.1f} s waiting for {what}")
 
 
+def accepts_connections(path: Path) -> bool:
+    """True once a unix socket accepts a connection. Its file appears at bind(), before listen(): waiting for the
+    file alone races the server, whose first client would then be refused."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
 def keygen(path: Path, comment: str = "tunneld-test", passphrase: str = "") -> Path:
     """Generate an ed25519 key pair at `path` (and `path`.pub)."""
     subprocess.run(

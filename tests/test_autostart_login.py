@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import keygen, wait_for
+from tests.harness import accepts_connections, keygen, wait_for
 from tests.helpers import run_cli, write_config
 from tunneld.autostart.manage import enable, enable_host
 from tunneld.autostart.service import CommandResult, Launch, Runner
@@ -43,7 +43,7 @@ class AnsweringRunner(Runner):
 def start_agent(socket: Path) -> subprocess.Popen[bytes]:
     socket.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket)], stdout=subprocess.DEVNULL)
-    wait_for(socket.exists, 5, f"ssh-agent on {socket}")
+    wait_for(lambda: accepts_connections(socket), 5, f"ssh-agent on {socket}")
     return proc
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port, keygen, wait_for
+from tests.harness import EchoServer, SshServer, accepts_connections, echo_roundtrip, free_port, keygen, wait_for
 from tests.usermanager import ManagerUnavailableError, UserManager, require_tools, user_manager_base, user_python
 
 # One `systemd --user` of the user nobody at a time on this machine: these tests share one xdist worker.
@@ -56,7 +56,7 @@ class Agent:
         self.manager, self.socket = manager, socket
         argv = ["setpriv", f"--reuid={manager.user.pw_uid}", f"--regid={manager.user.pw_gid}", "--clear-groups"]
         self.proc = subprocess.Popen([*argv, "ssh-agent", "-D", "-a", str(socket)], stdout=subprocess.DEVNULL)
-        wait_for(socket.exists, 10, f"ssh-agent on {socket}")
+        wait_for(lambda: accepts_connections(socket), 10, f"ssh-agent on {socket}")
 
     def ssh_add(self, *args: str) -> None:
         done = self.manager.run(["ssh-add", *args], env={"SSH_AUTH_SOCK": str(self.socket)})
