@@ -4,9 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
-# Tests mostly wait (for sshd, for a tunnel to come up or notice a loss): 4 workers on 2 cores. Tests that
-# share one machine-wide resource (the systemd user manager of `nobody`, the wheel built for test_api) are
-# pinned to one worker each by xdist_group.
+# Tests mostly wait (for sshd, for a tunnel to come up or notice a loss): 8 workers on 2 cores, and an idle
+# worker takes tests queued for a busy one (worksteal). What exists once per machine (the test user's systemd
+# manager, /etc/passwd) is taken under a machine-wide lock (tests/harness.py: machine_lock).
 PYTEST_WORKERS ?= 8
 
 .PHONY: dev sshd test lint format type check demo bench faults debian13-sshd clean
@@ -26,7 +26,7 @@ test: dev sshd  ## run the test suite against a real sshd on loopback
 	@# The tests start ~2000 Python processes (the CLI, supervisors): compiled once here, not by each one where
 	@# PYTHONDONTWRITEBYTECODE is set (a CI default), which costs ~0.05 s CPU per process.
 	$(BIN)/python -m compileall -q tunneld tests
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 lint: dev
 	$(BIN)/ruff check tunneld tests scripts bench

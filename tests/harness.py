@@ -120,6 +120,29 @@ def wait_for(predicate: object, timeout: float, what: str, interval: float = 0.0
     raise TimeoutError(f"timed out after {timeout:.1f} s waiting for {what}")
 
 
+@contextlib.contextmanager
+def machine_lock(name: str, timeout: float = 300.0) -> Iterator[None]:
+    """Hold the lock `name`, shared by every test process on this machine (parallel workers, other runs at the same
+    time): for what exists once per machine, such as the systemd user manager of the test user or /etc/passwd."""
+    import fcntl
+    import tempfile
+
+    fd = os.open(Path(tempfile.gettempdir()) / f"tunneld-test-{name}.{os.getuid()}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+
+        def taken() -> bool:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+        wait_for(taken, timeout, f"the machine-wide test lock {name!r}", interval=0.1)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def accepts_connections(path: Path) -> bool:
     """True once a unix socket accepts a connection. Its file appears at bind(), before listen(): waiting for the
     file alone races the server, whose first client would then be refused."""

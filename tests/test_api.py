@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import click
 import psutil
 import pytest
 
-from tests.harness import EchoServer, HttpServer, SshServer, free_port, free_port_both, keygen, scaled
+from tests.harness import EchoServer, HttpServer, SshServer, free_port, free_port_both, keygen, machine_lock, scaled
 from tests.helpers import read_state, run_cli, write_config, write_settings
 from tunneld.errors import EXIT_CONFIG, EXIT_UNAVAILABLE
 
@@ -34,8 +35,9 @@ class OtherVenv:
 
     def run(self, program: str, *args: str, timeout: float = 90.0) -> subprocess.CompletedProcess[str]:
         """Run `program` there (a file of its own, as a user's script) with PATH lacking any `tunneld` script."""
-        script = self.root / "program.py"
-        script.write_text(program)
+        with tempfile.NamedTemporaryFile("w", suffix=".py", dir=self.root, delete=False) as file:  # parallel tests
+            file.write(program)
+        script = Path(file.name)
         env = dict(os.environ, PATH=PATH_WITHOUT_TUNNELD)
         env.pop("PYTHONPATH", None)
         return subprocess.run(
@@ -54,8 +56,27 @@ class OtherVenv:
 
 @pytest.fixture(scope="session")
 def other_venv(tmp_path_factory: pytest.TempPathFactory) -> OtherVenv:
-    """Build a wheel of this tree (from a copy: the tree gets no build/), install it into a fresh virtualenv."""
-    base = tmp_path_factory.mktemp("other-venv")
+    """Build a wheel of this tree (from a copy: the tree gets no build/), install it into a fresh virtualenv: once per
+    run, in the run's temporary directory that the parallel workers share (the first one builds, under a lock)."""
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+    base = shared / "other-venv"
+    with machine_lock(f"other-venv-{shared.name}"):
+        if not (base / "ready").exists():
+            shutil.rmtree(base, ignore_errors=True)
+            base.mkdir()
+            _build_other_venv(base)
+            (base / "ready").touch()
+    root = base / "venv"
+    site = subprocess.run(
+        [str(root / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
+    assert shutil.which("tunneld", path=PATH_WITHOUT_TUNNELD) is None
+    return OtherVenv(root, root / "bin" / "python", Path(site))
+
+
+def _build_other_venv(base: Path) -> None:
     source = base / "source"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -78,8 +99,6 @@ def other_venv(tmp_path_factory: pytest.TempPathFactory) -> OtherVenv:
     ours = Path(click.__file__).parent.parent
     assert ours == Path(sysconfig.get_paths()["purelib"])
     Path(site, "dependencies-from-the-test-environment.pth").write_text(f"{ours}\n")
-    assert shutil.which("tunneld", path=PATH_WITHOUT_TUNNELD) is None
-    return OtherVenv(root, python, Path(site))
 
 
 ENSURE_AND_LEAVE_RUNNING = """
@@ -110,7 +129,6 @@ print(json.dumps({
 """
 
 
-@pytest.mark.xdist_group("other-venv")  # one wheel and virtualenv, built once, for all of them
 def test_ensure_from_another_virtualenv_starts_a_detached_tunnel_that_outlives_the_program(
     tmp_path: Path, sshd: SshServer, other_venv: OtherVenv
 ) -> None:
@@ -154,7 +172,6 @@ print(json.dumps(seen))
 """
 
 
-@pytest.mark.xdist_group("other-venv")  # one wheel and virtualenv, built once, for all of them
 def test_errors_reach_the_program_as_the_typed_errors_of_the_project(
     tmp_path: Path, sshd: SshServer, echo: EchoServer, other_venv: OtherVenv
 ) -> None:
@@ -195,7 +212,6 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.xdist_group("other-venv")  # one wheel and virtualenv, built once, for all of them
 def test_the_context_manager_stops_only_a_tunnel_it_started(
     tmp_path: Path, sshd: SshServer, echo: EchoServer, other_venv: OtherVenv
 ) -> None:
@@ -234,7 +250,6 @@ port: int = tunneld.ensure("mlflowserver").url()
 """
 
 
-@pytest.mark.xdist_group("other-venv")  # one wheel and virtualenv, built once, for all of them
 def test_a_consumer_type_checks_against_the_installed_package(tmp_path: Path, other_venv: OtherVenv) -> None:
     program = tmp_path / "consumer.py"
     program.write_text(CONSUMER)

@@ -13,11 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import EchoServer, SshServer, accepts_connections, echo_roundtrip, free_port, keygen, wait_for
+from tests.harness import (
+    EchoServer,
+    SshServer,
+    accepts_connections,
+    echo_roundtrip,
+    free_port,
+    keygen,
+    machine_lock,
+    wait_for,
+)
 from tests.usermanager import ManagerUnavailableError, UserManager, require_tools, user_manager_base, user_python
 
-# One `systemd --user` of the user nobody at a time on this machine: these tests share one xdist worker.
-pytestmark = pytest.mark.xdist_group("systemd-user")
 HOST = "mlflowserver"
 UNIT = f"tunneld@{HOST}.service"
 UP_TIMEOUT_S = 40.0
@@ -38,7 +45,7 @@ def user_venv() -> Iterator[Path]:
 @pytest.fixture
 def manager(user_venv: Path) -> Iterator[UserManager]:
     """A real `systemd --user` of the test user, stopped by its pid afterwards."""
-    with user_manager_base() as base:
+    with machine_lock("systemd-user-manager"), user_manager_base() as base:  # the test user has one manager at a time
         try:
             started = UserManager(base, user_venv)
         except ManagerUnavailableError as exc:

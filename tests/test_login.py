@@ -18,7 +18,7 @@ import pexpect
 import psutil
 import pytest
 
-from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port_both, keygen, scaled, wait_for
+from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port_both, keygen, machine_lock, scaled, wait_for
 from tests.helpers import read_state, run_cli, write_config
 from tunneld.engines.master import master_pid
 from tunneld.errors import EXIT_CONFIG
@@ -34,14 +34,16 @@ class PasswordUser:
     def __init__(self) -> None:
         self.name = f"tdpw{secrets.token_hex(3)}"
         self.password = secrets.token_urlsafe(12)
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", self.name], check=True)
-        subprocess.run(["chpasswd"], input=f"{self.name}:{self.password}\n", text=True, check=True)
+        with machine_lock("passwd"):  # useradd and userdel of parallel tests would contend for /etc/passwd's lock
+            subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", self.name], check=True)
+            subprocess.run(["chpasswd"], input=f"{self.name}:{self.password}\n", text=True, check=True)
 
     def remove(self) -> None:
         for proc in psutil.process_iter(["username"]):
             if proc.info["username"] == self.name:  # its sshd sessions
                 proc.kill()
-        subprocess.run(["userdel", self.name], check=False, capture_output=True)
+        with machine_lock("passwd"):
+            subprocess.run(["userdel", self.name], check=False, capture_output=True)
 
 
 @pytest.fixture
