@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -20,6 +21,19 @@ from tests.harness import (
     wait_for,
 )
 from tests.helpers import ENGINES, ForegroundTunnel
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In parallel, deal the tests out so that every worker's share starts with the slow ones.
+
+    xdist's worksteal gives each worker a contiguous share of the collection and lets an idle worker steal from
+    the end of a busy one's: a slow test left at the end of a share would run alone while the others wait.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 2:
+        return
+    ordered = sorted(items, key=lambda item: item.get_closest_marker("slow") is None)  # stable: slow ones first
+    items[:] = [item for share in range(workers) for item in ordered[share::workers]]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -129,6 +129,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_ensure_from_another_virtualenv_starts_a_detached_tunnel_that_outlives_the_program(
     tmp_path: Path, sshd: SshServer, other_venv: OtherVenv
 ) -> None:
@@ -172,6 +173,7 @@ print(json.dumps(seen))
 """
 
 
+@pytest.mark.slow
 def test_errors_reach_the_program_as_the_typed_errors_of_the_project(
     tmp_path: Path, sshd: SshServer, echo: EchoServer, other_venv: OtherVenv
 ) -> None:
@@ -212,6 +214,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_the_context_manager_stops_only_a_tunnel_it_started(
     tmp_path: Path, sshd: SshServer, echo: EchoServer, other_venv: OtherVenv
 ) -> None:
@@ -250,6 +253,7 @@ port: int = tunneld.ensure("mlflowserver").url()
 """
 
 
+@pytest.mark.slow
 def test_a_consumer_type_checks_against_the_installed_package(tmp_path: Path, other_venv: OtherVenv) -> None:
     program = tmp_path / "consumer.py"
     program.write_text(CONSUMER)

@@ -166,6 +166,7 @@ def test_enable_now_wires_the_unit_to_the_login_agent_and_the_tunnel_carries_tra
     assert echo_roundtrip(("127.0.0.1", port), b"through the unit") == b"through the unit"
 
 
+@pytest.mark.slow
 def test_start_restart_stop_go_through_systemd_which_restarts_a_killed_supervisor(
     manager: UserManager, sshd: SshServer, echo: EchoServer, agents: list[Agent]
 ) -> None:

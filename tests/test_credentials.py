@@ -46,6 +46,7 @@ def closed_at_once(port: int) -> bool:
         return sock.recv(1) == b""
 
 
+@pytest.mark.slow
 def test_an_emptied_agent_waits_in_needs_auth_and_a_refilled_one_brings_the_tunnel_back(
     tmp_path: Path, sshd: SshServer, echo: EchoServer, agent: Path, engine: str, foreground: list[ForegroundTunnel]
 ) -> None:

@@ -247,6 +247,7 @@ def health_fields(state: dict[str, object]) -> dict[str, object]:
     return health
 
 
+@pytest.mark.slow
 def test_http_health_goes_bad_and_good_with_status_json_fields(
     tmp_path: Path, sshd: SshServer, engine: str, foreground: list[ForegroundTunnel]
 ) -> None:

@@ -534,6 +534,7 @@ def test_a_failed_systemctl_leaves_no_unit_file_behind(tmp_path: Path) -> None:
 # -- resource limits (paramiko engine) -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_running_out_of_file_descriptors_pauses_accepting_and_recovers(
     tmp_path: Path, sshd: SshServer, echo: EchoServer, foreground: list[ForegroundTunnel]
 ) -> None:
@@ -563,6 +564,7 @@ def test_running_out_of_file_descriptors_pauses_accepting_and_recovers(
     assert echo_roundtrip(("127.0.0.1", port), b"after") == b"after"
 
 
+@pytest.mark.slow
 def test_clients_that_never_read_cannot_grow_the_daemon_without_bound(
     tmp_path: Path, sshd: SshServer, foreground: list[ForegroundTunnel]
 ) -> None:

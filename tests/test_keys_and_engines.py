@@ -190,6 +190,7 @@ async def _many_roundtrips(port: int, count: int, size: int) -> list[bool]:
     return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(count))), timeout=120)
 
 
+@pytest.mark.slow
 def test_a_thousand_concurrent_connections_through_one_forward(
     tmp_path: Path, sshd: SshServer, echo: EchoServer, foreground: list[ForegroundTunnel]
 ) -> None:

@@ -36,6 +36,7 @@ def notify_send(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return record
 
 
+@pytest.mark.slow
 def test_a_long_outage_notifies_lost_and_restored_once_a_blip_says_nothing(
     tmp_path: Path, sshd: SshServer, echo: EchoServer, notify_send: Path, foreground: list[ForegroundTunnel]
 ) -> None:

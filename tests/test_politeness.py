@@ -140,6 +140,7 @@ def test_an_sshd_restart_costs_at_most_the_probe_that_found_it_back(
     assert sshd.preauth_connections(mark) <= 2, sshd.log.read_text()[-3000:]
 
 
+@pytest.mark.slow
 def test_a_flapping_server_stays_within_the_budget(
     tmp_path: Path, sshd: SshServer, echo: EchoServer, foreground: list[ForegroundTunnel]
 ) -> None:
@@ -161,6 +162,7 @@ def test_a_flapping_server_stays_within_the_budget(
     assert sshd.preauth_connections(mark) <= PREAUTH_LIMIT, sshd.log.read_text()[-4000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["openssh", "paramiko"])
 def test_a_frozen_server_gets_at_most_the_budget_of_stalled_attempts(
     tmp_path: Path, sshd: SshServer, echo: EchoServer, engine: str, foreground: list[ForegroundTunnel]

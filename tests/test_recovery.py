@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.harness import EchoServer, SshServer, SwitchableRelay, echo_roundtrip, free_port, wait_for
 from tests.helpers import ForegroundTunnel, read_log, read_state, start, write_config
@@ -39,6 +40,7 @@ def test_an_attempt_stuck_on_a_dead_path_is_replaced_when_the_path_returns(
         relay.close()
 
 
+@pytest.mark.slow
 def test_a_lost_link_is_retried_at_once_every_time(
     tmp_path: Path, sshd: SshServer, echo: EchoServer, foreground: list[ForegroundTunnel]
 ) -> None:
