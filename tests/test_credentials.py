@@ -16,6 +16,8 @@ import pytest
 
 from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port_both, wait_for
 from tests.helpers import ForegroundTunnel, read_state, run_cli, start, write_config, write_settings
+from tunneld.config.ports import PortGuard
+from tunneld.config.spec import LOCAL, Endpoint, Forward, TunnelSpec
 from tunneld.errors import EXIT_CONFIG
 
 UP = ("up", "degraded")
@@ -140,3 +142,22 @@ def test_an_on_demand_port_stays_held_through_a_refused_login(
     wait_for(lambda: read_state("lazy").get("state") == "idle", 20, "idle again once the agent has the key")
     assert echo_roundtrip(("127.0.0.1", port), b"lazy but back") == b"lazy but back"
     assert run_cli("stop", "lazy").returncode == 0
+
+
+def test_ports_held_while_waiting_are_free_the_moment_they_are_let_go() -> None:
+    """The OpenSSH engine's ssh binds the forward ports right after needs-auth lets them go. A socket closed while
+    the guard's thread still waits in select() stays bound until that select returns, and ssh's bind then fails
+    with "address in use" by a holder no process owns: the host would fail where it should have come back."""
+    port = free_port_both()
+    spec = TunnelSpec(
+        alias="held", hostname="127.0.0.1", port=9, user="u",
+        forwards=(Forward(LOCAL, Endpoint(host="127.0.0.1", port=port), Endpoint(host="127.0.0.1", port=9)),),
+    )  # fmt: skip
+    for _ in range(5):
+        guard = PortGuard(spec)
+        time.sleep(0.05)  # the guard's thread is waiting in select() now
+        guard.release()
+        with socket.socket() as ssh_like:  # as ssh binds a forward: SO_REUSEADDR
+            ssh_like.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ssh_like.bind(("127.0.0.1", port))
+            ssh_like.listen()

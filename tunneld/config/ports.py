@@ -268,14 +268,16 @@ class PortGuard:
         from tunneld.config.listen import plan_spec
 
         self.sockets: list[socket.socket] = []
-        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
         for plan in plan_spec(spec):
             for address in ([plan.path] if plan.path is not None else []) + [(ip, plan.port) for ip in plan.ips]:
                 sock = self._bind(address)
                 if sock is not None:
                     self.sockets.append(sock)
         if self.sockets:
-            threading.Thread(target=self._refuse, name="port-guard", daemon=True).start()
+            self._thread = threading.Thread(target=self._refuse, name="port-guard", daemon=True)
+            self._thread.start()
 
     @staticmethod
     def _bind(address: str | tuple[str, int | None]) -> socket.socket | None:
@@ -302,10 +304,12 @@ class PortGuard:
     def _refuse(self) -> None:
         import select
 
-        while not self._closed.is_set():
+        while True:
             try:
-                readable, _, _ = select.select(self.sockets, [], [], 0.25)
+                readable, _, _ = select.select([*self.sockets, self._wake_r], [], [])
             except (OSError, ValueError):
+                return
+            if self._wake_r in readable:
                 return
             for sock in readable:
                 with contextlib.suppress(OSError):
@@ -313,8 +317,14 @@ class PortGuard:
                     client.close()
 
     def release(self) -> None:
-        """Close every held address (unix socket files removed), so that ssh can bind them."""
-        self._closed.set()
+        """Close every held address (unix socket files removed), so that ssh can bind them.
+
+        The refusing thread is woken and joined first: a socket closed while a select() waits on it stays bound
+        (the kernel's poll table holds the file) until that select returns, and ssh's bind would fail meanwhile."""
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        if self._thread is not None:
+            self._thread.join(timeout=5)
         for sock in self.sockets:
             path = sock.getsockname() if sock.family == socket.AF_UNIX else None
             sock.close()
@@ -322,3 +332,5 @@ class PortGuard:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
         self.sockets = []
+        self._wake_r.close()
+        self._wake_w.close()

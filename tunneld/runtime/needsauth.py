@@ -39,14 +39,17 @@ class AwaitingCredentials(Supervision):
             named = tuple(p for p in named_identity_files(self.spec) if p not in default_identity_files())
             needs = NeedsAuthError.waiting(self.spec.alias, reason, error.interactive, error.locked, named)
         holder = self.engine if isinstance(self.engine, KeepsListeners) else None
-        forwards = tuple(holder.listening()) if holder is not None else ()
-        self._set(state=NEEDS_AUTH, last_error=error_record(needs), forwards=forwards, children=(), next_try_at=None)
-        log.warning("%s: %s (%s)", self.spec.alias, needs.message, error.message)
-        log.warning("%s: hint: %s", self.spec.alias, needs.hint)
+        # The ports are ours before needs-auth is published: whoever reads the state may rely on it at once.
         guard = PortGuard(self.spec) if holder is None else None  # ssh's listeners are gone: keep the ports ours
         if holder is not None:
             holder.refuse_clients(True)
         try:
+            forwards = tuple(holder.listening()) if holder is not None else ()
+            self._set(
+                state=NEEDS_AUTH, last_error=error_record(needs), forwards=forwards, children=(), next_try_at=None
+            )
+            log.warning("%s: %s (%s)", self.spec.alias, needs.message, error.message)
+            log.warning("%s: hint: %s", self.spec.alias, needs.hint)
             why = self._credentials_changed()
             if why is not None:
                 self._within_refusal_limit()
