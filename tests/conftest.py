@@ -23,6 +23,15 @@ from tests.harness import (
 from tests.helpers import ENGINES, ForegroundTunnel
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Let the tests' children see SIGINT. A run started in the background by a shell without job control (a CI
+    script, `make test &` in a subshell) ignores SIGINT, and an ignored signal stays ignored across exec: the
+    CLI would never see the Ctrl-C that tests of `logs -f` and `status --watch` send. A handled one is reset
+    to the default in every child."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """In parallel, deal the tests out so that every worker's share starts with the slow ones.
 
