@@ -70,7 +70,7 @@ def reload_host(host: str, ssh_config: str | None, echo: Echo) -> list[str]:
         listed = state.get("config_changed")
         pending = [item for item in listed if isinstance(item, str)] if isinstance(listed, list) else []
         if parse_summary(state.get("config")) == wanted:
-            return [f"{host}  reloaded (pid {record.pid}): {'; '.join(changes)}"]
+            return [f"{host}  reloaded (pid {record.pid})"]  # the differences are on stderr just above
         if any(item.startswith(("not applied", "applies at a restart")) for item in pending):
             raise TunneldError(f"{host}: the new configuration was not applied: {'; '.join(pending)}",
                                f"see `tunneld logs {host}`")  # fmt: skip
