@@ -14,11 +14,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+import tunneld
 from tests.harness import EchoServer, SshServer, echo_roundtrip, free_port_both, wait_for
 from tests.helpers import ForegroundTunnel, read_state, run_cli, start, write_config, write_settings
 from tunneld.config.ports import PortGuard
 from tunneld.config.spec import LOCAL, Endpoint, Forward, TunnelSpec
-from tunneld.errors import EXIT_CONFIG
+from tunneld.errors import EXIT_CONFIG, NeedsAuthError, TunneldError
 
 UP = ("up", "degraded")
 
@@ -155,9 +156,35 @@ def test_ports_held_while_waiting_are_free_the_moment_they_are_let_go() -> None:
     )  # fmt: skip
     for _ in range(5):
         guard = PortGuard(spec)
-        time.sleep(0.05)  # the guard's thread is waiting in select() now
+        thread = guard._thread
+        assert thread is not None and thread.native_id is not None
+        wchan = Path(f"/proc/self/task/{thread.native_id}/wchan")
+        wait_for(lambda w=wchan: "poll_schedule" in w.read_text(), 10, "the guard's thread to wait in select()")
         guard.release()
         with socket.socket() as ssh_like:  # as ssh binds a forward: SO_REUSEADDR
             ssh_like.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             ssh_like.bind(("127.0.0.1", port))
             ssh_like.listen()
+
+
+def test_ensure_on_a_host_waiting_in_needs_auth_answers_within_its_own_timeout(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, agent: Path
+) -> None:
+    """ensure() of a host in needs-auth asks for one login attempt, as `start` does; if that attempt meets no server,
+    the caller still gets its answer within its own timeout, naming the state, not after the 30 s `start` allows."""
+    port = free_port_both()
+    config, key = agent_only_config(tmp_path, sshd, "agented", port, echo.port)
+    ssh_add(str(key))
+    assert run_cli("start", "agented", "-F", str(config)).returncode == 0
+    try:
+        ssh_add("-D")
+        sshd.stop()
+        sshd.start()  # the link is lost; the reconnect is refused: needs-auth
+        wait_for(lambda: read_state("agented").get("state") == "needs-auth", 30, "needs-auth")
+        sshd.stop()  # the attempt ensure() asks for meets no server: connecting, then backoff
+        with pytest.raises(TunneldError) as raised:
+            tunneld.ensure("agented", ssh_config=str(config), timeout=3)
+        error = raised.value
+        assert isinstance(error, NeedsAuthError) or "after 3 s" in error.message, error.message
+    finally:
+        run_cli("stop", "agented")

@@ -23,7 +23,15 @@ from typing import IO, TYPE_CHECKING
 from tunneld.config.keys import probe_agent
 from tunneld.config.resolve import resolve_host
 from tunneld.config.spec import TunnelSpec
-from tunneld.errors import EXIT_OK, EXIT_UNAVAILABLE, AlreadyRunningError, StartupError, TunneldError, error_from_dict
+from tunneld.errors import (
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    AlreadyRunningError,
+    NeedsAuthError,
+    StartupError,
+    TunneldError,
+    error_from_dict,
+)
 from tunneld.runtime.stopping import DEFAULT_STOP_TIMEOUT_S, state_or_empty
 from tunneld.state.paths import HostFiles, config_dir, ensure_private_dir, open_private, state_dir
 from tunneld.state.pidfile import PidFile, PidRecord, process_matches
@@ -99,14 +107,14 @@ def waiting_for_credentials(host: str) -> bool:
     return collect(host).state == NEEDS_AUTH
 
 
-def retry_waiting(host: str) -> HostReport:
+def retry_waiting(host: str, timeout: float = HANDOVER_TIMEOUT_S) -> HostReport:
     """Ask the host's running supervisor to try logging in now (a new login connection, or a key just loaded) and
     return its report once that attempt ended in a ready state. A host that waits for credentials again (the attempt
-    was refused, or refused logins wait for the next minute) raises its NeedsAuthError, at once; any other outcome
-    raises a TunneldError naming the state."""
+    was refused, or refused logins wait for the next minute) raises its NeedsAuthError, at once; any other outcome,
+    or none within `timeout`, raises a TunneldError naming the state."""
     before = collect(host)
     retry_now(host)
-    deadline = time.monotonic() + HANDOVER_TIMEOUT_S
+    deadline = time.monotonic() + timeout
     report = before
     while time.monotonic() < deadline:
         report = collect(host)
@@ -168,9 +176,14 @@ def ensure_host(
 
     deadline = time.monotonic() + options.timeout
     started: StartResult | ManagedStart | None = None
-    if waiting_for_credentials(validate_host(host)):
+    if waiting_for_credentials(validate_host(host)):  # as `start` does: this shell's agent, and one login attempt
         hand_agent_over(host, resolve_host(host, options.ssh_config).identity_agent)
-        retry_waiting(host)
+        try:
+            retry_waiting(host, max(0.0, deadline - time.monotonic()))
+        except NeedsAuthError:
+            raise
+        except TunneldError:  # not up within the caller's time: said by the wait below, which has none left
+            pass
     elif not collect(host).running:
         with contextlib.suppress(AlreadyRunningError):  # another start won the race: wait for that one
             started = launch_host(host, options, progress)
