@@ -129,3 +129,21 @@ def test_dir_of_tunneld_lists_the_api_without_loading_it() -> None:
         names
     )
     assert loaded == ["tunneld"]  # tab completion sees the names; nothing behind them is imported
+
+
+def test_status_loads_neither_the_engines_nor_ssh_config_resolution(tmp_path: Path) -> None:
+    """`tunneld status` is run often (prompts, watch loops): it reads pid and state files and nothing else. The
+    start path (runtime.launch) resolves ssh_config and reaches the engines; a module-level import of it from a
+    verb module put all of that under every `status`."""
+    env = dict(os.environ, TUNNELD_HOME=str(tmp_path / "home"))
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "tunneld", "status"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    modules = imported(done.stderr)
+    assert {"tunneld.cli.report", "tunneld.state.status", "psutil"} <= modules  # the listing is real
+    heavy = {
+        m for m in modules if m.startswith(("tunneld.engines", "tunneld.runtime.launch", "tunneld.config.resolve"))
+    }
+    assert not heavy | (modules & set(HEAVY) - {"click", "platformdirs", "shutil"}), sorted(heavy)

@@ -13,7 +13,6 @@ from tunneld.cli.lookup import warn_skipped
 from tunneld.cli.options import POSITIVE_S, echo, engine_option, ssh_config_option, ssh_config_unused
 from tunneld.cli.starting import start_hosts
 from tunneld.errors import EXIT_OK, NotRunningError, TunneldError, report_error
-from tunneld.runtime.launch import StartOptions
 
 if TYPE_CHECKING:
     pass
@@ -124,6 +123,7 @@ def start(
     """
     from tunneld.config.resolve import list_hosts
     from tunneld.runtime.daemon import run_tunnel
+    from tunneld.runtime.launch import StartOptions
 
     def every() -> list[str]:
         specs, skipped = list_hosts(ssh_config)
@@ -204,6 +204,7 @@ def restart(ctx: click.Context, host: str, ssh_config: str | None, engine: str, 
     Without -F or --engine, the ssh_config file and engine it was last started with are used again.
     """
     from tunneld.config.resolve import resolve_host
+    from tunneld.runtime.launch import StartOptions
     from tunneld.state.paths import validate_host
     from tunneld.state.status import recorded_launch
 

@@ -13,11 +13,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING
 
 from tunneld.errors import EXIT_OK, AlreadyRunningError, TunneldError, report_error
-from tunneld.runtime.launch import StartOptions, hand_agent_over, launch_host, managed, waiting_for_credentials
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # runtime.launch resolves ssh_config and reaches the engines: `tunneld status` never loads it
     from tunneld.autostart.managed import ManagedStart
-    from tunneld.runtime.launch import StartResult
+    from tunneld.runtime.launch import StartOptions, StartResult
 
 START_CONCURRENCY = 8
 Echo = Callable[[str, bool], None]
@@ -33,6 +32,7 @@ def start_host(host: str, options: StartOptions, progress: Callable[[str], None]
     from tunneld.cli.login import offer_ssh_add, on_terminal
     from tunneld.config.resolve import resolve_host
     from tunneld.errors import AuthError
+    from tunneld.runtime.launch import launch_host, managed, waiting_for_credentials
     from tunneld.state.status import ssh_config_for
 
     if waiting_for_credentials(host):
@@ -82,6 +82,7 @@ def _retry_waiting(host: str, options: StartOptions) -> list[str]:
     from tunneld.cli.login import offer_ssh_add, on_terminal
     from tunneld.config.resolve import resolve_host
     from tunneld.errors import AuthError, error_from_dict
+    from tunneld.runtime.launch import hand_agent_over
     from tunneld.state.status import collect
 
     waiting = collect(host).last_error or {}
@@ -109,7 +110,7 @@ def hand_over(host: str, ssh_config: str | None, echo: Echo) -> list[str]:
     when none runs; report the outcome of that one attempt. A host that waits for credentials again (the attempt
     was refused, or refused logins wait for the next minute) is its NeedsAuthError (exit 78), at once."""
     from tunneld.cli.render import forward_text
-    from tunneld.runtime.launch import HANDOVER_TIMEOUT_S, retry_waiting
+    from tunneld.runtime.launch import HANDOVER_TIMEOUT_S, StartOptions, retry_waiting
     from tunneld.safetext import printable
     from tunneld.state.status import collect
 
