@@ -78,8 +78,9 @@ def free_port(host: str = "127.0.0.1") -> int:
     A port the kernel picks (bind to 0) comes from the ephemeral range, where every outgoing connection also
     takes its source port: between this call and the moment sshd or a tunnel binds it, any connection of
     any test worker could take it. So ports come from a range below the ephemeral one, in turn from one
-    counter that every test process on this machine shares (a file under flock): parallel workers, and
-    other test runs at the same time, never get the same port until the range has gone round.
+    counter that every test process of this user shares (a file under flock in a private directory of
+    $TMPDIR): parallel workers, and other test runs at the same time, never get the same port until the
+    range has gone round.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(PORT_POOL[1] - PORT_POOL[0]):
@@ -92,12 +93,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _next_pool_port() -> int:
     import fcntl
-    import tempfile
 
-    counter = Path(tempfile.gettempdir()) / f"tunneld-test-ports.{os.getuid()}"
-    fd = os.open(counter, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = _open_shared("ports")
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _wait_for_flock(fd, 60.0, "the shared test port counter")
         raw = os.pread(fd, 16, 0).strip()
         last = int(raw) if raw.isdigit() else random.randrange(*PORT_POOL)
         port = last + 1 if PORT_POOL[0] <= last + 1 < PORT_POOL[1] else PORT_POOL[0]
@@ -105,7 +104,37 @@ def _next_pool_port() -> int:
         os.pwrite(fd, f"{port}\n".encode(), 0)
         return port
     finally:
-        os.close(fd)  # closing releases the lock
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _open_shared(name: str) -> int:
+    """Open (create) file `name` in the directory every test process of this user shares: $TMPDIR/tunneld-test.UID,
+    mode 0700. The temporary directory is everyone's: a directory or file planted there by another user is refused,
+    never followed or written through."""
+    import stat
+    import tempfile
+
+    shared = Path(tempfile.gettempdir()) / f"tunneld-test.{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        shared.mkdir(mode=0o700)
+    info = os.lstat(shared)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise RuntimeError(f"{shared} is not a private directory of this user: remove it (another user's, or a link)")
+    return os.open(shared / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+
+
+def _wait_for_flock(fd: int, timeout: float, what: str) -> None:
+    import fcntl
+
+    def taken() -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    wait_for(taken, timeout, what, interval=0.01)
 
 
 def wait_for(predicate: object, timeout: float, what: str, interval: float = 0.05) -> None:
@@ -124,20 +153,9 @@ def wait_for(predicate: object, timeout: float, what: str, interval: float = 0.0
 def machine_lock(name: str, timeout: float = 300.0) -> Iterator[None]:
     """Hold the lock `name`, shared by every test process on this machine (parallel workers, other runs at the same
     time): for what exists once per machine, such as the systemd user manager of the test user or /etc/passwd."""
-    import fcntl
-    import tempfile
-
-    fd = os.open(Path(tempfile.gettempdir()) / f"tunneld-test-{name}.{os.getuid()}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = _open_shared(f"{name}.lock")
     try:
-
-        def taken() -> bool:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            return True
-
-        wait_for(taken, timeout, f"the machine-wide test lock {name!r}", interval=0.1)
+        _wait_for_flock(fd, timeout, f"the machine-wide test lock {name!r}")
         yield
     finally:
         os.close(fd)  # closing releases the lock

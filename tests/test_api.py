@@ -61,7 +61,7 @@ def other_venv(tmp_path_factory: pytest.TempPathFactory) -> OtherVenv:
     shared = tmp_path_factory.getbasetemp()
     shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
     base = shared / "other-venv"
-    with machine_lock(f"other-venv-{shared.name}"):
+    with machine_lock("other-venv"):
         if not (base / "ready").exists():
             shutil.rmtree(base, ignore_errors=True)
             base.mkdir()
