@@ -75,7 +75,7 @@ def test_imports_run_only_down_the_layers(module: str) -> None:
     upward = [
         f"line {line}: {name} ({layer_of(name)})"
         for name, line in imports_of(module)
-        if name.startswith("tunneld.") and name in ALL
+        if (name == "tunneld" or name.startswith("tunneld.")) and name in ALL  # `from tunneld import X` is the api
         and (LAYERS.index(layer_of(name)) < rank or (layer_of(module) == "shared" and layer_of(name) != "shared"))
     ]  # fmt: skip
     assert upward == [], f"{module} ({layer_of(module)}) imports upward"
@@ -85,6 +85,21 @@ def test_no_module_imports_itself_back_through_others() -> None:
     graph = {name: own_imports(name) for name in ALL}
     cycles = [component for component in _strongly_connected(graph) if len(component) > 1]
     assert cycles == []
+
+
+def test_no_module_imports_by_a_name_computed_at_run_time() -> None:
+    """importlib.import_module and __import__ would hide a dependency from the rules above (and from a reader)."""
+    dynamic = [
+        f"{module}:{node.lineno}"
+        for module in ALL
+        for node in ast.walk(ast.parse(ALL[module].read_text()))
+        if isinstance(node, ast.Call)
+        and (
+            (isinstance(node.func, ast.Name) and node.func.id in ("__import__", "import_module"))
+            or (isinstance(node.func, ast.Attribute) and node.func.attr in ("__import__", "import_module"))
+        )
+    ]
+    assert dynamic == []
 
 
 def test_a_layer_that_imports_a_paramiko_or_click_name_is_the_one_that_owns_it() -> None:
@@ -117,6 +132,7 @@ def test_the_checker_sees_function_level_imports_and_cycles() -> None:
     """The rules above would pass vacuously if the walk missed imports inside functions or the search missed cycles."""
     found = {name for name, _ in imports_of("tunneld.runtime.detached")}
     assert "tunneld.runtime.daemon" in found  # imported inside main()
+    assert ("tunneld", 9) in set(imports_of("tunneld.cli.main"))  # `from tunneld import __version__`: the api layer
     assert _strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}, {"d"}]
     assert layer_of("tunneld.cli.main") == "cli" and layer_of("tunneld.state.paths") == "state"
 

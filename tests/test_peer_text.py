@@ -80,6 +80,8 @@ def test_a_verdict_spoofed_on_a_reconnect_is_retried_and_the_tunnel_comes_back(
 
     wait_for(lambda: retried_with(said), 30, "a reconnect to meet the spoofed lines")
     assert "not an SSH banner" in last_error("spoof")
+    wait_for(lambda: read_state("spoof").get("next_try_at"), 10, "the supervisor to schedule the next try by itself")
+    assert read_state("spoof")["state"] == "backoff"
     # Lines instead of a banner, then closed, is how OpenSSH 9.8+ refuses an address: the next try waits at least
     # 20 s (Backoff.refused_s). SIGUSR1 asks for it now: it meets the spoofed lines again, and is no verdict either.
     os.kill(tunnel.proc.pid, signal.SIGUSR1)

@@ -87,4 +87,4 @@ else:  # hidden from type checkers, which see the names above (and flag any othe
 
     def __dir__() -> list[str]:
         """List the API's names too (tab completion in a notebook), without loading them."""
-        return sorted(set(globals()) | set(__all__))
+        return sorted({name for name in globals() if name.startswith("__")} | set(__all__))
