@@ -87,6 +87,29 @@ def test_an_emptied_agent_waits_in_needs_auth_and_a_refilled_one_brings_the_tunn
     assert refused_logins(sshd, mark) <= 2, sshd.log.read_text()[-3000:]
 
 
+def test_a_key_file_the_server_stops_accepting_is_blamed_on_the_server_not_the_agent(
+    tmp_path: Path, sshd: SshServer, echo: EchoServer, engine: str, foreground: list[ForegroundTunnel]
+) -> None:
+    """The host logs in with an IdentityFile and no agent. The server's authorized_keys loses the key: nothing changed
+    on this side, so the wait says so and how to retry, instead of sending the user to an agent they never used."""
+    port = free_port_both()
+    config = write_config(tmp_path, sshd.client_config("filekey", [f"LocalForward {port} 127.0.0.1:{echo.port}"]))
+    tunnel = start(foreground, "filekey", config, engine)
+    tunnel.wait_state(*UP)
+    authorized = sshd.authorized_keys.read_text()
+    sshd.authorized_keys.write_text("")
+    sshd.stop()
+    sshd.start()  # the link is lost; the reconnect is refused
+    state = tunnel.wait_state("needs-auth")
+    error = state["last_error"]
+    assert isinstance(error, dict)
+    assert f"refused the key that logged in before, from a file ({sshd.client_key})" in error["message"], error
+    assert "authorized_keys" in error["hint"] and "ssh-add" not in error["hint"], error
+    sshd.authorized_keys.write_text(authorized)
+    assert run_cli("start", "filekey", "-F", str(config)).returncode == 0  # the one retry it asks for
+    tunnel.wait_state(*UP)
+
+
 def test_a_changed_host_key_stays_fatal_for_a_host_that_logged_in_before(
     tmp_path: Path, sshd: SshServer, echo: EchoServer, engine: str, foreground: list[ForegroundTunnel]
 ) -> None:

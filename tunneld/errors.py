@@ -136,11 +136,19 @@ class NeedsAuthError(AuthError):
     @classmethod
     def waiting(
         cls, alias: str, reason: str, interactive: bool = False, locked: tuple[str, ...] = (),
-        keys: tuple[str, ...] = (),
+        keys: tuple[str, ...] = (), server_side: bool = False,
     ) -> NeedsAuthError:  # fmt: skip
         """`reason`: what the agent offers now (or that the interactive login connection ended); `locked`: key files
-        that would do, once loaded with ssh-add; `keys`: the IdentityFiles the host names (for the hint)."""
+        that would do, once loaded with ssh-add; `keys`: the IdentityFiles the host names (for the hint);
+        `server_side`: the key that logged in before came from a file and nothing changed here."""
         command = f"ssh-add {(locked or keys or ('',))[0]}".strip()
+        if server_side and not interactive:
+            hint = (
+                "the server no longer accepts that key: check its ~/.ssh/authorized_keys (or its AuthorizedKeysFile), "
+                f"then run `tunneld start {alias}`, which tries again at once (tunneld does not retry a refused login "
+                "by itself unless the agent offers a new key)"
+            )
+            return cls(f"{alias} needs your key: {reason}", hint, locked)
         if interactive:
             hint = (
                 f"run `tunneld login {alias}` in a terminal (or load a key the server accepts with `{command}`); "

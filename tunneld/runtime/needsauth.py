@@ -37,7 +37,8 @@ class AwaitingCredentials(Supervision):
             self._refused.append(time.monotonic())
             reason = self._why_refused(error, now)
             named = tuple(p for p in named_identity_files(self.spec) if p not in default_identity_files())
-            needs = NeedsAuthError.waiting(self.spec.alias, reason, error.interactive, error.locked, named)
+            needs = NeedsAuthError.waiting(self.spec.alias, reason, error.interactive, error.locked, named,
+                                           server_side=self._key_files_refused(now))  # fmt: skip
         holder = self.engine if isinstance(self.engine, KeepsListeners) else None
         # The ports are ours before needs-auth is published: whoever reads the state may rely on it at once.
         guard = PortGuard(self.spec) if holder is None else None  # ssh's listeners are gone: keep the ports ours
@@ -110,6 +111,12 @@ class AwaitingCredentials(Supervision):
             self._set(next_try_at=time.time() + wait)
             self.wakeups.stop.wait(wait)
 
+    def _key_files_refused(self, now: Credentials) -> bool:
+        """The last login of this run used a key file (the agent offered nothing then, and offers nothing more now):
+        nothing changed on this side, the server no longer takes that key (authorized_keys edited)."""
+        before = self._at_last_login
+        return before is not None and not before.agent and not now.agent
+
     def _why_refused(self, error: AuthError, now: Credentials) -> str:
         """Say what is missing, from the agent's point of view (a key that needs a passphrase wins)."""
         target = self._login_target()
@@ -117,6 +124,10 @@ class AwaitingCredentials(Supervision):
             return error.message.split(": ", 1)[-1]
         before = self._at_last_login
         had = len(before.agent) if before is not None and before.agent else 0
+        if self._key_files_refused(now):
+            named = named_identity_files(self.spec)
+            files = ", ".join(named) if named else "your key files"
+            return f"{target} refused the key that logged in before, from a file ({files}), not the agent"
         if now.agent is None:
             return f"no ssh-agent answers for {target} (SSH_AUTH_SOCK unset, or the agent is gone)"
         if not now.agent:
