@@ -283,7 +283,7 @@ def test_wait_succeeds_when_up_and_times_out_when_not(config: Path, sshd: SshSer
     waited = run_cli("wait", HOST, "--timeout", "10")
     assert (waited.returncode, waited.stdout.strip()) == (0, f"{HOST}  up")
     sshd.stop()
-    wait_for(lambda: read_state(HOST).get("state") not in ("up", "degraded"), 15, "the loss to be noticed")
+    wait_for(lambda: "Connection refused" in str(read_state(HOST).get("last_error")), 15, "an attempt to be refused")
     began = time.monotonic()
     timed_out = run_cli("wait", HOST, "--timeout", "1")
     assert timed_out.returncode == EXIT_RUNTIME

@@ -403,16 +403,42 @@ def test_a_stalled_handshake_on_a_port_that_answers_is_retried_at_once(run: Call
     assert h.engine.calls == 4 and h.rng.ceilings == []
 
 
-def test_a_server_that_closes_before_its_banner_is_left_alone_for_refused_s(run: Callable[..., Harness]) -> None:
+def test_a_server_that_refuses_in_words_before_its_banner_is_left_alone_for_refused_s(
+    run: Callable[..., Harness],
+) -> None:
+    """sshd's own refusal (OpenSSH 9.8+: `Not allowed at this time`, then closed): the next try waits refused_s."""
     path = Path()
-    h = run([RefusedByServerError("the server refuses new connections for now (rate limit?)")], path=path,
-            backoff=Backoff(base_s=STEP_S, cap_s=STEP_S, refused_s=60.0))  # fmt: skip
+    said = RefusedByServerError.before_banner("127.0.0.1:9", "closed", '"Not allowed at this time"')
+    h = run([said], path=path, backoff=Backoff(base_s=STEP_S, cap_s=STEP_S, refused_s=60.0))
     h.until(lambda: h.state() == "backoff", "the wait")
     next_try = h.recorder.last.next_try_at
     assert next_try is not None and next_try - time.time() > 55, "less than refused_s after a refusal"
     assert "rate limit?" in str(h.recorder.last.last_error)
     time.sleep(0.3)
     assert h.engine.calls == 1 and path.calls == 0
+
+
+def test_a_bare_close_before_the_banner_is_tried_once_more_before_the_server_is_left_alone(
+    run: Callable[..., Harness],
+) -> None:
+    """A connection closed or reset without a word is also what a server going down does to a connection in its
+    accept queue: one more try after a base step (a restart is then found at once), refused_s when it repeats."""
+    path = Path()
+    bare = RefusedByServerError.before_banner("127.0.0.1:9", "reset")
+    h = run([bare, bare], path=path, backoff=Backoff(base_s=STEP_S, cap_s=STEP_S, refused_s=60.0))
+    h.until(lambda: h.engine.calls == 2 and h.state() == "backoff", "the second refusal's wait")
+    next_try = h.recorder.last.next_try_at
+    assert next_try is not None and next_try - time.time() > 55, "less than refused_s after a repeated refusal"
+    assert path.calls == 0
+
+
+def test_a_bare_close_after_a_login_is_tried_once_more_again(run: Callable[..., Harness]) -> None:
+    """The first bare refusal of each episode gets its one quick retry: a login in between starts the count over."""
+    bare = RefusedByServerError.before_banner("127.0.0.1:9", "closed")
+    h = run([bare, LINK, bare, LINK], backoff=Backoff(base_s=STEP_S, cap_s=STEP_S, stable_s=0.0, refused_s=60.0))
+    h.until(lambda: h.engine.calls == 2 and h.state() == "up", "the refusal retried after a step, and the link")
+    h.engine.links[-1].end(ConnectError("Connection closed by remote host"))
+    h.until(lambda: h.engine.calls == 4 and h.state() == "up", "the next refusal retried after a step, and the link")
 
 
 def test_the_budget_bounds_connections_that_end_before_authentication(run: Callable[..., Harness]) -> None:

@@ -229,11 +229,15 @@ class RefusedByServerError(ConnectError):
             if said
             else (f"{where} {how} the connection before its SSH banner")
         )
-        return cls(
+        error = cls(
             f"the server refuses new connections for now (rate limit?): {what}",
             "OpenSSH 9.8+ blocks an address for a while after connections that end before authentication "
             "(PerSourcePenalties), as do MaxStartups and fail2ban; tunneld waits at least 20 s between attempts",
         )
+        error.peer_said = said is not None
+        return error
+
+    peer_said: bool = False  # sshd refuses with a line of text; a bare close or reset is also how a server goes down
 
 
 class AlreadyRunningError(TunneldError):

@@ -71,6 +71,7 @@ class Supervision:
         )
         self._at_last_login: Credentials | None = None
         self._refused: collections.deque[float] = collections.deque()  # when logins were refused (monotonic)
+        self._bare_refusal = False  # the last attempt was closed or reset before the banner, without a word
         keepalive = f"{spec.keepalive_interval_s}s x {spec.keepalive_count_max}"
         now = time.time()
         # A login that worked for this very target before (this run, or a run recorded in the state file) turns a
@@ -132,5 +133,6 @@ class Supervision:
     def _note_login(self) -> None:
         """The server accepted the login: a later refusal waits for credentials (needs-auth) instead of failing."""
         self._at_last_login = self.credentials.look()
+        self._bare_refusal = False
         if self.status.logged_in_to != self._login_target():
             self._set(logged_in_to=self._login_target())

@@ -38,9 +38,10 @@ class Waiting(Supervision):
         The path is probed only after an attempt that could not reach it (UnreachableError): a server that
         answers TCP is never probed, its failures wait out the backoff alone. A server that closed the
         connection before its banner (RefusedByServerError) is refusing this address for now: at least
-        `refused_s`. After a stalled handshake (the port accepted TCP, no banner or handshake followed: a
-        frozen or overloaded server) the next attempt starts at once: one attempt at a time stays pending, so
-        a server that resumes is used the moment it answers; each lasts ConnectTimeout and the budget bounds them.
+        `refused_s` (a bare close or reset once it repeats, see _refusal_wait). After a stalled handshake (the
+        port accepted TCP, no banner or handshake followed: a frozen or overloaded server) the next attempt
+        starts at once: one attempt at a time stays pending, so a server that resumes is used the moment it
+        answers; each lasts ConnectTimeout and the budget bounds them.
         """
         if isinstance(error, HandshakeStalledError):
             self.backoff = self.backoff.next()
@@ -48,7 +49,8 @@ class Waiting(Supervision):
             return
         delay = self.backoff.delay(self.rng)
         if isinstance(error, RefusedByServerError):
-            delay = max(delay, self.backoff.refused_s)
+            delay = max(delay, self._refusal_wait(error))
+        self._bare_refusal = isinstance(error, RefusedByServerError) and not error.peer_said
         self.backoff = self.backoff.next()
         if delay <= 0:
             log.info("%s: retrying now", self.spec.alias)
@@ -58,6 +60,17 @@ class Waiting(Supervision):
         reason = self._wait(delay, probing=isinstance(error, UnreachableError))
         if reason:
             log.info("%s: %s: retrying now", self.spec.alias, reason)
+
+    def _refusal_wait(self, error: RefusedByServerError) -> float:
+        """How long a refusal before the banner keeps the server alone. sshd refuses with a line of text (`Not allowed
+        at this time`, `Exceeded MaxStartups`): `refused_s` at once. A bare close or reset is also what a server
+        going down does to a connection still in its accept queue (a restart): one more try after a base step
+        (the server gone, that try is refused at TCP and probing finds it back), `refused_s` when it repeats."""
+        if error.peer_said or self._bare_refusal:
+            return self.backoff.refused_s
+        log.info("%s: closed before its banner without a word (a server going down does that too): "
+                 "one more try before leaving it alone", self.spec.alias)  # fmt: skip
+        return self.backoff.base_s
 
     def _wait(self, delay: float, probing: bool = False) -> str | None:
         """Sleep up to `delay`; return why it ended early (None when it ran out or a stop was requested).
