@@ -85,8 +85,9 @@ class StderrWatcher:
         own = record.pid in (None, self.pid)  # not a ProxyJump hop's ssh (nor a ProxyCommand)
         line = record.line
         loud = (not record.debug or "open failed" in line) and not line.startswith(_QUIET_PREFIXES)
+        shown = record.shown().removeprefix("ssh: ") if own else record.shown()  # ssh names itself in some lines
         log.log(logging.INFO if loud else logging.DEBUG, "%s: %s: %s", self.spec.alias, "ssh" if own else "proxy",
-                record.shown())  # fmt: skip
+                shown)  # fmt: skip
         with self._lock:
             was_banner, was_authenticated = self.diagnosis.banner, self.diagnosis.authenticated
             self.diagnosis.feed(record)
