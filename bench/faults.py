@@ -230,9 +230,13 @@ def _penalty_section(results: list[Result], server: str | None, unavailable: str
         "accumulated net of the time passed, for as long as the penalty (up to 600 s): more than one such",
         "connection a second, sustained, blocks the address (bench/penalties.py measured 17-22 plain",
         "connections in 2-5 s; one a second never blocked). tunneld probes only while TCP to the server",
-        "fails and allows itself at most 6 such connections a minute per host; a server that closes the",
-        "connection before its banner is left alone for at least 20 s. The same faults against a real",
-        "OpenSSH 10 sshd, in the same namespace:",
+        "fails and allows itself at most 6 such connections a minute per host; a server that refuses a",
+        "connection before its banner is left alone for at least 20 s (at once when it says so, as",
+        "OpenSSH 10 does with `Not allowed at this time`; after one more try when it closes without a",
+        "word, which a server going down also does). The same faults against a real OpenSSH 10 sshd, in",
+        "the same namespace. With the server restarted every 3 s, each link dies within seconds of its",
+        "login, so the backoff grows (a flapping server is not hammered): *working again*, from the end",
+        "of the flapping to the first working connection, is the rest of that grown wait.",
         "",
     ]
     if unavailable is not None:
