@@ -49,7 +49,7 @@ bench: dev sshd  ## tunneld against ssh -N -L and sshtunnel: loopback, a 40 ms p
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/report.py
 
-faults: dev sshd  ## real faults (restart, freeze, link down, blackhole, key change) in a network namespace; root only; writes docs/reliability.md (~10 min)
+faults: dev sshd  ## real faults (restart, freeze, link down, blackhole, key change) in a network namespace; root only; writes docs/reliability.md (~15 min)
 	$(BIN)/python bench/faults.py $(FAULTS_ARGS)
 
 debian13-sshd: dev  ## a Debian 13 root with OpenSSH 10's sshd (PerSourcePenalties) for bench/penalties.py and faults; root only, cached in /var/cache/tunneld/debian13
