@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import click
 
@@ -13,9 +12,6 @@ from tunneld.cli.lookup import warn_skipped
 from tunneld.cli.options import POSITIVE_S, echo, engine_option, ssh_config_option, ssh_config_unused
 from tunneld.cli.starting import start_hosts
 from tunneld.errors import EXIT_OK, NotRunningError, TunneldError, report_error
-
-if TYPE_CHECKING:
-    pass
 
 
 @click.command()
