@@ -127,3 +127,31 @@ def test_a_forward_refused_on_the_link_clears_within_seconds_of_the_target_retur
             assert forward["total_connections"] == 1, forward
     finally:
         revived.close()
+
+
+def test_a_connection_older_than_the_targets_failure_does_not_clear_degraded(
+    tmp_path: Path, sshd: SshServer, foreground: list[ForegroundTunnel]
+) -> None:
+    """OpenSSH engine: a channel that reached its target proves the target only if it was opened after the failure.
+    A connection from before (a browser's keep-alive, a health check still closing) that stays open past the settle
+    time, or ends, says nothing about the target now: the forward stays degraded."""
+    from tunneld.engines.openssh import CHANNEL_SETTLE_S
+
+    target = EchoServer()
+    port = free_port_both()
+    config = write_config(tmp_path, sshd.client_config("older", [f"LocalForward {port} 127.0.0.1:{target.port}"]))
+    tunnel = start(foreground, "older", config, "openssh")
+    tunnel.wait_state("up")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as old:
+        old.settimeout(5)
+        old.sendall(b"x")
+        assert old.recv(1) == b"x"  # its channel is open and reached the target
+        target.close()  # the target stops listening; the old connection goes on
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as new:
+            new.settimeout(5)
+            assert new.recv(1) == b""  # refused at the target: ssh's `open failed`
+        tunnel.wait_state("degraded", timeout=10)
+        time.sleep(CHANNEL_SETTLE_S + 1)  # nothing may happen meanwhile: the old channel outlives the settle time
+        assert read_state("older")["state"] == "degraded"
+    time.sleep(1)  # the old channel ends (ssh frees it): still nothing that proves the target
+    assert read_state("older")["state"] == "degraded"

@@ -71,7 +71,7 @@ class StderrWatcher:
         self._lock = threading.Lock()
         self._pending_port: int | None = None
         self._channels: dict[int, tuple[int | None, float]] = {}
-        self._degraded: dict[int | None, str] = {}
+        self._degraded: dict[int | None, tuple[str, float]] = {}  # port: (why, when), by a channel's open failure
         self._thread = threading.Thread(target=self._read, args=(channel,), name="ssh-stderr", daemon=True)
         self._thread.start()
 
@@ -113,25 +113,33 @@ class StderrWatcher:
             self._pending_port = None
         elif match := _OPEN_FAILED_RE.match(text):
             port, _ = self._channels.pop(int(match[1]), (None, 0.0))
-            self._degraded[port] = record.shown().split(": open failed: ", 1)[-1]  # the server's words quoted
+            reason = record.shown().split(": open failed: ", 1)[-1]  # the server's words, quoted
+            self._degraded[port] = (reason, time.monotonic())
             self.changed.set()
         elif match := _FREE_RE.match(text):
             port_opened = self._channels.pop(int(match[1]), None)
-            if port_opened is not None and self._degraded.pop(port_opened[0], None) is not None:
+            if port_opened is not None and self._clears(*port_opened):  # it reached its target after the failure
+                del self._degraded[port_opened[0]]
                 self.changed.set()
         elif _REMOTE_OK_RE.match(text):
             self.remote_ok += 1
         elif text.startswith(_SESSION_LINE):
             self.binds_done.set()
 
+    def _clears(self, port: int | None, opened: float) -> bool:
+        """A channel of `port` that was opened after its last failure proves the target back; one opened before
+        (a long connection, a health check still closing) says nothing about it now."""
+        failed = self._degraded.get(port)
+        return failed is not None and opened > failed[1]
+
     def degraded(self) -> dict[int | None, str]:
         """Return {listen port: why} for forwards whose target refused the last connection."""
         now = time.monotonic()
         with self._lock:
             for port, opened in self._channels.values():
-                if now - opened >= CHANNEL_SETTLE_S:
-                    self._degraded.pop(port, None)
-            return dict(self._degraded)
+                if now - opened >= CHANNEL_SETTLE_S and self._clears(port, opened):
+                    del self._degraded[port]
+            return {port: why for port, (why, _) in self._degraded.items()}
 
     def settling(self) -> bool:
         """Return True while a channel is open but not yet known to have reached its target."""
