@@ -433,11 +433,14 @@ def test_a_bare_close_before_the_banner_is_tried_once_more_before_the_server_is_
 
 
 def test_a_bare_close_after_a_login_is_tried_once_more_again(run: Callable[..., Harness]) -> None:
-    """The first bare refusal of each episode gets its one quick retry: a login in between starts the count over."""
+    """The first bare refusal of each episode gets its one quick retry: a login in between starts the count over,
+    also where no backoff wait follows the login (the link ended for credentials: needs-auth, then SIGUSR1)."""
     bare = RefusedByServerError.before_banner("127.0.0.1:9", "closed")
     h = run([bare, LINK, bare, LINK], backoff=Backoff(base_s=STEP_S, cap_s=STEP_S, stable_s=0.0, refused_s=60.0))
     h.until(lambda: h.engine.calls == 2 and h.state() == "up", "the refusal retried after a step, and the link")
-    h.engine.links[-1].end(ConnectError("Connection closed by remote host"))
+    h.engine.links[-1].end(AuthError("u@127.0.0.1:9 refused authentication"))  # e.g. the agent was emptied
+    h.until(lambda: h.state() == "needs-auth", "the wait for credentials")
+    h.wakeups.request_retry()  # SIGUSR1: the attempt meets a bare close, then one quick retry brings the link
     h.until(lambda: h.engine.calls == 4 and h.state() == "up", "the next refusal retried after a step, and the link")
 
 
